@@ -1,0 +1,1 @@
+"""cliprec: product recommendation with CLIP, LoRA and DVC."""

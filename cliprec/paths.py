@@ -1,0 +1,72 @@
+"""Where each stage reads and writes, relative to the project root (the directory `dvc repro` runs in).
+
+dvc.yaml spells the same paths out for DVC; tests/test_paths.py checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA = Path("data")
+METRICS = Path("metrics")
+VARIANTS = ("zeroshot", "lora")
+
+
+def ingest_dir(category: str) -> Path:
+    """products.parquet + report.json (+ raw/ for the synthetic source)."""
+    return DATA / "ingest" / category
+
+
+def products_path(category: str) -> Path:
+    """The normalised product table of one category."""
+    return ingest_dir(category) / "products.parquet"
+
+
+def summaries_dir(category: str) -> Path:
+    """summaries.parquet (id, summary) + report.json."""
+    return DATA / "summaries" / category
+
+
+def summarize_progress_dir(category: str) -> Path:
+    """Chunks of finished summaries, kept across runs (DVC `persist`) so a killed run resumes."""
+    return DATA / "progress" / "summarize" / category
+
+
+def images_dir(category: str) -> Path:
+    """shard-*.parquet (id, view, variant, url, jpeg) + status.parquet + report.json."""
+    return DATA / "images" / category
+
+
+def train_dir(category: str) -> Path:
+    """adapter/ (PEFT save_pretrained) + summary.json."""
+    return DATA / "train" / category
+
+
+def checkpoint_dir(category: str) -> Path:
+    """Per-epoch training state, kept across runs (DVC `persist`) so a killed run resumes."""
+    return DATA / "progress" / "train" / category
+
+
+def live_dir(category: str) -> Path:
+    """DVCLive's per-epoch training metrics and plots (committed to git)."""
+    return METRICS / "train" / category
+
+
+def embed_dir(category: str, variant: str) -> Path:
+    """ids + image/text/fused (+ alt image) embeddings as .npy, manifest.json."""
+    return DATA / "embed" / category / variant
+
+
+def index_dir(category: str, variant: str) -> Path:
+    """index.faiss + manifest.json."""
+    return DATA / "index" / category / variant
+
+
+def metrics_path(category: str, variant: str) -> Path:
+    """Evaluation metrics of one category and variant (committed to git)."""
+    return METRICS / category / f"{variant}.json"
+
+
+def recall_plot_path(category: str, variant: str) -> Path:
+    """Recall@K for K=1..10 per query mode, for `dvc plots show` (committed to git)."""
+    return METRICS / category / "plots" / f"recall_at_k_{variant}.json"
