@@ -1,0 +1,467 @@
+"""Amazon Reviews 2023 item metadata -> the normalised products table (products.parquet + report.json).
+
+Every source ends in the same `datasets` call (`load_meta`, only `data_files` differs) and the same
+record normalisation (`drop_reason`, `normalize_record`):
+- `amazon`: the hub's raw JSONL (`hf://datasets/McAuley-Lab/Amazon-Reviews-2023/raw/meta_categories/...`),
+  read with an explicit `FEATURES` schema because type inference breaks on it (price is a float in one
+  block and "None" in the next; `details` is an object in the raw files and a JSON string elsewhere).
+- `jsonl`: a local file in the same schema. A pre-pass (`validate_jsonl`) parses each line with
+  json.loads and checks it against the schema; lines that are not JSON objects or don't fit the schema
+  are counted as `malformed_line` and the rest go to `load_meta` (one bad line would otherwise abort the
+  whole `datasets` build).
+- `synthetic`: `cliprec.synthetic.generate_catalog` writes a raw JSONL + images, then as `jsonl`.
+
+Row selection, in this order: malformed (bad line, or no parent_asin) -> no_title (empty after
+clean_text) -> no_image (no image with a hi_res/large/thumb URL) -> duplicate_id (an earlier record with
+the same parent_asin was kept; the first kept record wins). `rows_read == kept + sum(dropped)`.
+Sampling: the `n_products` kept ids with the smallest sha1("<seed>:<id>"), a uniform random subset
+that does not depend on the input order and grows by nesting when n grows. Output rows are sorted by
+id, so the table does not depend on the input order either (only the choice among duplicate ids does).
+Split: sha1(id) mapped to [0, 1) against the `split` ratios, without the seed, so a product keeps its
+split whatever the sample, seed or catalog size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Features, Json, List, Value
+from tqdm import tqdm
+
+from cliprec.text import clean_text
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("amazon", "jsonl", "synthetic")
+AMAZON_META_FILES = "hf://datasets/McAuley-Lab/Amazon-Reviews-2023/raw/meta_categories/meta_{category}.jsonl"
+DROP_REASONS = ("no_title", "no_image", "duplicate_id", "malformed_line")
+SPLITS = ("train", "val", "test")
+IMAGE_KEYS = ("thumb", "large", "hi_res", "variant")
+# Preference among the sizes of one image: the largest that is present.
+IMAGE_SIZES = ("hi_res", "large", "thumb")
+
+_STRING_FIELDS = ("main_category", "title", "store", "parent_asin", "subtitle")
+_LIST_FIELDS = ("features", "description", "categories")
+# Fields whose type varies across records (or is free-form): `datasets` stores them as JSON text and
+# decodes them back to Python objects; a JSON-string `details` decodes to the same dict as an object.
+_JSON_FIELDS = ("price", "videos", "details", "bought_together", "author")
+
+FEATURES = Features(
+    {
+        "main_category": Value("string"),
+        "title": Value("string"),
+        "average_rating": Value("float64"),
+        "rating_number": Value("int64"),
+        "features": List(Value("string")),
+        "description": List(Value("string")),
+        "price": Json(),
+        "images": List({key: Value("string") for key in IMAGE_KEYS}),
+        "videos": Json(),
+        "store": Value("string"),
+        "categories": List(Value("string")),
+        "details": Json(),
+        "parent_asin": Value("string"),
+        "bought_together": Json(),
+        "subtitle": Value("string"),
+        "author": Json(),
+    }
+)
+
+PRODUCTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("title", pa.string()),
+        ("main_category", pa.string()),
+        ("store", pa.string()),
+        ("features", pa.list_(pa.string())),
+        ("description", pa.list_(pa.string())),
+        ("categories", pa.list_(pa.string())),
+        ("details", pa.string()),
+        ("price", pa.float64()),
+        ("average_rating", pa.float64()),
+        ("rating_number", pa.int64()),
+        ("image_urls", pa.list_(pa.string())),
+        ("image_variants", pa.list_(pa.string())),
+        ("split", pa.string()),
+    ]
+)
+
+_PRICE_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+")
+
+
+def amazon_data_files(category: str) -> str:
+    """The hub path of one category's raw item-metadata JSONL."""
+    return AMAZON_META_FILES.format(category=category)
+
+
+def load_meta(data_files: str, cache_dir: str | Path | None = None) -> datasets.Dataset:
+    """Load an item-metadata JSONL (hub or local) with the explicit schema; the one `datasets` call."""
+    return datasets.load_dataset(
+        "json",
+        data_files=data_files,
+        split="train",
+        features=FEATURES,
+        cache_dir=str(cache_dir) if cache_dir is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# local JSONL pre-pass
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def record_problem(rec: Any) -> str | None:
+    """Why a parsed JSON line can't be read with FEATURES (None if it can)."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    for key in _STRING_FIELDS:
+        if rec.get(key) is not None and not isinstance(rec[key], str):
+            return f"{key} is not a string"
+    for key in _LIST_FIELDS:
+        v = rec.get(key)
+        if v is not None and not (isinstance(v, list) and all(x is None or isinstance(x, str) for x in v)):
+            return f"{key} is not a list of strings"
+    if rec.get("average_rating") is not None and not _is_number(rec["average_rating"]):
+        return "average_rating is not a number"
+    n = rec.get("rating_number")
+    if n is not None and not (_is_number(n) and float(n).is_integer()):
+        return "rating_number is not an integer"
+    images = rec.get("images")
+    if images is not None:
+        if not isinstance(images, list):
+            return "images is not a list"
+        for img in images:
+            if img is not None and not (
+                isinstance(img, dict)
+                and all(img.get(k) is None or isinstance(img[k], str) for k in IMAGE_KEYS)
+            ):
+                return "images holds an entry that is not an object of strings"
+    return None
+
+
+def _project(rec: dict) -> dict:
+    """Keep only the schema's fields (an unknown key would fail the cast of the whole file)."""
+    out = {k: rec[k] for k in FEATURES if k in rec}
+    if isinstance(out.get("images"), list):
+        out["images"] = [
+            None if img is None else {k: img[k] for k in IMAGE_KEYS if k in img} for img in out["images"]
+        ]
+    return out
+
+
+def validate_jsonl(src: str | Path, dst: str | Path) -> tuple[int, int]:
+    """Copy the records of `src` that fit FEATURES to `dst`; return (records read, malformed records).
+
+    Blank lines are not records and are not counted.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"ingest: JSONL file {src} does not exist")
+    read = malformed = unknown_keys = 0
+    with open(src, encoding="utf-8", errors="replace") as fin, open(dst, "w", encoding="utf-8") as fout:
+        for lineno, line in enumerate(fin, 1):
+            if not line.strip():
+                continue
+            read += 1
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                malformed += 1
+                logger.warning("%s:%d: malformed JSON line skipped (%s)", src, lineno, e)
+                continue
+            problem = record_problem(rec)
+            if problem:
+                malformed += 1
+                logger.warning("%s:%d: record skipped: %s", src, lineno, problem)
+                continue
+            projected = _project(rec)
+            if len(projected) != len(rec):
+                unknown_keys += 1
+            fout.write(json.dumps(projected, ensure_ascii=False) + "\n")
+    if unknown_keys:
+        logger.info("%s: ignored fields outside the Amazon-2023 schema in %d records", src, unknown_keys)
+    return read, malformed
+
+
+# --------------------------------------------------------------------------------------------------
+# record normalisation (shared by all sources)
+
+
+def parse_price(value: Any) -> float | None:
+    """A price as float: numbers as is, "$1,299.99" -> 1299.99, a range -> its lower end, "None" -> None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if _is_number(value):
+        v = float(value)
+        return v if math.isfinite(v) and v >= 0 else None
+    if isinstance(value, str):
+        m = _PRICE_NUMBER.search(value)
+        if m:
+            return float(m.group(0).replace(",", ""))
+    return None
+
+
+def choose_images(images: Iterable[Any] | None) -> tuple[list[str], list[str]]:
+    """(urls, variants): MAIN images first, then the others in file order; each the hi_res, else the large,
+    else the thumb URL; images without any URL and repeated URLs are left out."""
+    main: list[tuple[str, str]] = []
+    other: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for img in images or ():
+        if not isinstance(img, Mapping):
+            continue
+        url = None
+        for size in IMAGE_SIZES:
+            candidate = img.get(size)
+            if (
+                isinstance(candidate, str)
+                and candidate.strip()
+                and candidate.strip().lower() not in ("none", "null")
+            ):
+                url = candidate.strip()
+                break
+        if url is None or url in seen:
+            continue
+        seen.add(url)
+        variant = str(img.get("variant") or "").strip()
+        (main if variant.upper() == "MAIN" else other).append((url, variant))
+    pairs = main + other
+    return [u for u, _ in pairs], [v for _, v in pairs]
+
+
+def drop_reason(rec: Mapping[str, Any]) -> str | None:
+    """The first reason (malformed_line, no_title, no_image) a record is unusable, else None."""
+    pid = rec.get("parent_asin")
+    if not isinstance(pid, str) or not pid.strip():
+        return "malformed_line"
+    if not clean_text(rec.get("title")):
+        return "no_title"
+    if not choose_images(rec.get("images"))[0]:
+        return "no_image"
+    return None
+
+
+def _clean_list(values: Any) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [c for c in (clean_text(v) for v in values) if c]
+
+
+def _details_text(details: Any) -> str:
+    if isinstance(details, str):
+        try:
+            details = json.loads(details)
+        except ValueError:
+            return "{}"
+    return json.dumps(details, ensure_ascii=False) if isinstance(details, Mapping) else "{}"
+
+
+def _float_or_none(v: Any) -> float | None:
+    if not _is_number(v) or not math.isfinite(float(v)):
+        return None
+    return float(v)
+
+
+def normalize_record(rec: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """(product row without `split`, None) for a usable record, else (None, drop reason)."""
+    reason = drop_reason(rec)
+    if reason:
+        return None, reason
+    urls, variants = choose_images(rec.get("images"))
+    rating_number = rec.get("rating_number")
+    row = {
+        "id": rec["parent_asin"].strip(),
+        "title": clean_text(rec.get("title")),
+        "main_category": clean_text(rec.get("main_category")),
+        "store": clean_text(rec.get("store")),
+        "features": _clean_list(rec.get("features")),
+        "description": _clean_list(rec.get("description")),
+        "categories": _clean_list(rec.get("categories")),
+        "details": _details_text(rec.get("details")),
+        "price": parse_price(rec.get("price")),
+        "average_rating": _float_or_none(rec.get("average_rating")),
+        "rating_number": int(rating_number) if _float_or_none(rating_number) is not None else None,
+        "image_urls": urls,
+        "image_variants": variants,
+    }
+    return row, None
+
+
+# --------------------------------------------------------------------------------------------------
+# split and sampling
+
+
+def _unit_hash(text: str) -> float:
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+def assign_split(product_id: str, ratios: Mapping[str, float]) -> str:
+    """train/val/test from sha1(product_id) against the (normalised) ratios; independent of any seed."""
+    weights = [float(ratios.get(s, 0.0)) for s in SPLITS]
+    total = sum(weights)
+    if total <= 0 or min(weights) < 0:
+        raise ValueError(f"split ratios must be >= 0 with a positive sum, got {dict(ratios)}")
+    u = _unit_hash(product_id) * total
+    acc = 0.0
+    for name, w in zip(SPLITS, weights):
+        acc += w
+        if u < acc:
+            return name
+    return next(s for s, w in zip(reversed(SPLITS), reversed(weights)) if w > 0)
+
+
+def sample_ids(ids: Iterable[str], n: int | None, seed: int) -> list[str]:
+    """The n ids with the smallest sha1("<seed>:<id>") (all if n is None), sorted by id."""
+    ids = list(ids)
+    if n is not None and n < len(ids):
+        ids = sorted(ids, key=lambda i: (hashlib.sha1(f"{seed}:{i}".encode()).digest(), i))[:n]
+    return sorted(ids)
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _screen(ds: datasets.Dataset, counts: dict[str, int]) -> dict[str, int]:
+    """Pass over the light columns: {kept id: row index}; fills the drop counts."""
+    kept: dict[str, int] = {}
+    light = ds.select_columns(["parent_asin", "title", "images"])
+    with tqdm(total=len(ds), desc="screen records", unit="rec", mininterval=2.0) as bar:
+        index = 0
+        for batch in light.iter(batch_size=8192):
+            for pid, title, images in zip(batch["parent_asin"], batch["title"], batch["images"]):
+                reason = drop_reason({"parent_asin": pid, "title": title, "images": images})
+                if reason is None and pid.strip() in kept:
+                    reason = "duplicate_id"
+                if reason:
+                    counts[reason] += 1
+                else:
+                    kept[pid.strip()] = index
+                index += 1
+            bar.update(len(batch["parent_asin"]))
+    return kept
+
+
+def write_products(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """Write product rows with the fixed PRODUCTS_SCHEMA."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=PRODUCTS_SCHEMA), path)
+
+
+def build_catalog(
+    category: str,
+    source: str,
+    out_dir: str | Path,
+    *,
+    path: str | None = None,
+    n_products: int | None = None,
+    seed: int = 0,
+    split: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Read one category from `source`, write out_dir/products.parquet + report.json; return the report."""
+    if source not in SOURCES:
+        raise ValueError(f"ingest.source must be one of {SOURCES}, got {source!r}")
+    if n_products is not None and n_products <= 0:
+        raise ValueError(f"ingest.n_products must be positive or null, got {n_products}")
+    split = split or {"train": 0.8, "val": 0.1, "test": 0.1}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = dict.fromkeys(DROP_REASONS, 0)
+
+    with tempfile.TemporaryDirectory(prefix="cliprec-ingest-") as tmp:
+        if source == "amazon":
+            data_files = amazon_data_files(category)
+            try:
+                ds = load_meta(data_files)
+            except datasets.exceptions.DatasetGenerationError as e:
+                raise RuntimeError(
+                    f"ingest: {data_files} does not fit cliprec.catalog.FEATURES (the Amazon-2023 item "
+                    f"schema); a record has a field of another type or a field outside it: {e.__cause__}"
+                ) from e
+            rows_read = len(ds)
+        else:
+            if source == "synthetic":
+                from cliprec.synthetic import generate_catalog  # only this source needs it
+
+                if n_products is None:
+                    raise ValueError("ingest.source 'synthetic' needs ingest.n_products (how many to draw)")
+                jsonl = generate_catalog(category, n_products, seed, out_dir / "raw")
+            else:
+                if not path:
+                    raise ValueError(
+                        "ingest.source 'jsonl' needs ingest.path (a file; {category} is replaced)"
+                    )
+                jsonl = Path(path.replace("{category}", category))
+            valid = Path(tmp) / "valid.jsonl"
+            rows_read, counts["malformed_line"] = validate_jsonl(jsonl, valid)
+            ds = load_meta(str(valid), cache_dir=Path(tmp) / "cache") if valid.stat().st_size else None
+
+        kept = _screen(ds, counts) if ds is not None else {}
+        chosen = sample_ids(kept, n_products, seed)
+        rows: list[dict[str, Any]] = []
+        if chosen:
+            for rec in tqdm(
+                ds.select([kept[i] for i in chosen]), desc="normalise", unit="rec", mininterval=2.0
+            ):
+                row, reason = normalize_record(rec)
+                if row is None:  # cannot happen: _screen applied the same drop_reason
+                    raise AssertionError(
+                        f"record {rec.get('parent_asin')!r} passed screening but not {reason}"
+                    )
+                row["split"] = assign_split(row["id"], split)
+                rows.append(row)
+        del ds  # release the Arrow files before the temporary cache goes away
+
+    write_products(rows, out_dir / "products.parquet")
+    report = {
+        "source": source,
+        "category": category,
+        "rows_read": rows_read,
+        "kept": len(kept),
+        "dropped": counts,
+        "n_products": len(rows),
+        "splits": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
+    }
+    with open(out_dir / "report.json", "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    logger.info(
+        "ingest %s (%s): read %d, kept %d, dropped %s, sampled %d, splits %s",
+        category,
+        source,
+        rows_read,
+        len(kept),
+        counts,
+        len(rows),
+        report["splits"],
+    )
+    if n_products is not None and len(kept) < n_products:
+        logger.warning(
+            "ingest %s: only %d usable products for n_products=%d", category, len(kept), n_products
+        )
+    if not rows:
+        raise ValueError(f"ingest {category}: no usable product (report: {out_dir / 'report.json'})")
+    return report
+
+
+def read_products(path: str | Path, columns: list[str] | None = None):
+    """products.parquet as a pandas DataFrame."""
+    import pandas as pd
+
+    return pd.read_parquet(path, columns=columns)

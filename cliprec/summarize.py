@@ -1,0 +1,367 @@
+"""One short text per product for CLIP's text tower (77 tokens): extractive or BART summaries.
+
+Methods (params `summarize.method`):
+- `extractive`: `cliprec.text.extractive_summary` with IDF weights computed over the whole catalog.
+- `bart`: a seq2seq model (`summarize.model`, hub id or local dir) reads "title. features. description"
+  (truncated to `max_input_tokens` and the model's limit) and `generate`s with `num_beams`,
+  `max_length`, `min_length` (in tokens), `batch_size` inputs at a time.
+Both: summaries go through `clean_text` and are cut to `max_words` words. A product whose features and
+description are empty has nothing to summarise: its summary is its title (as is a generated summary
+that is empty after cleaning). The report's `title_fallbacks` counts summaries equal to the title.
+
+Resume: products are processed in chunks of `chunk_size`; each finished chunk is written to the
+progress dir as chunk-<i>.parquet (id, summary), atomically. `fingerprint.json` there identifies the
+run (method, every summarize param, the model's identity, sha256 of the ids and texts); when it does not
+match, the progress files are deleted first. A rerun reuses every finished chunk whose ids match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from cliprec.text import clean_text, extractive_summary, idf_weights
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("extractive", "bart")
+FINGERPRINT_FILE = "fingerprint.json"
+SUMMARIES_SCHEMA = pa.schema([("id", pa.string()), ("summary", pa.string())])
+
+
+def _as_list(v: Any) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    return [x for x in v if isinstance(x, str)]
+
+
+def body_text(features: Sequence[str] | None, description: Sequence[str] | None) -> str:
+    """Features then description, each item ended by a full stop, cleaned: what there is to summarise."""
+    parts = [clean_text(x) for x in [*_as_list(features), *_as_list(description)]]
+    parts = [p if p.endswith((".", "!", "?", "。", "！", "？")) else p + "." for p in parts if p]
+    return " ".join(parts)
+
+
+def source_text(title: str, features: Sequence[str] | None, description: Sequence[str] | None) -> str:
+    """The BART input: "title. features. description", cleaned."""
+    title = clean_text(title)
+    body = body_text(features, description)
+    if title and body:
+        return f"{title.rstrip('.')}. {body}"
+    return title or body
+
+
+def cap_words(text: str, max_words: int) -> str:
+    """At most `max_words` whitespace-separated words."""
+    return " ".join(text.split()[:max_words])
+
+
+# --------------------------------------------------------------------------------------------------
+# fingerprint and progress files
+
+
+def model_identity(name: str | None) -> str | None:
+    """A hub id as is; a local model directory as the sha256 of its files (weights change, name doesn't)."""
+    if not name:
+        return None
+    path = Path(name)
+    if not path.is_dir():
+        return name
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+    return f"{path.as_posix()}@sha256:{h.hexdigest()}"
+
+
+def input_hash(ids: Sequence[str], texts: Sequence[str]) -> str:
+    """sha256 over the ordered (id, text) pairs."""
+    h = hashlib.sha256()
+    for i, t in zip(ids, texts, strict=True):
+        h.update(json.dumps([i, t], ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def fingerprint(params: Mapping[str, Any], ids: Sequence[str], texts: Sequence[str]) -> dict[str, Any]:
+    """What identifies a summarize run: method, all summarize params, model identity, input hash."""
+    method = params.get("method")
+    return {
+        "method": method,
+        "params": json.loads(json.dumps(dict(params), sort_keys=True, default=str)),
+        "model": model_identity(params.get("model")) if method == "bart" else None,
+        "inputs": input_hash(ids, texts),
+        "n": len(ids),
+    }
+
+
+def _chunk_path(progress_dir: Path, index: int) -> Path:
+    return progress_dir / f"chunk-{index:05d}.parquet"
+
+
+def prepare_progress_dir(progress_dir: str | Path, fp: Mapping[str, Any]) -> bool:
+    """Make sure progress_dir belongs to this fingerprint; clear its progress files if not.
+
+    Returns True when existing progress was kept.
+    """
+    progress_dir = Path(progress_dir)
+    progress_dir.mkdir(parents=True, exist_ok=True)
+    fp_file = progress_dir / FINGERPRINT_FILE
+    try:
+        old = json.loads(fp_file.read_text())
+    except (OSError, ValueError):
+        old = None
+    if old == json.loads(json.dumps(fp)):
+        return True
+    stale = [*progress_dir.glob("chunk-*.parquet"), *progress_dir.glob("chunk-*.tmp"), fp_file]
+    removed = 0
+    for f in stale:
+        if f.exists():
+            f.unlink()
+            removed += f.name != FINGERPRINT_FILE
+    if removed:
+        logger.info(
+            "summarize: inputs or params changed, cleared %d progress chunks in %s", removed, progress_dir
+        )
+    tmp = fp_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(fp, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, fp_file)
+    return False
+
+
+def _read_chunk(path: Path, ids: Sequence[str]) -> list[str] | None:
+    """The summaries of a finished chunk, or None if it is missing, unreadable or for other ids."""
+    if not path.is_file():
+        return None
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        logger.warning("summarize: unreadable progress chunk %s (%s), recomputing it", path, e)
+        return None
+    if table.column("id").to_pylist() != list(ids):
+        return None
+    return table.column("summary").to_pylist()
+
+
+def _write_chunk(path: Path, ids: Sequence[str], summaries: Sequence[str]) -> None:
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(pa.table({"id": list(ids), "summary": list(summaries)}, schema=SUMMARIES_SCHEMA), tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# BART
+
+
+def load_seq2seq(name: str, device: str | None = None):
+    """(model, tokenizer, device) for a seq2seq summariser from a hub id or a local directory, eval mode."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForSeq2SeqLM.from_pretrained(name).to(device).eval()
+    return model, tokenizer, device
+
+
+def input_token_limit(model: Any, tokenizer: Any, max_input_tokens: int | None) -> int:
+    """The input length BART may read: the smallest of the param, the model's positions, the tokenizer's."""
+    limits = [int(max_input_tokens)] if max_input_tokens else []
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions:
+        limits.append(int(positions))
+    # Tokenizers without a known limit report a huge sentinel (1e30).
+    if getattr(tokenizer, "model_max_length", None) and tokenizer.model_max_length < 1_000_000:
+        limits.append(int(tokenizer.model_max_length))
+    if not limits:
+        raise ValueError("summarize: set summarize.max_input_tokens, the model declares no input limit")
+    return min(limits)
+
+
+def generate_summaries(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    device: str,
+    batch_size: int,
+    num_beams: int,
+    max_length: int,
+    min_length: int,
+    max_input_tokens: int | None,
+    bar: tqdm | None = None,
+) -> list[str]:
+    """Raw decoded summaries of `texts`, batched by similar length (less padding), in input order."""
+    import torch
+
+    if not texts:
+        return []
+    limit = input_token_limit(model, tokenizer, max_input_tokens)
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
+    out: list[str] = [""] * len(texts)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            enc = tokenizer(
+                [texts[i] for i in batch],
+                truncation=True,
+                max_length=limit,
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            generated = model.generate(
+                input_ids=enc["input_ids"],
+                attention_mask=enc["attention_mask"],
+                num_beams=num_beams,
+                max_length=max_length,
+                min_length=min_length,
+            )
+            for i, text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+                out[i] = text
+            if bar is not None:
+                bar.update(len(batch))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+def summarize_catalog(
+    products: pd.DataFrame,
+    out_dir: str | Path,
+    progress_dir: str | Path,
+    params: Mapping[str, Any],
+    *,
+    on_chunk_done: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Summarise every product (resuming from finished chunks); write summaries.parquet + report.json.
+
+    `on_chunk_done(i)` is called after chunk i is safely on disk (progress reporting, tests).
+    """
+    method = params.get("method")
+    if method not in METHODS:
+        raise ValueError(f"summarize.method must be one of {METHODS}, got {method!r}")
+    max_words = int(params["max_words"])
+    chunk_size = int(params["chunk_size"])
+    if max_words <= 0 or chunk_size <= 0:
+        raise ValueError("summarize.max_words and summarize.chunk_size must be positive")
+    started = time.perf_counter()
+    out_dir, progress_dir = Path(out_dir), Path(progress_dir)
+
+    ids = [str(i) for i in products["id"]]
+    titles = [clean_text(t) for t in products["title"]]
+    features = [_as_list(v) for v in products["features"]]
+    descriptions = [_as_list(v) for v in products["description"]]
+    texts = [source_text(t, f, d) for t, f, d in zip(titles, features, descriptions)]
+    has_body = [bool(body_text(f, d)) for f, d in zip(features, descriptions)]
+
+    fp = fingerprint(params, ids, texts)
+    prepare_progress_dir(progress_dir, fp)
+
+    if method == "extractive":
+        idf = idf_weights(texts)
+        model = tokenizer = device = None
+    else:
+        for key in ("model", "max_length", "min_length", "num_beams", "batch_size"):
+            if params.get(key) is None:
+                raise ValueError(f"summarize.method 'bart' needs summarize.{key}")
+        if int(params["min_length"]) > int(params["max_length"]):
+            raise ValueError("summarize.min_length must not exceed summarize.max_length")
+        model = None  # loaded on the first chunk that is not already done
+
+    n_chunks = (len(ids) + chunk_size - 1) // chunk_size
+    summaries: list[str] = []
+    resumed = 0
+    with tqdm(total=len(ids), desc=f"summarize ({method})", unit="product", mininterval=2.0) as bar:
+        for c in range(n_chunks):
+            lo, hi = c * chunk_size, min((c + 1) * chunk_size, len(ids))
+            chunk_file = _chunk_path(progress_dir, c)
+            done = _read_chunk(chunk_file, ids[lo:hi])
+            if done is not None:
+                summaries.extend(done)
+                resumed += 1
+                bar.update(hi - lo)
+                continue
+            if method == "extractive":
+                raw = [
+                    extractive_summary(titles[i], features[i], descriptions[i], max_words, idf=idf)
+                    for i in range(lo, hi)
+                ]
+                bar.update(hi - lo)
+            else:
+                if model is None:
+                    model, tokenizer, device = load_seq2seq(str(params["model"]))
+                todo = [i for i in range(lo, hi) if has_body[i]]
+                generated = generate_summaries(
+                    model,
+                    tokenizer,
+                    [texts[i] for i in todo],
+                    device=device,
+                    batch_size=int(params["batch_size"]),
+                    num_beams=int(params["num_beams"]),
+                    max_length=int(params["max_length"]),
+                    min_length=int(params["min_length"]),
+                    max_input_tokens=params.get("max_input_tokens"),
+                    bar=bar,
+                )
+                raw = [""] * (hi - lo)
+                for i, g in zip(todo, generated):
+                    raw[i - lo] = g
+                bar.update((hi - lo) - len(todo))
+            chunk = [
+                cap_words(clean_text(s), max_words) or cap_words(titles[lo + k], max_words)
+                for k, s in enumerate(raw)
+            ]
+            _write_chunk(chunk_file, ids[lo:hi], chunk)
+            summaries.extend(chunk)
+            if on_chunk_done is not None:
+                on_chunk_done(c)
+
+    fallbacks = sum(s == cap_words(t, max_words) for s, t in zip(summaries, titles))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(
+        pa.table({"id": ids, "summary": summaries}, schema=SUMMARIES_SCHEMA), out_dir / "summaries.parquet"
+    )
+    report = {
+        "method": method,
+        "model": params.get("model") if method == "bart" else None,
+        "n": len(ids),
+        "chunks": n_chunks,
+        "resumed_chunks": resumed,
+        "seconds": round(time.perf_counter() - started, 3),
+        "mean_words": round(float(np.mean([len(s.split()) for s in summaries])), 3) if summaries else 0.0,
+        "title_fallbacks": fallbacks,
+    }
+    with open(out_dir / "report.json", "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    logger.info(
+        "summarize: %d products with %s, %d/%d chunks resumed, mean %.1f words, %d title fallbacks, %.1f s",
+        len(ids),
+        method,
+        resumed,
+        n_chunks,
+        report["mean_words"],
+        fallbacks,
+        report["seconds"],
+    )
+    return report

@@ -1,0 +1,356 @@
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import datasets
+import pandas as pd
+import pytest
+
+from cliprec import catalog
+from cliprec.catalog import (
+    FEATURES,
+    PRODUCTS_SCHEMA,
+    amazon_data_files,
+    assign_split,
+    build_catalog,
+    choose_images,
+    load_meta,
+    parse_price,
+    sample_ids,
+)
+
+FIXTURE = Path("tests/fixtures/meta_Amazon_Fashion.jsonl")
+KEPT = ["B0FASH0001", "B0FASH0002", "B0FASH0006", "B0FASH0008", "B0FASH0011", "B0FASH0012"]
+IMG = "https://m.media-amazon.com/images/I/"
+
+
+def _valid_lines() -> list[str]:
+    """The fixture without its malformed JSON line (what a well-formed hub file looks like)."""
+    out = []
+    for line in FIXTURE.read_text(encoding="utf-8").splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            continue
+        out.append(line)
+    return out
+
+
+@pytest.fixture(scope="module")
+def jsonl_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ingest")
+    report = build_catalog(
+        "Amazon_Fashion", "jsonl", out, path="tests/fixtures/meta_{category}.jsonl", n_products=None, seed=0
+    )
+    return report, pd.read_parquet(out / "products.parquet"), out
+
+
+def test_jsonl_report_counts(jsonl_run):
+    report, df, out = jsonl_run
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["source"] == "jsonl"
+    assert report["category"] == "Amazon_Fashion"
+    assert report["rows_read"] == 14
+    assert report["dropped"] == {"no_title": 3, "no_image": 2, "duplicate_id": 1, "malformed_line": 2}
+    assert report["kept"] == 6
+    assert report["rows_read"] == report["kept"] + sum(report["dropped"].values())
+    assert report["n_products"] == 6
+    assert sum(report["splits"].values()) == 6
+    assert (
+        report["splits"]
+        == df["split"].value_counts().reindex(["train", "val", "test"], fill_value=0).to_dict()
+    )
+
+
+def test_jsonl_rows_are_normalised(jsonl_run):
+    _, df, out = jsonl_run
+    assert list(df["id"]) == KEPT  # sorted by id, duplicate keeps the first record
+    assert [f.name for f in _parquet_schema(out / "products.parquet")] == PRODUCTS_SCHEMA.names
+    rows = {r["id"]: r for r in df.to_dict("records")}
+
+    fleece = rows["B0FASH0001"]
+    assert fleece["title"] == "Men's Fleece Zip Jacket"  # not the duplicate's title
+    assert list(fleece["features"])[0] == "Warm fleece lining & stand-up collar"
+    assert list(fleece["description"]) == [
+        "Stay warm on cold mornings. This jacket is made from 100% recycled polyester.",
+        "Relaxed fit",
+    ]
+    assert fleece["price"] == 24.99
+    assert json.loads(fleece["details"])["Item model number"] == "NT-100"
+    assert list(fleece["image_urls"]) == [IMG + "71FleeceMain._AC_UL1500_.jpg", IMG + "81FleeceBack._AC_.jpg"]
+    assert list(fleece["image_variants"]) == ["MAIN", "PT01"]
+    assert fleece["store"] == "NorthTrail"
+    assert fleece["rating_number"] == 120 and fleece["average_rating"] == 4.3
+    assert "Jackets & Coats" in list(fleece["categories"])
+
+    sneakers = rows["B0FASH0002"]  # MAIN listed second and without hi_res
+    assert list(sneakers["image_urls"]) == [
+        IMG + "71SneakerMain._AC_.jpg",
+        IMG + "61SneakerSide._AC_UL1500_.jpg",
+    ]
+    assert list(sneakers["image_variants"]) == ["MAIN", "PT01"]
+    assert sneakers["price"] == 12.99  # "$12.99"
+    assert json.loads(sneakers["details"]) == {
+        "Department": "womens",
+        "Date First Available": "March 3, 2021",
+    }
+    assert list(sneakers["description"]) == []
+
+    cardigan = rows["B0FASH0006"]
+    assert cardigan["title"] == "Café Crème Strickjacke für Damen – 日本製"
+    assert list(cardigan["features"]) == ["Größe: M – weiche Merinowolle", "Handwäsche empfohlen"]
+    assert list(cardigan["description"]) == ["Élégante et chaude."]
+    assert cardigan["store"] == "Maison Ébène"
+    assert pd.isna(cardigan["price"])  # "None"
+    assert cardigan["details"] == "{}"
+
+    socks = rows["B0FASH0008"]
+    assert list(socks["image_urls"]) == [IMG + "51Socks._SS40_.jpg"]  # thumb only
+    assert pd.isna(socks["price"]) and pd.isna(socks["average_rating"]) and pd.isna(socks["rating_number"])
+    assert socks["store"] == "" and socks["details"] == "{}"
+
+    scarf = rows["B0FASH0011"]
+    assert scarf["price"] == 12.99  # "12.99"
+    assert list(scarf["image_variants"]) == ["MAIN", "PT02"]  # PT01 repeats the MAIN url
+    assert json.loads(scarf["details"]) == {"Material": "Silk", "Care": {"wash": "hand"}}
+
+
+def _parquet_schema(path):
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path)
+
+
+def test_load_meta_reads_raw_schema_variants(tmp_path):
+    """The exact datasets call of the amazon source on a raw file: mixed price types, details both ways."""
+    raw = tmp_path / "meta_Amazon_Fashion.jsonl"
+    raw.write_text("\n".join(_valid_lines()) + "\n", encoding="utf-8")
+    ds = load_meta(str(raw), cache_dir=tmp_path / "cache")
+    assert len(ds) == 13
+    assert ds.features == FEATURES
+    by_id = {}
+    for rec in ds:
+        by_id.setdefault(rec["parent_asin"], rec)
+    assert by_id["B0FASH0001"]["price"] == 24.99
+    assert by_id["B0FASH0002"]["price"] == "$12.99"
+    assert by_id["B0FASH0006"]["price"] == "None"
+    assert by_id["B0FASH0008"]["price"] is None
+    assert by_id["B0FASH0001"]["details"]["Department"] == "mens"  # object in the file
+    assert by_id["B0FASH0002"]["details"]["Department"] == "womens"  # JSON string in the file
+    assert by_id["B0FASH0001"]["images"][1]["hi_res"] is None
+    assert by_id["B0FASH0008"]["author"] == {"name": "Sock Co", "about": ["Socks since 1999"]}
+    assert by_id["B0FASH0003"]["images"] == []
+
+
+def test_amazon_source_same_call_offline(tmp_path, monkeypatch, jsonl_run):
+    """source=amazon end to end: the hub path is redirected to a local copy inside datasets' own call."""
+    raw = tmp_path / "meta_Amazon_Fashion.jsonl"
+    raw.write_text("\n".join(_valid_lines()) + "\n", encoding="utf-8")
+    real_load = datasets.load_dataset
+    calls = []
+
+    def fake_load(path, **kwargs):
+        calls.append((path, dict(kwargs)))
+        assert kwargs["data_files"] == amazon_data_files("Amazon_Fashion")
+        kwargs["data_files"] = str(raw)
+        kwargs["cache_dir"] = str(tmp_path / "cache")
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    out = tmp_path / "out"
+    report = build_catalog("Amazon_Fashion", "amazon", out, n_products=None, seed=0)
+
+    assert len(calls) == 1
+    path, kwargs = calls[0]
+    assert path == "json"
+    assert kwargs["data_files"] == (
+        "hf://datasets/McAuley-Lab/Amazon-Reviews-2023/raw/meta_categories/meta_Amazon_Fashion.jsonl"
+    )
+    assert kwargs["split"] == "train"
+    assert kwargs["features"] == FEATURES
+    assert kwargs["cache_dir"] is None
+
+    assert report["source"] == "amazon"
+    assert report["rows_read"] == 13
+    assert report["dropped"] == {"no_title": 3, "no_image": 2, "duplicate_id": 1, "malformed_line": 1}
+    # Same rows as the jsonl source: both go through the same call and normalisation.
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "products.parquet"), jsonl_run[1])
+
+
+def test_jsonl_schema_problems_are_malformed(tmp_path):
+    good = json.loads(_valid_lines()[0])
+    lines = [
+        json.dumps({**good, "extra_field": {"a": 1}}),  # unknown key: ignored, record kept
+        json.dumps([1, 2, 3]),
+        json.dumps({**good, "parent_asin": "X2", "features": "not a list"}),
+        json.dumps({**good, "parent_asin": "X3", "title": 123}),
+        json.dumps({**good, "parent_asin": "X4", "images": [{"large": 5}]}),
+        "",
+        "not json at all",
+    ]
+    src = tmp_path / "meta_X.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    assert report["rows_read"] == 6  # the blank line is not a record
+    assert report["dropped"]["malformed_line"] == 5
+    assert report["kept"] == 1
+
+
+def test_no_usable_product_writes_report_then_fails(tmp_path):
+    src = tmp_path / "meta_X.jsonl"
+    src.write_text("{broken\n")
+    with pytest.raises(ValueError, match="no usable product"):
+        build_catalog("X", "jsonl", tmp_path / "out", path=str(src))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["rows_read"] == 1 and report["dropped"]["malformed_line"] == 1 and report["kept"] == 0
+
+
+def test_bad_configuration_errors(tmp_path):
+    with pytest.raises(ValueError, match="ingest.source"):
+        build_catalog("X", "csv", tmp_path)
+    with pytest.raises(ValueError, match="ingest.path"):
+        build_catalog("X", "jsonl", tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_catalog("X", "jsonl", tmp_path, path=str(tmp_path / "missing_{category}.jsonl"))
+
+
+@pytest.mark.parametrize(
+    ("value", "price"),
+    [
+        (12.99, 12.99),
+        (5, 5.0),
+        ("$12.99", 12.99),
+        ("12.99", 12.99),
+        ("$1,299.00", 1299.0),
+        ("from $9.99 - $19.99", 9.99),
+        ("None", None),
+        ("", None),
+        (None, None),
+        (float("nan"), None),
+        (True, None),
+    ],
+)
+def test_parse_price(value, price):
+    assert parse_price(value) == price
+
+
+def test_choose_images():
+    images = [
+        {"thumb": "t1", "large": "l1", "hi_res": None, "variant": "PT01"},
+        {"thumb": "t2", "large": None, "hi_res": None, "variant": "MAIN"},
+        {"thumb": None, "large": None, "hi_res": None, "variant": "PT02"},
+        {"thumb": "t3", "large": "l3", "hi_res": "h3", "variant": None},
+        {"thumb": "t1b", "large": "l1", "hi_res": "None", "variant": "PT03"},  # repeats l1
+        "not an image",
+    ]
+    assert choose_images(images) == (["t2", "l1", "h3"], ["MAIN", "PT01", ""])
+    assert choose_images(None) == ([], [])
+
+
+def test_split_is_deterministic_and_follows_ratios():
+    ratios = {"train": 0.8, "val": 0.1, "test": 0.1}
+    ids = [f"B{i:09d}" for i in range(20000)]
+    splits = [assign_split(i, ratios) for i in ids]
+    assert splits == [assign_split(i, ratios) for i in ids]
+    share = pd.Series(splits).value_counts(normalize=True)
+    assert (
+        abs(share["train"] - 0.8) < 0.015
+        and abs(share["val"] - 0.1) < 0.01
+        and abs(share["test"] - 0.1) < 0.01
+    )
+    # known value: the split is a pure function of the id, whatever the seed or catalog
+    assert assign_split("B0FASH0002", ratios) == "test"
+    assert assign_split("x", {"train": 0, "val": 0, "test": 1}) == "test"
+    with pytest.raises(ValueError):
+        assign_split("x", {"train": 0, "val": 0, "test": 0})
+
+
+def test_sampling_is_reproducible_and_order_independent():
+    ids = [f"B{i:06d}" for i in range(500)]
+    a = sample_ids(ids, 50, seed=0)
+    shuffled = ids[:]
+    random.Random(1).shuffle(shuffled)
+    assert a == sample_ids(shuffled, 50, seed=0) == sorted(a)
+    assert len(set(a)) == 50
+    assert sample_ids(ids, 50, seed=1) != a
+    assert set(a) <= set(sample_ids(ids, 80, seed=0))  # growing n extends the sample
+    assert sample_ids(ids, None, seed=0) == ids
+    assert sample_ids(ids, 1000, seed=0) == ids
+
+
+def test_sampled_catalog_is_byte_identical_and_input_order_free(tmp_path):
+    lines = [ln for ln in _valid_lines() if '"Duplicate Of The Fleece Jacket"' not in ln]
+    fwd, rev = tmp_path / "fwd.jsonl", tmp_path / "rev.jsonl"
+    fwd.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rev.write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")
+    r1 = build_catalog("C", "jsonl", tmp_path / "a", path=str(fwd), n_products=3, seed=7)
+    build_catalog("C", "jsonl", tmp_path / "b", path=str(fwd), n_products=3, seed=7)
+    r3 = build_catalog("C", "jsonl", tmp_path / "c", path=str(rev), n_products=3, seed=7)
+    a = (tmp_path / "a" / "products.parquet").read_bytes()
+    assert a == (tmp_path / "b" / "products.parquet").read_bytes()
+    assert a == (tmp_path / "c" / "products.parquet").read_bytes()
+    assert r1 == r3 and r1["n_products"] == 3 and r1["kept"] == 6
+    df = pd.read_parquet(tmp_path / "a" / "products.parquet")
+    assert list(df["id"]) == sample_ids(KEPT, 3, seed=7)
+
+
+def test_synthetic_source_parses_generated_jsonl(tmp_path, monkeypatch):
+    """The synthetic source hands generate_catalog's JSONL to the jsonl path (generator stubbed here)."""
+    import types
+
+    seen = {}
+
+    def fake_generate(category, n_products, seed, raw_dir):
+        seen.update(category=category, n_products=n_products, seed=seed, raw_dir=Path(raw_dir))
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        path = raw_dir / f"meta_{category}.jsonl"
+        path.write_text(FIXTURE.read_text(encoding="utf-8"), encoding="utf-8")
+        return path
+
+    monkeypatch.setitem(
+        __import__("sys").modules, "cliprec.synthetic", types.SimpleNamespace(generate_catalog=fake_generate)
+    )
+    out = tmp_path / "ingest" / "Amazon_Fashion"
+    report = build_catalog("Amazon_Fashion", "synthetic", out, n_products=4, seed=3)
+    assert seen == {"category": "Amazon_Fashion", "n_products": 4, "seed": 3, "raw_dir": out / "raw"}
+    assert report["source"] == "synthetic"
+    assert report["dropped"]["malformed_line"] == 2 and report["n_products"] == 4
+    assert catalog.read_products(out / "products.parquet")["id"].tolist() == sample_ids(KEPT, 4, seed=3)
+
+
+def test_amazon_schema_mismatch_is_a_clear_error(tmp_path, monkeypatch):
+    raw = tmp_path / "meta.jsonl"
+    good = json.loads(_valid_lines()[0])
+    raw.write_text(json.dumps({**good, "new_hub_field": 1}) + "\n")
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda path, **kw: real_load(path, **{**kw, "data_files": str(raw), "cache_dir": str(tmp_path)}),
+    )
+    with pytest.raises(RuntimeError, match="does not fit cliprec.catalog.FEATURES"):
+        build_catalog("Amazon_Fashion", "amazon", tmp_path / "out")
+
+
+def test_ingest_stage_wiring(tmp_path, monkeypatch):
+    """stages/ingest.py reads params.yaml in the cwd and writes data/ingest/<category>/."""
+    import runpy
+
+    import yaml
+
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["setup"] = "demo"
+    params["setups"]["demo"]["ingest"] = {
+        "source": "jsonl",
+        "path": str(FIXTURE.resolve()).replace("Amazon_Fashion", "{category}"),
+        "n_products": 5,
+    }
+    stage = Path("stages/ingest.py").resolve()
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    runpy.run_path(str(stage), run_name="stage")["main"](["Amazon_Fashion"])
+    report = json.loads(Path("data/ingest/Amazon_Fashion/report.json").read_text())
+    assert report["n_products"] == 5 and report["kept"] == 6 and report["source"] == "jsonl"
+    assert len(pd.read_parquet("data/ingest/Amazon_Fashion/products.parquet")) == 5
