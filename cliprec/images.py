@@ -1,0 +1,744 @@
+"""The `images` stage: fetch product images, decode them safely, resize, re-encode, store in parquet shards.
+
+One code path handles every URL form the catalog may hold: http(s)://, file:// and plain local paths
+(relative to the working directory, i.e. the repo root under `dvc repro`). Every URL ends in exactly one
+status; a bad item never stops the stage and is never replaced by a placeholder image.
+
+Statuses (status.parquet `status`, report.json `counts`):
+    ok                stored (or usable: see `view`)
+    http_<code>       final non-2xx HTTP answer; 5xx and 429 are retried first, other codes are not
+    timeout           connect/read timeout, or the body took longer than BODY_DEADLINE_FACTOR x timeout_s
+                      (retried)
+    connection_error  refused/reset/DNS/TLS/incomplete body/too many redirects (retried except redirects)
+    not_found         local file (plain path or file://) does not exist
+    read_error        local file exists but cannot be read (permissions, ...)
+    bad_url           empty URL, unsupported scheme, file:// on another host, malformed URL
+    not_image         bytes are not an image in an accepted format (HTML error page, empty body, EPS...)
+    too_large         more than max_bytes, or more than max_pixels pixels (decompression bomb)
+    decode_error      recognised image that does not decode: truncated, corrupt, unconvertible mode
+    error             anything unexpected (a bug): logged with its traceback, error text kept
+
+Images: RGB (alpha flattened onto white), EXIF orientation applied, then `center_crop` (short side scaled
+to `size`, centre square kept) or `pad` (long side scaled to `size`, letterboxed on white, the usual
+product-photo background), JPEG at `jpeg_quality`. Shards hold rows in product order, then view order,
+whatever order the threads finish in, so two runs over the same answers give identical bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import logging
+import math
+import os
+import struct
+import threading
+import time
+import warnings
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+import urllib3
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+PROJECT_URL = "https://github.com/cliprec/cliprec"
+SHARD_GLOB = "shard-*.parquet"
+STATUS_FILE = "status.parquet"
+REPORT_FILE = "report.json"
+VIEWS = ("main", "alt")
+STATUSES = (
+    "ok",
+    "timeout",
+    "connection_error",
+    "not_found",
+    "read_error",
+    "bad_url",
+    "not_image",
+    "too_large",
+    "decode_error",
+    "error",
+)  # plus http_<code>, one per code seen
+# Formats a product photo comes in. Others (EPS runs Ghostscript, fonts, PSD, ...) are not_image: fewer
+# decoders facing untrusted bytes.
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+BODY_DEADLINE_FACTOR = 3.0  # whole body within 3 x timeout_s: a trickling server cannot hold a worker
+MAX_RETRY_AFTER_S = 30.0
+DRAFT_FACTOR = 1  # JPEG DCT-downscale to >= the target size (DCT scaling averages, no aliasing)
+REDUCING_GAP = 3.0
+RESAMPLE = Image.Resampling.BICUBIC
+WHITE = (255, 255, 255)
+ROW_GROUP_ROWS = 256  # ~5 MB of JPEGs: what a streaming reader holds at once
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("view", pa.string()),
+        ("variant", pa.string()),
+        ("url", pa.string()),
+        ("jpeg", pa.binary()),
+    ]
+)
+STATUS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("url", pa.string()),
+        ("view", pa.string()),  # view stored in the shards; null if not stored
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("position", pa.int32()),  # index in the product's image_urls
+        ("attempts", pa.int32()),
+    ]
+)
+
+
+# --- configuration --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """The `images:` block of params.yaml."""
+
+    size: int = 224
+    resize: str = "center_crop"
+    max_images: int = 2
+    workers: int = 16
+    timeout_s: float = 10.0
+    retries: int = 2
+    backoff_s: float = 0.5
+    max_bytes: int = 20_000_000
+    max_pixels: int = 40_000_000
+    jpeg_quality: int = 90
+    shard_size: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("center_crop", "pad"):
+            raise ValueError(f"images.resize must be center_crop or pad, not {self.resize!r}")
+        for name in ("size", "max_images", "workers", "max_bytes", "max_pixels", "shard_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"images.{name} must be >= 1, not {getattr(self, name)!r}")
+        if self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0:
+            raise ValueError("images: retries and backoff_s must be >= 0, timeout_s > 0")
+        if not 1 <= self.jpeg_quality <= 95:
+            raise ValueError(f"images.jpeg_quality must be in 1..95, not {self.jpeg_quality!r}")
+
+    @classmethod
+    def from_params(cls, images: Mapping[str, Any]) -> ImageConfig:
+        """Build from params["images"], rejecting unknown keys (a typo would otherwise be ignored)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(images) - known)
+        if unknown:
+            raise ValueError(f"images: unknown params {unknown}; known: {sorted(known)}")
+        return cls(**dict(images))
+
+
+def user_agent() -> str:
+    """The User-Agent sent with every HTTP request."""
+    try:
+        from importlib.metadata import version
+
+        ver = version("cliprec")
+    except Exception:  # not installed (e.g. run from a bare checkout)
+        ver = "0"
+    return f"cliprec/{ver} (+{PROJECT_URL})"
+
+
+# --- one image ------------------------------------------------------------------------------------------
+
+
+class ImageFailure(Exception):
+    """A per-item failure that ends in `status`; `retryable` failures are tried again."""
+
+    def __init__(
+        self, status: str, message: str, retryable: bool = False, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.attempts = 1
+
+
+@dataclass
+class ImageResult:
+    """Outcome of one URL: `jpeg` is set iff status == "ok"."""
+
+    url: str
+    status: str
+    error: str = ""
+    jpeg: bytes | None = None
+    attempts: int = 0
+    seconds: float = field(default=0.0, repr=False)
+
+
+def _to_rgb_or_rgba(im: Image.Image) -> Image.Image:
+    """RGB, or RGBA where the image has transparency (flattened after resizing, which handles alpha)."""
+    mode = im.mode
+    if mode in ("RGB", "RGBA") and "transparency" not in im.info:
+        return im
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        # 16-bit/float greyscale: convert("RGB") clips at 255 instead of scaling.
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "P":
+        has_alpha = "transparency" in im.info or (im.palette is not None and im.palette.mode == "RGBA")
+        return im.convert("RGBA" if has_alpha else "RGB")
+    if "transparency" in im.info or mode in ("LA", "La", "PA", "RGBa"):
+        return im.convert("RGBA")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, ...
+
+
+def _flatten(im: Image.Image) -> Image.Image:
+    if im.mode != "RGBA":
+        return im
+    out = Image.new("RGB", im.size, WHITE)
+    out.paste(im, mask=im.getchannel("A"))
+    return out
+
+
+def _draft_size(w: int, h: int, size: int, resize: str) -> tuple[int, int]:
+    target = DRAFT_FACTOR * size
+    if resize == "center_crop":
+        return target, target  # both sides >= target keeps the short side >= target
+    long_side = max(w, h)
+    return max(1, math.ceil(target * w / long_side)), max(1, math.ceil(target * h / long_side))
+
+
+def resize_square(im: Image.Image, size: int, resize: str = "center_crop") -> Image.Image:
+    """Resize an RGB/RGBA image to size x size RGB by `center_crop` or `pad` (white letterbox)."""
+    w, h = im.size
+    if resize == "center_crop":
+        short = min(w, h)
+        box = ((w - short) / 2, (h - short) / 2, (w + short) / 2, (h + short) / 2)
+        out = im.resize((size, size), RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
+        return _flatten(out)
+    if resize != "pad":
+        raise ValueError(f"resize must be center_crop or pad, not {resize!r}")
+    scale = size / max(w, h)
+    nw, nh = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    inner = im.resize((nw, nh), RESAMPLE, reducing_gap=REDUCING_GAP)
+    canvas = Image.new("RGB", (size, size), WHITE)
+    canvas.paste(inner, ((size - nw) // 2, (size - nh) // 2), inner if inner.mode == "RGBA" else None)
+    return canvas
+
+
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    Image.init()  # Image.open(formats=...) raises KeyError for a plugin not registered yet
+    return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
+
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError)
+
+
+def _check_pixels(w: int, h: int, max_pixels: int) -> None:
+    if w < 1 or h < 1:
+        raise ImageFailure("decode_error", f"empty image {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageFailure(
+            "too_large", f"{w}x{h} = {w * h} px > max_pixels {max_pixels} (decompression bomb?)"
+        )
+
+
+def process_image(data: bytes, cfg: ImageConfig) -> bytes:
+    """Decode untrusted image bytes, make them size x size RGB, return JPEG bytes; raises ImageFailure."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Someone flipped the global: truncated files would decode as grey garbage instead of failing.
+        raise ImageFailure("error", "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to decode")
+    try:
+        im = Image.open(io.BytesIO(data), formats=_open_formats())
+    except UnidentifiedImageError as e:
+        raise ImageFailure("not_image", f"not an image in {'/'.join(_open_formats())} ({len(data)} B)") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageFailure("too_large", f"decompression bomb: {e}") from e
+    except _DECODE_ERRORS as e:
+        raise ImageFailure("decode_error", f"{type(e).__name__}: {e}") from e
+    with im:
+        _check_pixels(*im.size, cfg.max_pixels)
+        try:
+            # JPEG only (no-op elsewhere): decode at 1/2..1/8 scale in the DCT, the big speed win.
+            im.draft(None, _draft_size(*im.size, cfg.size, cfg.resize))
+            im.load()  # LOAD_TRUNCATED_IMAGES is False: a truncated file raises here
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageFailure("too_large", f"decompression bomb: {e}") from e
+        except _DECODE_ERRORS as e:
+            raise ImageFailure("decode_error", f"{type(e).__name__}: {e}") from e
+        fmt = im.format
+        try:
+            rotated = ImageOps.exif_transpose(im)
+        except Exception as e:  # a corrupt EXIF block is no reason to lose the picture
+            log.debug("ignoring EXIF orientation (%s: %s)", type(e).__name__, e)
+            rotated = im
+        try:
+            rgb = _to_rgb_or_rgba(rotated)
+        except (ValueError, OSError) as e:
+            raise ImageFailure("decode_error", f"cannot convert {fmt} mode {im.mode} to RGB: {e}") from e
+        out = resize_square(rgb, cfg.size, cfg.resize)
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=cfg.jpeg_quality)
+    return buf.getvalue()
+
+
+def decode_jpeg(data: bytes) -> Image.Image:
+    """Decode a stored JPEG (a shard's `jpeg` cell) into an RGB PIL image."""
+    with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
+        im.load()
+        return im.convert("RGB") if im.mode != "RGB" else im.copy()
+
+
+@contextlib.contextmanager
+def pillow_limits(max_pixels: int) -> Iterator[None]:
+    """Make Pillow's own decompression-bomb check use max_pixels and raise instead of warning.
+
+    Process-global (Pillow has no per-call limit); entered once around the whole thread pool.
+    """
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+# --- fetching -------------------------------------------------------------------------------------------
+
+
+def _local_path(url: str) -> Path | None:
+    """The local file a URL names, or None for http(s); raises ImageFailure(bad_url)."""
+    if not isinstance(url, str) or not url.strip():
+        raise ImageFailure("bad_url", f"empty url {url!r}")
+    try:
+        parsed = urlparse(url)
+    except ValueError as e:
+        raise ImageFailure("bad_url", f"malformed url: {e}") from e
+    scheme = parsed.scheme.lower()
+    if scheme in ("http", "https"):
+        return None
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ImageFailure("bad_url", f"file:// url on another host {parsed.netloc!r}")
+        return Path(url2pathname(parsed.path))
+    if scheme == "" or Path(url).exists():  # a plain path (one with a colon in it included)
+        return Path(url)
+    raise ImageFailure("bad_url", f"unsupported url scheme {scheme!r}")
+
+
+def _read_local(path: Path, max_bytes: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            n = os.fstat(f.fileno()).st_size
+            if n > max_bytes:
+                raise ImageFailure("too_large", f"{n} B > max_bytes {max_bytes}")
+            data = f.read(max_bytes + 1)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        raise ImageFailure("not_found", f"{type(e).__name__}: {path}") from e
+    except OSError as e:
+        raise ImageFailure("read_error", f"{type(e).__name__}: {e}") from e
+    if len(data) > max_bytes:
+        raise ImageFailure("too_large", f"> max_bytes {max_bytes}")
+    return data
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    value = resp.headers.get("Retry-After", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP date: rare, fall back to our own backoff
+
+
+def _read_http(session: requests.Session, url: str, cfg: ImageConfig) -> bytes:
+    deadline = time.monotonic() + BODY_DEADLINE_FACTOR * cfg.timeout_s
+    try:
+        with session.get(url, stream=True, timeout=(cfg.timeout_s, cfg.timeout_s)) as resp:
+            code = resp.status_code
+            if not 200 <= code < 300:
+                retryable = code >= 500 or code == 429
+                raise ImageFailure(
+                    f"http_{code}", f"HTTP {code} {resp.reason}", retryable, _retry_after(resp)
+                )
+            length = resp.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > cfg.max_bytes:
+                raise ImageFailure("too_large", f"Content-Length {length} > max_bytes {cfg.max_bytes}")
+            buf = bytearray()
+            # read1 returns whatever arrived (iter_content would block until a whole chunk is in, so a
+            # trickling server would beat the deadline); decode_content counts gzip-decoded bytes.
+            while chunk := resp.raw.read1(65536, decode_content=True):
+                buf += chunk
+                if len(buf) > cfg.max_bytes:
+                    raise ImageFailure("too_large", f"body > max_bytes {cfg.max_bytes}")
+                if time.monotonic() > deadline:
+                    raise ImageFailure(
+                        "timeout", f"body not done within {BODY_DEADLINE_FACTOR * cfg.timeout_s:g} s", True
+                    )
+            return bytes(buf)
+    except ImageFailure:
+        raise
+    except requests.exceptions.Timeout as e:
+        raise ImageFailure("timeout", f"{type(e).__name__}: {e}", True) from e
+    except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as e:
+        raise ImageFailure("bad_url", f"{type(e).__name__}: {e}") from e
+    except requests.exceptions.TooManyRedirects as e:
+        raise ImageFailure("connection_error", f"{type(e).__name__}: {e}") from e
+    except requests.exceptions.ConnectionError as e:
+        # A read timeout while streaming the body surfaces as ConnectionError(ReadTimeoutError).
+        if e.args and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError):
+            raise ImageFailure("timeout", f"read timeout: {e}", True) from e
+        raise ImageFailure("connection_error", f"{type(e).__name__}: {e}", True) from e
+    except requests.exceptions.RequestException as e:  # ChunkedEncodingError, ContentDecodingError, ...
+        raise ImageFailure("connection_error", f"{type(e).__name__}: {e}", True) from e
+    # raw reads of the body raise urllib3's own exceptions, unwrapped by requests
+    except urllib3.exceptions.ReadTimeoutError as e:
+        raise ImageFailure("timeout", f"read timeout: {e}", True) from e
+    except (urllib3.exceptions.HTTPError, OSError) as e:  # IncompleteRead, reset, DecodeError, ...
+        raise ImageFailure("connection_error", f"{type(e).__name__}: {e}", True) from e
+
+
+class Fetcher:
+    """Fetch + process URLs from many threads: one requests.Session per thread, bounded retries."""
+
+    def __init__(self, cfg: ImageConfig, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.cfg = cfg
+        self._sleep = sleep
+        self._local = threading.local()
+        self._sessions: list[requests.Session] = []
+        self._lock = threading.Lock()
+        self._ua = user_agent()
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            # Retries are ours (they also cover body errors and count attempts); the pool is per thread.
+            adapter = HTTPAdapter(pool_connections=8, pool_maxsize=8, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers.update({"User-Agent": self._ua, "Accept": "image/*,*/*;q=0.8"})
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def _read(self, url: str) -> tuple[bytes, int]:
+        path = _local_path(url)
+        if path is not None:
+            return _read_local(path, self.cfg.max_bytes), 1
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return _read_http(self._session(), url, self.cfg), attempt
+            except ImageFailure as f:
+                f.attempts = attempt
+                if not f.retryable or attempt > self.cfg.retries:
+                    raise
+                delay = self.cfg.backoff_s * 2 ** (attempt - 1)
+                if f.retry_after is not None:
+                    delay = max(delay, min(f.retry_after, MAX_RETRY_AFTER_S))
+                log.debug("retry %d/%d in %.2f s: %s (%s)", attempt, self.cfg.retries, delay, url, f)
+                self._sleep(delay)
+
+    def fetch(self, url: str) -> ImageResult:
+        """Fetch, decode, resize and encode one URL; never raises (failures become the status)."""
+        t0 = time.perf_counter()
+        attempts = 1
+        try:
+            data, attempts = self._read(url)
+            jpeg = process_image(data, self.cfg)
+            result = ImageResult(url, "ok", "", jpeg, attempts)
+        except ImageFailure as f:
+            attempts = f.attempts
+            result = ImageResult(url, f.status, str(f), None, attempts)
+            log.debug("%s: %s (%s)", url, f.status, f)
+        except Exception as e:
+            log.warning("unexpected failure on %s", url, exc_info=True)
+            result = ImageResult(url, "error", f"{type(e).__name__}: {e}", None, attempts)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def close(self) -> None:
+        """Close every thread's session."""
+        with self._lock:
+            for s in self._sessions:
+                s.close()
+            self._sessions.clear()
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def fetch_image(url: str, cfg: ImageConfig) -> ImageResult:
+    """Fetch and process one URL (same code path as the stage); never raises."""
+    with pillow_limits(cfg.max_pixels), Fetcher(cfg) as fetcher:
+        return fetcher.fetch(url)
+
+
+# --- the stage ------------------------------------------------------------------------------------------
+
+
+def _as_list(value: Any) -> list:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    return list(value)
+
+
+class _ShardWriter:
+    def __init__(self, out_dir: Path, shard_size: int) -> None:
+        self.out_dir = out_dir
+        self.shard_size = shard_size
+        self.rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+        self.n_rows = 0
+        self.paths: list[Path] = []
+
+    def add(self, pid: str, view: str, variant: str, url: str, jpeg: bytes) -> None:
+        for name, value in zip(SHARD_SCHEMA.names, (pid, view, variant, url, jpeg)):
+            self.rows[name].append(value)
+        self.n_rows += 1
+        if len(self.rows["id"]) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows["id"]:
+            return
+        table = pa.table(self.rows, schema=SHARD_SCHEMA)
+        path = self.out_dir / f"shard-{len(self.paths):05d}.parquet"
+        pq.write_table(
+            table,
+            path,
+            row_group_size=ROW_GROUP_ROWS,
+            compression={"id": "zstd", "view": "zstd", "variant": "zstd", "url": "zstd", "jpeg": "none"},
+            write_statistics=["id", "view", "variant"],  # min/max of JPEG bytes would bloat the footer
+        )
+        self.paths.append(path)
+        self.rows = {name: [] for name in SHARD_SCHEMA.names}
+
+
+def build_image_shards(
+    products: pd.DataFrame, out_dir: str | Path, cfg: ImageConfig, progress: bool = True
+) -> dict[str, Any]:
+    """Fetch the first max_images images of every product into out_dir; return (and write) the report.
+
+    products needs columns id, image_urls (list, MAIN first) and optionally image_variants. Writes
+    shard-NNNNN.parquet, status.parquet and report.json (stale shards of an earlier run are removed).
+    At most two images per product are stored (main, alt); with max_images > 2 the later URLs are
+    fallbacks, and a surplus success stays `ok` in status.parquet with a null view. Raises RuntimeError
+    (after writing status and report) when products had URLs but none got an image.
+    """
+    missing = {"id", "image_urls"} - set(products.columns)
+    if missing:
+        raise ValueError(f"images: products table lacks columns {sorted(missing)}")
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("images: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; truncated files would pass")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*out_dir.glob(SHARD_GLOB), out_dir / STATUS_FILE, out_dir / REPORT_FILE]:
+        stale.unlink(missing_ok=True)
+
+    ids = [str(x) for x in products["id"]]
+    url_lists = [
+        [str(u) if u is not None else "" for u in _as_list(v)][: cfg.max_images]
+        for v in products["image_urls"]
+    ]
+    variant_lists = (
+        [[str(x) for x in _as_list(v)] for v in products["image_variants"]]
+        if "image_variants" in products.columns
+        else [[] for _ in ids]
+    )
+    n_urls = sum(len(u) for u in url_lists)
+    log.info("images: %d products, %d urls, %d workers -> %s", len(ids), n_urls, cfg.workers, out_dir)
+
+    writer = _ShardWriter(out_dir, cfg.shard_size)
+    status_rows: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
+    counts: Counter[str] = Counter()
+    with_image = with_alt = 0
+    # Products in flight: enough to keep every worker busy past a slow head-of-line product, few enough
+    # that the encoded JPEGs waiting to be written in order stay small (~20 KB each).
+    window = max(64, cfg.workers * 64)
+
+    bar = tqdm(total=n_urls, desc="images", unit="img", disable=not progress, mininterval=1.0)
+    bar_lock = threading.Lock()
+
+    def tick(_: Future) -> None:
+        with bar_lock:
+            bar.update(1)
+
+    def collect(i: int, futures: list[Future]) -> None:
+        nonlocal with_image, with_alt
+        results: list[ImageResult] = [f.result() for f in futures]
+        variants = variant_lists[i]
+        stored = 0
+        for pos, res in enumerate(results):
+            counts[res.status] += 1
+            view = None
+            if res.status == "ok" and stored < len(VIEWS):
+                view = VIEWS[stored]
+                stored += 1
+                variant = variants[pos] if pos < len(variants) else ""
+                writer.add(ids[i], view, variant, res.url, res.jpeg)
+            for name, value in zip(
+                STATUS_SCHEMA.names, (ids[i], res.url, view, res.status, res.error, pos, res.attempts)
+            ):
+                status_rows[name].append(value)
+        with_image += stored > 0
+        with_alt += stored > 1
+
+    t0 = time.perf_counter()
+    pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="images")
+    try:
+        with pillow_limits(cfg.max_pixels), Fetcher(cfg) as fetcher:
+            pending: deque[tuple[int, list[Future]]] = deque()
+            for i, urls in enumerate(url_lists):
+                futures = [pool.submit(fetcher.fetch, u) for u in urls]
+                for f in futures:
+                    f.add_done_callback(tick)
+                pending.append((i, futures))
+                while len(pending) > window:
+                    collect(*pending.popleft())
+            while pending:
+                collect(*pending.popleft())
+        pool.shutdown(wait=True)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+    writer.flush()
+    seconds = time.perf_counter() - t0
+
+    pq.write_table(pa.table(status_rows, schema=STATUS_SCHEMA), out_dir / STATUS_FILE, compression="zstd")
+    n_ok = counts.get("ok", 0)
+    all_counts = {s: counts.get(s, 0) for s in STATUSES} | {
+        s: c for s, c in sorted(counts.items()) if s not in STATUSES
+    }
+    report = {
+        "products": len(ids),
+        "products_with_image": with_image,
+        "products_without_image": len(ids) - with_image,
+        "products_with_alt": with_alt,
+        "urls": n_urls,
+        "images": writer.n_rows,
+        "counts": all_counts,
+        "success_rate": round(n_ok / n_urls, 6) if n_urls else 0.0,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(n_ok / seconds, 2) if seconds > 0 else 0.0,
+        "shards": len(writer.paths),
+        "workers": cfg.workers,
+        "size": cfg.size,
+        "resize": cfg.resize,
+    }
+    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    failed = {s: c for s, c in all_counts.items() if c and s != "ok"}
+    log.info(
+        "images: %d/%d urls ok (%.1f%%) in %.1f s (%.1f img/s); products: %d with image, %d without, "
+        "%d with alt%s",
+        n_ok,
+        n_urls,
+        100 * report["success_rate"],
+        seconds,
+        report["images_per_s"],
+        with_image,
+        len(ids) - with_image,
+        with_alt,
+        f"; failures {failed} (see {out_dir / STATUS_FILE})" if failed else "",
+    )
+    if ids and not with_image:
+        raise RuntimeError(
+            f"images: no product got an image ({failed}); see {out_dir / STATUS_FILE} for each url's error"
+        )
+    return report
+
+
+def build_images(
+    products_path: str | Path, out_dir: str | Path, cfg: ImageConfig, progress: bool = True
+) -> dict[str, Any]:
+    """The stage: read products.parquet, run build_image_shards, return the report."""
+    products_path = Path(products_path)
+    if not products_path.exists():
+        raise FileNotFoundError(f"images: {products_path} not found; run the ingest stage first")
+    columns = [c for c in ("id", "image_urls", "image_variants") if c in pq.read_schema(products_path).names]
+    products = pd.read_parquet(products_path, columns=columns)
+    return build_image_shards(products, out_dir, cfg, progress=progress)
+
+
+# --- readers --------------------------------------------------------------------------------------------
+
+
+def list_shards(images_dir: str | Path) -> list[Path]:
+    """The shard files of an images directory, in row order."""
+    return sorted(Path(images_dir).glob(SHARD_GLOB))
+
+
+def _empty_frame(columns: Sequence[str] | None) -> pd.DataFrame:
+    schema = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
+    return schema.empty_table().to_pandas()
+
+
+def read_image_table(images_dir: str | Path, columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """All shards as one DataFrame (columns id, view, variant, url, jpeg or the ones asked for)."""
+    shards = list_shards(images_dir)
+    if not shards:
+        return _empty_frame(columns)
+    cols = list(columns) if columns is not None else None
+    table = pa.concat_tables([pq.read_table(s, columns=cols) for s in shards])
+    return table.to_pandas()
+
+
+def iter_image_batches(
+    images_dir: str | Path, batch_size: int, columns: Sequence[str] | None = None
+) -> Iterator[pd.DataFrame]:
+    """Stream the shards as DataFrames of exactly batch_size rows (the last may be shorter).
+
+    Reads one row group (ROW_GROUP_ROWS rows) at a time, so memory stays ~batch_size + 256 rows.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+    cols = list(columns) if columns is not None else None
+    buf: list[pa.RecordBatch] = []
+    n = 0
+    for shard in list_shards(images_dir):
+        with pq.ParquetFile(shard) as pf:
+            for batch in pf.iter_batches(batch_size=min(batch_size, ROW_GROUP_ROWS), columns=cols):
+                buf.append(batch)
+                n += batch.num_rows
+                while n >= batch_size:
+                    table = pa.Table.from_batches(buf)
+                    yield table.slice(0, batch_size).to_pandas()
+                    rest = table.slice(batch_size)
+                    buf, n = rest.to_batches(), rest.num_rows
+    if n:
+        yield pa.Table.from_batches(buf).to_pandas()
+
+
+def iter_shard_rows(images_dir: str | Path, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    """Stream the shard rows as dicts (memory bounded like iter_image_batches)."""
+    for frame in iter_image_batches(images_dir, ROW_GROUP_ROWS, columns):
+        yield from frame.to_dict("records")
+
+
+def read_status(images_dir: str | Path) -> pd.DataFrame:
+    """status.parquet: one row per attempted URL (id, url, view, status, error, position, attempts)."""
+    return pd.read_parquet(Path(images_dir) / STATUS_FILE)

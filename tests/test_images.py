@@ -1,0 +1,577 @@
+"""Tests for cliprec/images.py: a loopback HTTP server plays every way an image URL can go wrong."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import struct
+import threading
+import time
+import warnings
+import zlib
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+import cliprec.images as ci
+from cliprec.images import (
+    ImageConfig,
+    build_image_shards,
+    decode_jpeg,
+    fetch_image,
+    iter_image_batches,
+    iter_shard_rows,
+    list_shards,
+    process_image,
+    read_image_table,
+    read_status,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def bands(w: int, h: int, colors=((255, 0, 0), (0, 255, 0), (0, 0, 255))) -> Image.Image:
+    """Vertical bands of equal width, left to right."""
+    arr = np.zeros((h, w, 3), np.uint8)
+    for i, c in enumerate(colors):
+        arr[:, i * w // len(colors) : (i + 1) * w // len(colors)] = c
+    return Image.fromarray(arr)
+
+
+def header_bomb(w: int, h: int) -> bytes:
+    """A ~60-byte PNG whose header declares w x h pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
+
+
+GOOD_JPEG = encode(bands(320, 240), quality=95)
+GOOD2_JPEG = encode(Image.new("RGB", (200, 300), (20, 40, 200)), quality=95)
+
+
+def alpha_png() -> bytes:
+    im = Image.new("RGBA", (200, 200), (0, 0, 0, 0))  # transparent black: must come out white
+    im.paste((255, 0, 0, 255), (50, 50, 150, 150))
+    return encode(im, "PNG")
+
+
+# --- loopback server -------------------------------------------------------------------------------------
+
+
+class LoopbackImages:
+    """What the image server serves, how often each full path was asked for, and the User-Agents seen."""
+
+    def __init__(self) -> None:
+        self.hits: Counter[str] = Counter()
+        self.user_agents: list[str] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.port = 0
+        self.bodies = {
+            "/good.jpg": GOOD_JPEG,
+            "/good2.jpg": GOOD2_JPEG,
+            "/alpha.png": alpha_png(),
+            "/truncated.jpg": GOOD_JPEG[: len(GOOD_JPEG) // 2],
+            "/notimage.jpg": b"<html><body>Sorry, this image is gone</body></html>",
+            # 3000 x 3000 = 9 Mpx in ~9 kB: past 2 x max_pixels (Pillow's DecompressionBombError)
+            "/bomb.png": encode(Image.new("L", (3000, 3000)), "PNG"),
+            # 1.2 Mpx: between max_pixels and 2 x max_pixels (Pillow would only warn)
+            "/bomb2.png": encode(Image.new("L", (1200, 1000)), "PNG"),
+            "/header-bomb.png": header_bomb(50_000, 50_000),
+            "/hb.png": header_bomb(12_000, 10_000),
+            "/big.jpg": GOOD_JPEG + b"\0" * 300_000,
+        }
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+def _handler(state: LoopbackImages):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # keep pytest output clean
+            pass
+
+        def send_body(self, body: bytes, code: int = 200, ctype: str = "image/jpeg", length: bool = True):
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            if length:
+                self.send_header("Content-Length", str(len(body)))
+            else:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            path = urlsplit(self.path).path
+            with state.lock:
+                state.hits[self.path] += 1
+                hits = state.hits[self.path]
+                state.user_agents.append(self.headers.get("User-Agent", ""))
+            if path.startswith("/delay/"):  # /delay/<ms>/<file>: finish out of order
+                _, _, ms, name = path.split("/", 3)
+                state.stop.wait(int(ms) / 1000)
+                path = "/" + name
+            if path in state.bodies:
+                self.send_body(state.bodies[path])
+            elif path == "/err500":
+                self.send_body(b"oops", 500, "text/plain")
+            elif path == "/flaky429":
+                if hits == 1:
+                    self.send_body(b"slow down", 429, "text/plain")
+                else:
+                    self.send_body(GOOD_JPEG)
+            elif path == "/slow.jpg":
+                state.stop.wait(2.0)
+                self.send_body(GOOD_JPEG)
+            elif path == "/big-nolen.jpg":  # no Content-Length: the streamed count must stop it
+                self.send_body(GOOD_JPEG + b"\0" * 300_000, length=False)
+            elif path == "/trickle.jpg":  # each read within the timeout, the whole body not
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(GOOD_JPEG)))
+                self.end_headers()
+                for i in range(0, len(GOOD_JPEG), 100):
+                    if state.stop.wait(0.1):
+                        return
+                    self.wfile.write(GOOD_JPEG[i : i + 100])
+                    self.wfile.flush()
+            else:
+                self.send_body(b"not here", 404, "text/plain")
+
+    return Handler
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:  # clients hang up on slow answers
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    """A loopback HTTP server on 127.0.0.1:<free port> serving LoopbackImages routes."""
+    state = LoopbackImages()
+    server = _QuietServer(("127.0.0.1", 0), _handler(state))
+    state.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    state.stop.set()
+    server.shutdown()
+    server.server_close()
+
+
+TEST_CFG = dict(
+    size=224,
+    workers=8,
+    timeout_s=0.3,
+    retries=2,
+    backoff_s=0.01,
+    max_bytes=200_000,
+    max_pixels=1_000_000,
+    shard_size=100,
+)
+
+
+def products_frame(rows: dict[str, list[str]]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "id": list(rows),
+            "image_urls": list(rows.values()),
+            "image_variants": [["MAIN"] + [f"PT{i:02d}" for i in range(1, len(u))] for u in rows.values()],
+        }
+    )
+
+
+# --- the whole failure matrix in one stage run --------------------------------------------------------
+
+EXPECTED = {  # product -> [(path, status)]
+    "P_good": [("/good.jpg", "ok"), ("/alpha.png", "ok")],
+    "P_altonly": [("/missing.jpg", "http_404"), ("/good2.jpg", "ok")],
+    "P_404": [("/missing.jpg", "http_404")],
+    "P_500": [("/err500", "http_500")],
+    "P_429": [("/flaky429", "ok")],
+    "P_slow": [("/slow.jpg", "timeout")],
+    "P_trunc": [("/truncated.jpg", "decode_error")],
+    "P_notimage": [("/notimage.jpg", "not_image")],
+    "P_bomb": [("/bomb.png", "too_large")],
+    "P_bomb2": [("/bomb2.png", "too_large")],
+    "P_headerbomb": [("/header-bomb.png", "too_large")],
+    "P_big": [("/big.jpg", "too_large")],
+    "P_bignolen": [("/big-nolen.jpg", "too_large")],
+    "P_allfail": [("/missing.jpg", "http_404"), ("/err500?again", "http_500")],
+    "P_badurl": [("ftp://example.com/x.jpg", "bad_url")],
+    "P_nourl": [],
+}
+
+
+@pytest.fixture(scope="module")
+def matrix_run(image_server, tmp_path_factory):
+    out = tmp_path_factory.mktemp("matrix")
+    rows = {
+        pid: [p if "://" in p else image_server.url(p) for p, _ in items] for pid, items in EXPECTED.items()
+    }
+    t0 = time.perf_counter()
+    report = build_image_shards(products_frame(rows), out, ImageConfig(**TEST_CFG), progress=False)
+    return out, report, rows, time.perf_counter() - t0
+
+
+def test_every_failure_ends_in_its_own_status(matrix_run):
+    out, report, rows, _ = matrix_run
+    status = read_status(out)
+    got = {(r.id, r.url): r.status for r in status.itertuples()}
+    want = {
+        (pid, url): st
+        for pid, items in EXPECTED.items()
+        for url, (_, st) in zip(rows[pid], items, strict=True)
+    }
+    assert got == want
+    errors = dict(zip(status.url, status.error, strict=True))
+    assert "bomb" in errors[rows["P_bomb"][0]] and "bomb" in errors[rows["P_bomb2"][0]]
+    assert "max_bytes" in errors[rows["P_big"][0]] and "max_bytes" in errors[rows["P_bignolen"][0]]
+    assert "truncated" in errors[rows["P_trunc"][0]]
+    assert report["counts"]["ok"] == 4
+    assert report["counts"]["http_404"] == 3 and report["counts"]["too_large"] == 5
+    assert report["urls"] == sum(len(v) for v in EXPECTED.values())
+    assert report["success_rate"] == pytest.approx(4 / report["urls"], abs=1e-6)
+    assert json.loads((out / "report.json").read_text()) == report
+
+
+def test_retries_5xx_and_429_but_not_4xx(matrix_run, image_server):
+    out, _, rows, _ = matrix_run
+    attempts = dict(zip(read_status(out).url, read_status(out).attempts, strict=True))
+    path = lambda url: url.split(str(image_server.port), 1)[1]  # noqa: E731
+    assert image_server.hits[path(rows["P_500"][0])] == 3 == attempts[rows["P_500"][0]]  # 1 + retries
+    assert image_server.hits[path(rows["P_404"][0])] >= 1 and attempts[rows["P_404"][0]] == 1
+    assert image_server.hits["/flaky429"] == 2 == attempts[rows["P_429"][0]]
+    assert attempts[rows["P_slow"][0]] == 3
+
+
+def test_user_agent_sent(matrix_run, image_server):
+    agents = set(image_server.user_agents)
+    assert agents and all(a.startswith("cliprec/") and "(+http" in a for a in agents)
+
+
+def test_failed_products_absent_and_counted(matrix_run):
+    out, report, _, _ = matrix_run
+    table = read_image_table(out)
+    stored = set(table.id)
+    assert stored == {"P_good", "P_altonly", "P_429"}
+    assert report["products"] == len(EXPECTED)
+    assert report["products_with_image"] == 3
+    assert report["products_without_image"] == len(EXPECTED) - 3
+    assert report["products_with_alt"] == 1
+    assert report["images"] == len(table) == 4
+
+
+def test_views_main_then_alt(matrix_run):
+    out, _, rows, _ = matrix_run
+    table = read_image_table(out)
+    good = table[table.id == "P_good"]
+    assert list(good.view) == ["main", "alt"]
+    assert list(good.variant) == ["MAIN", "PT01"] and list(good.url) == rows["P_good"]
+    alt_only = table[table.id == "P_altonly"]  # MAIN failed: the second image becomes "main"
+    assert list(alt_only.view) == ["main"] and list(alt_only.variant) == ["PT01"]
+    assert alt_only.url.iloc[0].endswith("/good2.jpg")
+    status = read_status(out)
+    assert status.loc[status.status != "ok", "view"].isna().all()
+
+
+def test_outputs_are_224_rgb_jpegs(matrix_run):
+    out, _, _, _ = matrix_run
+    for data in read_image_table(out).jpeg:
+        assert data[:2] == b"\xff\xd8"
+        im = decode_jpeg(data)
+        assert im.size == (224, 224) and im.mode == "RGB"
+
+
+def test_alpha_flattened_on_white(matrix_run):
+    table = read_image_table(matrix_run[0])
+    im = np.asarray(decode_jpeg(table[(table.id == "P_good") & (table.view == "alt")].jpeg.iloc[0]))
+    assert (im[5, 5] > 245).all()  # transparent corner -> white, not black
+    r, g, b = im[112, 112].astype(int)
+    assert r > 230 and g < 30 and b < 30
+
+
+def test_matrix_runs_fast(matrix_run):
+    # the slow URL costs 3 x 0.3 s; nothing may wait on the 2 s server sleep
+    assert matrix_run[3] < 8
+
+
+# --- single-item paths ----------------------------------------------------------------------------------
+
+
+def test_trickling_body_times_out(image_server):
+    t0 = time.perf_counter()
+    res = fetch_image(image_server.url("/trickle.jpg"), ImageConfig(**{**TEST_CFG, "retries": 0}))
+    assert res.status == "timeout" and "body" in res.error
+    assert time.perf_counter() - t0 < 2.5
+
+
+def test_bomb_over_pillows_default_limit_is_a_status_not_a_warning(image_server):
+    # 120 Mpx sits between Pillow's default warning (89 Mpx) and error (179 Mpx) limits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = fetch_image(image_server.url("/hb.png"), ImageConfig(**TEST_CFG))
+        local = ci.process_image  # same bytes, straight through the decoder under the stage's limits
+        with ci.pillow_limits(TEST_CFG["max_pixels"]), pytest.raises(ci.ImageFailure) as failure:
+            local(header_bomb(12_000, 10_000), ImageConfig(**TEST_CFG))
+    assert res.status == "too_large" and "bomb" in res.error
+    assert failure.value.status == "too_large"
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_max_pixels_above_pillows_default_is_honoured():
+    # max_pixels 200 Mpx lets the 120 Mpx header past the size check; its 16-byte body then fails to
+    # decode. Under Pillow's default limit it would have been refused as a bomb instead.
+    cfg = ImageConfig(**{**TEST_CFG, "max_pixels": 200_000_000})
+    with ci.pillow_limits(cfg.max_pixels), pytest.raises(ci.ImageFailure) as failure:
+        process_image(header_bomb(12_000, 10_000), cfg)
+    assert failure.value.status == "decode_error"
+
+
+def test_unexpected_exception_is_a_status(image_server, tmp_path, monkeypatch, caplog):
+    real = ci.process_image
+
+    def flaky(data, cfg):
+        if len(data) == len(GOOD2_JPEG):
+            raise RuntimeError("boom")
+        return real(data, cfg)
+
+    monkeypatch.setattr(ci, "process_image", flaky)
+    rows = {"A": [image_server.url("/good2.jpg")], "B": [image_server.url("/good.jpg")]}
+    report = build_image_shards(products_frame(rows), tmp_path, ImageConfig(**TEST_CFG), progress=False)
+    status = read_status(tmp_path)
+    assert list(status.status) == ["error", "ok"]
+    assert "RuntimeError: boom" in status.error.iloc[0]
+    assert report["counts"]["error"] == 1 and report["products_with_image"] == 1
+    assert "unexpected failure" in caplog.text
+
+
+def test_local_paths_share_the_code_path(tmp_path, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(GOOD_JPEG)
+    (tmp_path / "imgs" / "b c.png").write_bytes(alpha_png())
+    (tmp_path / "imgs" / "trunc.jpg").write_bytes(GOOD_JPEG[:500])
+    (tmp_path / "imgs" / "big.jpg").write_bytes(GOOD_JPEG + b"\0" * 300_000)
+    monkeypatch.chdir(tmp_path)
+    rows = {
+        "rel": ["imgs/a.jpg", (tmp_path / "imgs" / "b c.png").as_uri()],  # file:// with %20
+        "abs": [str(tmp_path / "imgs" / "a.jpg")],
+        "bad": ["imgs/nope.jpg", "file:///definitely/not/here.jpg"],
+        "trunc": ["imgs/trunc.jpg", "imgs/big.jpg"],
+        "remote_file": ["file://otherhost/x.jpg"],
+    }
+    report = build_image_shards(products_frame(rows), "out", ImageConfig(**TEST_CFG), progress=False)
+    status = read_status("out")
+    assert list(status.status) == [
+        "ok",
+        "ok",
+        "ok",
+        "not_found",
+        "not_found",
+        "decode_error",
+        "too_large",
+        "bad_url",
+    ]
+    table = read_image_table("out")
+    assert list(zip(table.id, table.view, strict=True)) == [("rel", "main"), ("rel", "alt"), ("abs", "main")]
+    assert table.jpeg.iloc[0] == table.jpeg.iloc[2]  # same file by relative and absolute path
+    assert report["products_without_image"] == 3
+
+
+def test_center_crop_and_pad_geometry():
+    src = encode(bands(300, 100), "PNG")  # red | green | blue, each 100 px wide
+    crop = np.asarray(decode_jpeg(process_image(src, ImageConfig(resize="center_crop")))).astype(int)
+    assert crop.shape == (224, 224, 3)
+    for y, x in [(5, 5), (112, 112), (218, 218), (5, 218)]:  # the centre square is all green
+        assert crop[y, x, 1] > 220 and crop[y, x, 0] < 40 and crop[y, x, 2] < 40
+    pad = np.asarray(decode_jpeg(process_image(src, ImageConfig(resize="pad")))).astype(int)
+    assert pad.shape == (224, 224, 3)
+    # content 224 x 75, letterboxed at rows 74..148 on white
+    assert (pad[:70] > 240).all() and (pad[153:] > 240).all()
+    assert pad[112, 10, 0] > 220 and pad[112, 10, 1] < 40  # red on the left
+    assert pad[112, 112, 1] > 220 and pad[112, 112, 0] < 40  # green in the middle
+    assert pad[112, 214, 2] > 220 and pad[112, 214, 1] < 40  # blue on the right
+
+
+def test_large_jpeg_draft_keeps_geometry():
+    arr = np.zeros((2000, 3000, 3), np.uint8)
+    arr[:, 1500:] = 255  # left half black, right half white; the centre crop keeps both halves
+    out = np.asarray(decode_jpeg(process_image(encode(Image.fromarray(arr)), ImageConfig())))
+    assert out[112, 50].max() < 20 and out[112, 174].min() > 235
+
+
+@pytest.mark.parametrize(
+    "im",
+    [
+        Image.new("CMYK", (120, 80), (0, 255, 255, 0)),
+        Image.fromarray((np.arange(120 * 80).reshape(80, 120) * 6).astype(np.uint16)),  # 16-bit grey
+        Image.new("LA", (50, 90), (0, 0)),
+        Image.new("1", (64, 64), 1),
+    ],
+    ids=["cmyk", "grey16", "la", "bilevel"],
+)
+def test_modes_become_rgb(im):
+    fmt = "JPEG" if im.mode == "CMYK" else "PNG"
+    out = decode_jpeg(process_image(encode(im, fmt), ImageConfig()))
+    assert out.size == (224, 224) and out.mode == "RGB"
+    if im.mode == "LA":
+        assert np.asarray(out).min() > 245  # fully transparent -> white
+    if im.mode == "CMYK":
+        r, g, b = np.asarray(out)[112, 112].astype(int)
+        assert r > 230 and g < 30 and b < 30
+
+
+def test_palette_with_transparency_becomes_white():
+    im = Image.new("P", (60, 60), 0)
+    im.putpalette([0, 0, 0] + [255, 0, 0] * 255)
+    im.info["transparency"] = 0
+    out = np.asarray(decode_jpeg(process_image(encode(im, "PNG"), ImageConfig())))
+    assert out.min() > 245
+
+
+# --- determinism, order, shards -------------------------------------------------------------------------
+
+
+def test_deterministic_bytes_and_order_despite_completion_order(image_server, tmp_path):
+    # the first products answer last, so completion order is the reverse of product order
+    rows = {
+        f"D{i}": [image_server.url(f"/delay/{(5 - i) * 60}/good.jpg"), image_server.url("/good2.jpg")]
+        for i in range(6)
+    }
+    cfg = ImageConfig(**{**TEST_CFG, "timeout_s": 2.0, "shard_size": 5})
+    for run in ("a", "b"):
+        build_image_shards(products_frame(rows), tmp_path / run, cfg, progress=False)
+    shards_a, shards_b = list_shards(tmp_path / "a"), list_shards(tmp_path / "b")
+    assert (
+        [p.name for p in shards_a]
+        == [p.name for p in shards_b]
+        == [f"shard-{i:05d}.parquet" for i in range(3)]
+    )
+    for pa_, pb_ in zip(shards_a, shards_b, strict=True):
+        assert pa_.read_bytes() == pb_.read_bytes()
+    assert (tmp_path / "a" / "status.parquet").read_bytes() == (
+        tmp_path / "b" / "status.parquet"
+    ).read_bytes()
+    table = read_image_table(tmp_path / "a")
+    assert list(table.id) == [f"D{i // 2}" for i in range(12)]
+    assert list(table.view) == ["main", "alt"] * 6
+
+
+@pytest.fixture
+def sharded(tmp_path, monkeypatch):
+    """7 local images in shards of 3."""
+    monkeypatch.chdir(tmp_path)
+    for i in range(7):
+        Path(f"{i}.png").write_bytes(encode(Image.new("RGB", (64, 48), (i * 30, 0, 0)), "PNG"))
+    rows = {f"S{i}": [f"{i}.png"] for i in range(7)}
+    cfg = ImageConfig(**{**TEST_CFG, "shard_size": 3})
+    report = build_image_shards(products_frame(rows), "out", cfg, progress=False)
+    return Path("out"), report
+
+
+def test_shards_split_at_shard_size(sharded):
+    out, report = sharded
+    shards = list_shards(out)
+    assert [p.name for p in shards] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert [len(pd.read_parquet(p)) for p in shards] == [3, 3, 1]
+    assert report["shards"] == 3
+    table = read_image_table(out)
+    assert list(table.columns) == ["id", "view", "variant", "url", "jpeg"]
+    assert list(table.id) == [f"S{i}" for i in range(7)]
+    assert list(read_image_table(out, columns=["id"]).columns) == ["id"]
+    # red channel tracks the source, so rows are matched to the right product
+    reds = [int(np.asarray(decode_jpeg(b))[10, 10, 0]) for b in table.jpeg]
+    assert all(abs(r - i * 30) <= 3 for i, r in enumerate(reds))
+
+
+def test_rerun_removes_stale_shards(sharded):
+    out, _ = sharded
+    rows = {"S0": ["0.png"]}
+    build_image_shards(products_frame(rows), out, ImageConfig(**TEST_CFG), progress=False)
+    assert len(list_shards(out)) == 1 and list(read_image_table(out).id) == ["S0"]
+
+
+def test_streaming_readers_cross_shard_boundaries(sharded):
+    out, _ = sharded
+    batches = list(iter_image_batches(out, 2, columns=["id", "jpeg"]))
+    assert [len(b) for b in batches] == [2, 2, 2, 1]
+    assert [i for b in batches for i in b.id] == [f"S{i}" for i in range(7)]
+    assert list(batches[0].columns) == ["id", "jpeg"]
+    assert [len(b) for b in iter_image_batches(out, 10)] == [7]
+    assert [r["id"] for r in iter_shard_rows(out, columns=["id"])] == [f"S{i}" for i in range(7)]
+
+
+def test_readers_on_empty_dir(tmp_path):
+    assert list(read_image_table(tmp_path).columns) == ["id", "view", "variant", "url", "jpeg"]
+    assert len(read_image_table(tmp_path)) == 0
+    assert list(iter_image_batches(tmp_path, 4)) == []
+
+
+# --- config, errors, stage wiring -----------------------------------------------------------------------
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="resize"):
+        ImageConfig(resize="stretch")
+    with pytest.raises(ValueError, match="unknown"):
+        ImageConfig.from_params({"size": 224, "sise": 3})
+    with pytest.raises(ValueError, match="shard_size"):
+        ImageConfig(shard_size=0)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert ImageConfig.from_params(params["images"]).size == params["images"]["size"]
+
+
+def test_all_failed_is_a_clear_error_after_writing_the_report(tmp_path):
+    rows = {"X": ["nope/a.jpg"], "Y": []}
+    with pytest.raises(RuntimeError, match="no product got an image"):
+        build_image_shards(products_frame(rows), tmp_path, ImageConfig(**TEST_CFG), progress=False)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["products_without_image"] == 2 and report["counts"]["not_found"] == 1
+    assert list_shards(tmp_path) == []
+
+
+def test_stage_main_wiring(tmp_path, monkeypatch):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["images"]["workers"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cat_dir = tmp_path / "data" / "ingest" / "Cat"
+    (cat_dir / "raw").mkdir(parents=True)
+    (cat_dir / "raw" / "a.jpg").write_bytes(GOOD_JPEG)
+    products_frame({"A": ["data/ingest/Cat/raw/a.jpg"]}).assign(title="t").to_parquet(
+        cat_dir / "products.parquet"
+    )
+    monkeypatch.chdir(tmp_path)
+    spec = importlib.util.spec_from_file_location("stage_images", REPO / "stages" / "images.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    stage.main(["Cat"])
+    out = tmp_path / "data" / "images" / "Cat"
+    assert json.loads((out / "report.json").read_text())["products_with_image"] == 1
+    assert list(read_image_table(out).id) == ["A"]
