@@ -1,0 +1,125 @@
+"""The `cliprec` command: recommend, report, gate.
+
+Exit codes: 0 success (gate: passed), 1 gate failed, 2 a usage or input problem (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("cliprec")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cliprec", description="CLIP product recommendations (DVC project)."
+    )
+    parser.add_argument(
+        "--root", default=".", help="project root (where params.yaml and data/ are); default: ."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rec = sub.add_parser("recommend", help="recommend products by text, image, text+image or product")
+    rec.add_argument("--category", required=True, help="a category of params.yaml, e.g. Amazon_Fashion")
+    rec.add_argument("--text", help="query text")
+    rec.add_argument("--image", help="query image: local path or http(s)/file URL")
+    rec.add_argument("--product", help="product id (parent_asin): more like this product")
+    rec.add_argument("--k", type=int, default=5, help="number of results (default 5)")
+    rec.add_argument("--variant", default="lora", choices=("lora", "zeroshot"), help="embeddings to use")
+    rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rec.add_argument("--grid", metavar="OUT.png", help="also write a picture of the query and the results")
+
+    rep = sub.add_parser("report", help="Markdown table: category x zero-shot / LoRA / LoRA+AMP")
+    rep.add_argument("--from-exp", metavar="NAME", help="take the third row from this DVC experiment")
+    rep.add_argument("--category", action="append", help="only these categories (repeatable)")
+
+    gate = sub.add_parser("gate", help="fail when a relevance metric dropped vs a git revision")
+    gate.add_argument("--rev", default="HEAD", help="git revision to compare with (default HEAD)")
+    gate.add_argument(
+        "--tolerance", type=float, help="allowed absolute drop (default: params gate.tolerance)"
+    )
+    return parser
+
+
+class _UserError(Exception):
+    pass
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from cliprec import paths
+    from cliprec.recommend import Query, Recommender, as_json, as_table, render_grid, thumbnails
+
+    if not (args.text or args.image or args.product):
+        raise _UserError("no query: give --text, --image and/or --product")
+    rec = Recommender(args.category, args.variant, root=args.root)
+    if (args.text or args.image) and not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr for every query
+    query = Query(text=args.text, image=args.image, product=args.product)
+    hits = rec.recommend(query, k=args.k)
+    print(as_json(args.category, args.variant, query, hits) if args.json else as_table(hits))
+    if args.grid:
+        wanted = [h.id for h in hits] + ([args.product] if args.product else [])
+        images = thumbnails(Path(args.root) / paths.images_dir(args.category), wanted)
+        out = render_grid(query, hits, images, args.grid)
+        log.info("wrote %s", out)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cliprec.report import build_report
+
+    print(build_report(args.root, categories=args.category, from_exp=args.from_exp), end="")
+    return 0
+
+
+def _gate(args: argparse.Namespace) -> int:
+    from cliprec.gate import run_gate
+    from cliprec.params import load_params
+
+    tolerance = args.tolerance
+    if tolerance is None:
+        params_path = Path(args.root) / "params.yaml"
+        tolerance = float(load_params(params_path)["gate"]["tolerance"]) if params_path.is_file() else 0.01
+    passed, table = run_gate(args.rev, tolerance, root=args.root)
+    print(table, end="")
+    return 0 if passed else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cliprec` console script."""
+    args = _parser().parse_args(argv)
+    # stdout is the answer; stderr gets warnings, or cliprec's progress with -v (other libraries' INFO,
+    # e.g. faiss' loader, stays quiet)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("cliprec").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    from cliprec.gate import GateError
+    from cliprec.index import IndexIntegrityError
+    from cliprec.recommend import RecommendError
+    from cliprec.report import ReportError
+
+    if not Path(args.root).is_dir():
+        print(f"cliprec: error: --root {args.root} is not a directory", file=sys.stderr)
+        return 2
+    handlers = {"recommend": _recommend, "report": _report, "gate": _gate}
+    try:
+        return handlers[args.command](args)
+    except (_UserError, RecommendError, ReportError, GateError, IndexIntegrityError) as e:
+        print(f"cliprec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `cliprec ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

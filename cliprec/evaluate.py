@@ -1,0 +1,270 @@
+"""Retrieval evaluation on the test split: four query modes, the seed's similarity metric, ANN recall.
+
+Gallery = the test-split products (products.parquet `split == "test"`) that have embeddings; each query
+has exactly one relevant item, its own product. Relevance metrics come from exact numpy search
+(cliprec.metrics), so they never depend on the approximate index.
+
+Query modes (query -> gallery):
+- text_to_image: the product's summary text embedding -> main-image embeddings.
+- image_to_text: the main-image embedding -> text embeddings.
+- multimodal: fuse(summary text, the product's OTHER ("alt") image) -> fused vectors. The text half is
+  the same text that is in the gallery vector, so this mode mostly measures how much a second photo
+  adds or disturbs; only the image half is held out.
+- image_to_image: the alt image -> main images.
+Products without an alt image cannot be queried in the last two modes without leaking the gallery's
+own main image, so they are skipped and counted (`skipped_no_alt`); they stay in the gallery.
+
+Also reported, for comparison with the seed project:
+- avg_mean_similarity_at_5: for each test product's fused vector, the mean inner product of its top-5
+  hits among ALL catalog fused vectors (the product itself included, as in the seed), averaged. It
+  measures how tight the neighbourhoods are, not whether they are relevant: collapsed embeddings
+  score 1.0. Computed by exact search (equal to the seed's number, which used a Flat index).
+- ann_recall_at_10: the built FAISS index's recall@10 against exact search on the same queries.
+  Tie-aware: an index hit counts when its exact score reaches the exact 10th-best score.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cliprec.index import LoadedIndex, load_index, read_ids
+from cliprec.metrics import metrics_from_ranks, target_ranks
+
+log = logging.getLogger(__name__)
+
+MODES = ("text_to_image", "image_to_text", "multimodal", "image_to_image")
+CURVE_KS = tuple(range(1, 11))
+SEED_K = 5
+ANN_K = 10
+TIE_EPS = 1e-5  # float32 inner products of equal vectors can differ in the last bits
+
+
+def fuse_vectors(text: np.ndarray, image: np.ndarray, text_weight: float) -> np.ndarray:
+    """normalise(w * text + (1 - w) * image), the embed stage's fusion (cliprec.embed.fuse)."""
+    from cliprec.embed import fuse  # imported late: cliprec.embed pulls in torch
+
+    return np.asarray(fuse(text, image, text_weight), dtype=np.float32)
+
+
+class Embeddings:
+    """The arrays of one embed directory (memory-mapped)."""
+
+    def __init__(self, embed_dir: str | Path):
+        embed_dir = Path(embed_dir)
+        required = ("ids.txt", "text.npy", "image.npy", "fused.npy", "manifest.json")
+        missing = [name for name in required if not (embed_dir / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{embed_dir}: missing {', '.join(missing)}; run the embed stage first")
+        self.dir = embed_dir
+        self.manifest: dict[str, Any] = json.loads((embed_dir / "manifest.json").read_text())
+        self.ids = read_ids(embed_dir / "ids.txt")
+        self.text = np.load(embed_dir / "text.npy", mmap_mode="r")
+        self.image = np.load(embed_dir / "image.npy", mmap_mode="r")
+        self.fused = np.load(embed_dir / "fused.npy", mmap_mode="r")
+        for name, arr in (("text", self.text), ("image", self.image), ("fused", self.fused)):
+            if len(arr) != len(self.ids):
+                raise ValueError(f"{embed_dir}: {name}.npy has {len(arr)} rows, ids.txt {len(self.ids)}")
+        if (embed_dir / "alt_ids.txt").is_file() and (embed_dir / "alt_image.npy").is_file():
+            self.alt_ids = read_ids(embed_dir / "alt_ids.txt")
+            self.alt_image = np.load(embed_dir / "alt_image.npy", mmap_mode="r")
+        else:
+            log.warning("%s: no alt_ids.txt/alt_image.npy: no product has a second image", embed_dir)
+            self.alt_ids, self.alt_image = [], np.zeros((0, self.fused.shape[1]), np.float32)
+        if len(self.alt_ids) != len(self.alt_image):
+            raise ValueError(f"{embed_dir}: alt_image.npy rows != alt_ids.txt lines")
+        self.row = {pid: i for i, pid in enumerate(self.ids)}
+        self.alt_row = {pid: i for i, pid in enumerate(self.alt_ids)}
+
+    @property
+    def d(self) -> int:
+        """Embedding dimension."""
+        return int(self.fused.shape[1])
+
+
+def _rows(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(arr[rows], dtype=np.float32)
+
+
+def exact_topk(
+    queries: np.ndarray, base: np.ndarray, k: int, q_chunk: int = 1024, b_chunk: int = 65_536
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k (positions, scores), best first; memory q_chunk x b_chunk."""
+    k = min(k, len(base))
+    n_q = len(queries)
+    best_s = np.full((n_q, k), -np.inf, np.float32)
+    best_i = np.full((n_q, k), -1, np.int64)
+    for qs in range(0, n_q, q_chunk):
+        q = queries[qs : qs + q_chunk]
+        cur_s, cur_i = best_s[qs : qs + q_chunk], best_i[qs : qs + q_chunk]
+        for bs in range(0, len(base), b_chunk):
+            scores = q @ np.asarray(base[bs : bs + b_chunk], dtype=np.float32).T
+            all_s = np.concatenate([cur_s, scores], axis=1)
+            all_i = np.concatenate([cur_i, np.arange(bs, bs + scores.shape[1])[None].repeat(len(q), 0)], 1)
+            # stable sort on -score keeps the lower position first among ties: deterministic
+            order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+            cur_s = np.take_along_axis(all_s, order, 1)
+            cur_i = np.take_along_axis(all_i, order, 1)
+        best_s[qs : qs + q_chunk], best_i[qs : qs + q_chunk] = cur_s, cur_i
+    return best_i, best_s
+
+
+def ann_recall(
+    index: LoadedIndex, queries: np.ndarray, base: np.ndarray, exact_scores: np.ndarray, k: int
+) -> float:
+    """Tie-aware recall@k of the index: share of its top-k whose exact score reaches the exact k-th."""
+    positions, _ = index.search_positions(queries, k)
+    kth = exact_scores[:, k - 1]
+    hits = 0
+    for start in range(0, len(queries), 1024):
+        pos = positions[start : start + 1024]
+        found = pos >= 0
+        vectors = _rows(base, np.where(found, pos, 0).ravel()).reshape(*pos.shape, -1)
+        true_scores = np.einsum("qkd,qd->qk", vectors, queries[start : start + 1024])
+        hits += int(np.sum(found & (true_scores >= kth[start : start + 1024, None] - TIE_EPS)))
+    return hits / (len(queries) * k)
+
+
+def _mode_metrics(
+    queries: np.ndarray, gallery: np.ndarray, targets: np.ndarray, ks: tuple[int, ...]
+) -> tuple[dict[str, Any], list[float]]:
+    """Metrics dict + recall@1..10 curve of one query mode."""
+    if len(queries) == 0:
+        return {**{f"recall_at_{k}": 0.0 for k in ks}, "mrr": 0.0, "ndcg_at_10": 0.0}, [0.0] * len(CURVE_KS)
+    ranks = target_ranks(queries, gallery, targets)
+    out: dict[str, Any] = metrics_from_ranks(ranks, ks)
+    hit = ranks > 0
+    curve = [float(np.mean(hit & (ranks <= k))) for k in CURVE_KS]
+    return out, curve
+
+
+def evaluate(
+    products_path: str | Path,
+    embed_dir: str | Path,
+    index_dir: str | Path,
+    ks: tuple[int, ...] = (1, 5, 10),
+    text_weight: float = 0.5,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """All metrics of one category/variant and the recall@k curve (see the module doc)."""
+    emb = Embeddings(embed_dir)
+    products = pd.read_parquet(products_path, columns=["id", "split"])
+    test_ids = products.loc[products["split"] == "test", "id"].astype(str).tolist()
+    gallery_rows = np.array([emb.row[pid] for pid in test_ids if pid in emb.row], dtype=np.int64)
+    # embed row order, so the gallery does not depend on the parquet's row order
+    gallery_rows.sort()
+    missing = len(test_ids) - len(gallery_rows)
+    if missing:
+        log.warning("evaluate: %d of %d test products have no embedding (no image)", missing, len(test_ids))
+    if len(gallery_rows) == 0:
+        raise ValueError(f"evaluate: no test product of {products_path} has an embedding in {embed_dir}")
+    g_ids = [emb.ids[r] for r in gallery_rows]
+    text, image, fused = (
+        _rows(emb.text, gallery_rows),
+        _rows(emb.image, gallery_rows),
+        _rows(emb.fused, gallery_rows),
+    )
+    n_g = len(g_ids)
+    everyone = np.arange(n_g)
+
+    alt_pos = np.array([i for i, pid in enumerate(g_ids) if pid in emb.alt_row], dtype=np.int64)
+    alt_img = _rows(emb.alt_image, np.array([emb.alt_row[g_ids[i]] for i in alt_pos], dtype=np.int64))
+    skipped = n_g - len(alt_pos)
+
+    runs = {
+        "text_to_image": (text, image, everyone),
+        "image_to_text": (image, text, everyone),
+        "multimodal": (
+            fuse_vectors(text[alt_pos], alt_img, text_weight) if len(alt_pos) else alt_img,
+            fused,
+            alt_pos,
+        ),
+        "image_to_image": (alt_img, image, alt_pos),
+    }
+    metrics: dict[str, Any] = {}
+    curves: dict[str, list[float]] = {}
+    for mode, (queries, gallery, targets) in runs.items():
+        m, curves[mode] = _mode_metrics(queries, gallery, targets.astype(np.int64), ks)
+        m["gallery_size"] = n_g
+        m["queries"] = int(len(queries))
+        if mode in ("multimodal", "image_to_image"):
+            m["skipped_no_alt"] = int(skipped)
+        metrics[mode] = m
+        log.info(
+            "evaluate: %s MRR %.4f nDCG@10 %.4f (%d queries)", mode, m["mrr"], m["ndcg_at_10"], len(queries)
+        )
+
+    # the seed's metric and ANN recall: test products' fused vectors against the whole catalog
+    k_exact = min(max(ANN_K, SEED_K), len(emb.ids))
+    _, exact_scores = exact_topk(fused, emb.fused, k_exact)
+    metrics["avg_mean_similarity_at_5"] = float(np.mean(exact_scores[:, : min(SEED_K, k_exact)]))
+    index = load_index(
+        index_dir,
+        expect_model=emb.manifest.get("model"),
+        expect_variant=emb.manifest.get("variant"),
+        expect_d=emb.d,
+        nprobe=nprobe,
+        ef_search=ef_search,
+    )
+    if index.ids != emb.ids:
+        raise ValueError(
+            f"evaluate: {index_dir} was built from other embeddings than {embed_dir}; rerun `dvc repro index`"
+        )
+    metrics["ann_recall_at_10"] = ann_recall(index, fused, emb.fused, exact_scores, min(ANN_K, k_exact))
+    metrics["catalog"] = {
+        "products": len(emb.ids),
+        "test_products": len(test_ids),
+        "test_without_embedding": int(missing),
+    }
+    curve = [{"k": k, **{mode: _round(curves[mode][i]) for mode in MODES}} for i, k in enumerate(CURVE_KS)]
+    return _round(metrics), curve
+
+
+def _round(value: Any, digits: int = 6) -> Any:
+    """Round floats (recursively) so that the metric files do not churn on the last bits."""
+    if isinstance(value, dict):
+        return {k: _round(v, digits) for k, v in value.items()}
+    if isinstance(value, float):
+        return round(value, digits)
+    return value
+
+
+def _check_keys(value: Any, where: str = "") -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if "." in k:
+                raise ValueError(f"metric key {where}{k!r} has a dot: `dvc metrics diff` would split it")
+            _check_keys(v, f"{where}{k}/")
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically (temp file in the same directory + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(
+    metrics: dict[str, Any], curve: list[dict[str, Any]], metrics_path: str | Path, plot_path: str | Path
+) -> None:
+    """Write metrics/<cat>/<variant>.json and the recall@k plot file."""
+    _check_keys(metrics)
+    write_json(metrics, metrics_path)
+    write_json(curve, plot_path)
+    log.info("evaluate: wrote %s and %s", metrics_path, plot_path)

@@ -1,0 +1,474 @@
+"""FAISS index over the fused product vectors: choice of index type, build, verified save/load, search.
+
+Cosine similarity is the inner product of the L2-normalised vectors (`METRIC_INNER_PRODUCT`).
+
+`factory: auto` picks the index from the catalog size n, the dimension d and `index.memory_budget_mb`
+(the rules follow autofaiss' `get_optimal_index_keys_v2`, with the thresholds moved to what we measured
+on 2 CPU cores; see /work/shared/stack-notes.md):
+
+1. n < FLAT_MAX_VECTORS (20 000) and the raw vectors (4 n d bytes) fit the budget -> `Flat`: exact; a
+   scan of 20k x 512 is ~0.2 ms per query, so an approximate index would only lose recall.
+   (autofaiss switches at 1 000; exact search is cheap enough here to go 20x further.)
+2. n <= HNSW_MAX_VECTORS (1 000 000) and an HNSW graph fits -> `HNSW{M}`, M = min(32, the largest M
+   whose estimate 4 n (d + 2 M) bytes fits the budget), refused below M = 8 (autofaiss' rule).
+   HNSW gives the best recall per query-ms in memory, but its build is single-pass and slow (1M x 512
+   took ~16 min on 2 cores), so larger catalogs go to IVF.
+3. Otherwise IVF-PQ: `IVF{nlist},PQ{m}x{nbits}`. nlist = the power of two nearest 4 sqrt(n) for
+   n < 1M (at most n / 39: FAISS wants >= 39 training points per list), 16 384 up to 10M and 65 536
+   beyond, with an HNSW32 coarse quantizer from 1M on (`IVF{nlist}_HNSW32`), as autofaiss does.
+   m = the largest of 256, 128, 64, 48, 32, 24, 16, 8, 4 that divides d, is < d, and whose codes
+   (m + 8 id bytes per vector) plus the coarse centroids fit the budget; nbits = 8 (fewer only for tiny
+   catalogs, which cannot train 256 centroids per sub-quantizer).
+   autofaiss' middle step, IVF-Flat, is left out: it needs the memory of the raw vectors, and below
+   1M vectors HNSW makes better use of that memory.
+
+IVF/PQ indexes are trained on a seeded sample of at most 100 points per list (autofaiss' cap), at
+least 39 per list and 39 per PQ centroid, and never more rows than the budget holds as float32. With a
+GPU (faiss-gpu, `faiss.get_num_gpus() > 0`) the k-means runs on it; the index itself stays on the CPU,
+which is what gets saved. HNSW construction is multi-threaded and therefore not byte-reproducible;
+Flat and IVF-PQ builds are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.txt"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+FLAT_MAX_VECTORS = 20_000
+HNSW_MAX_VECTORS = 1_000_000
+HNSW_MAX_M = 32
+HNSW_MIN_M = 8
+PQ_CANDIDATES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
+IVF_ID_BYTES = 8  # an inverted list stores a 64-bit id next to every code
+MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-trained
+MAX_POINTS_PER_LIST = 100  # autofaiss' training cap: more points barely move the centroids
+ADD_BATCH = 65_536  # rows copied out of the memmap at a time while adding
+
+
+class IndexIntegrityError(RuntimeError):
+    """The saved index does not match its manifest, its ids or what the caller expects."""
+
+
+class IndexNotFoundError(FileNotFoundError):
+    """No saved index in the directory (the `index` stage has not run)."""
+
+
+@dataclass(frozen=True)
+class FactoryChoice:
+    """A resolved factory string and why it was chosen."""
+
+    factory: str
+    reason: str
+
+
+def choose_factory(n: int, d: int, memory_budget_mb: float) -> FactoryChoice:
+    """Pick an index for n vectors of dimension d within the memory budget (rules in the module doc)."""
+    if n <= 0 or d <= 0:
+        raise ValueError(f"index: cannot index {n} vectors of dimension {d}")
+    budget = memory_budget_mb * 2**20
+    flat_bytes = 4.0 * n * d
+    if n < FLAT_MAX_VECTORS and flat_bytes <= budget:
+        return FactoryChoice(
+            "Flat",
+            f"n={n} < {FLAT_MAX_VECTORS}: exact search is cheap; {_mb(flat_bytes)} of {_mb(budget)} budget",
+        )
+    m_fit = math.floor((budget / (4.0 * n) - d) / 2)
+    if n <= HNSW_MAX_VECTORS and m_fit >= HNSW_MIN_M:
+        m = min(HNSW_MAX_M, m_fit)
+        size = 4.0 * n * (d + 2 * m)
+        return FactoryChoice(
+            f"HNSW{m}",
+            f"n={n} <= {HNSW_MAX_VECTORS}: HNSW{m} fits ({_mb(size)} of {_mb(budget)} budget)",
+        )
+    reasons = []
+    if n >= FLAT_MAX_VECTORS:
+        reasons.append(f"n >= {FLAT_MAX_VECTORS}: exact search too slow")
+    elif flat_bytes > budget:
+        reasons.append(f"Flat needs {_mb(flat_bytes)} > {_mb(budget)} budget")
+    if n > HNSW_MAX_VECTORS:
+        reasons.append(f"n > {HNSW_MAX_VECTORS}: HNSW build too slow")
+    else:
+        hnsw_min = 4.0 * n * (d + 2 * HNSW_MIN_M)
+        reasons.append(f"HNSW{HNSW_MIN_M} needs {_mb(hnsw_min)} > {_mb(budget)} budget")
+    why = f"n={n}, d={d}: " + "; ".join(reasons)
+    nlist, coarse = _ivf_lists(n)
+    # PQ trains 2**nbits centroids per sub-quantizer: tiny catalogs get fewer bits
+    nbits = max(1, min(8, int(math.log2(max(n, 2) / MIN_POINTS_PER_CENTROID))))
+    centroid_bytes = 4.0 * nlist * d
+    for m in PQ_CANDIDATES:
+        if m >= d or d % m:
+            continue
+        size = n * (math.ceil(m * nbits / 8) + IVF_ID_BYTES) + centroid_bytes
+        if size <= budget:
+            factory = f"IVF{nlist}{coarse},PQ{m}x{nbits}"
+            return FactoryChoice(factory, f"{why}: {factory} fits ({_mb(size)} of {_mb(budget)} budget)")
+    raise ValueError(
+        f"index: no index for n={n}, d={d} fits memory_budget_mb={memory_budget_mb}; raise it "
+        f"(the smallest IVF-PQ needs about {_mb(n * (1 + IVF_ID_BYTES) + centroid_bytes)})"
+    )
+
+
+def _ivf_lists(n: int) -> tuple[int, str]:
+    """Number of inverted lists and coarse-quantizer suffix for n vectors (autofaiss' heuristic)."""
+    if n >= 10_000_000:
+        return 65_536, "_HNSW32"
+    if n >= 1_000_000:
+        return 16_384, "_HNSW32"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n:
+        nlist //= 2
+    return nlist, ""
+
+
+def _mb(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.1f} MB"
+
+
+def training_size(n: int, factory: str, d: int, memory_budget_mb: float | None = None) -> int:
+    """Rows to train an IVF/PQ index on: 39..100 per list, enough for the PQ, within the budget."""
+    lists = re.search(r"IVF(\d+)", factory)
+    nlist = int(lists.group(1)) if lists else 1
+    pq = re.search(r"PQ\d+(?:x(\d+))?", factory)
+    pq_centroids = 2 ** int(pq.group(1) or 8) if pq else 0
+    want = max(MAX_POINTS_PER_LIST * nlist, MIN_POINTS_PER_CENTROID * pq_centroids)
+    if memory_budget_mb is not None:
+        floor_rows = max(MIN_POINTS_PER_CENTROID * nlist, pq_centroids)
+        want = min(want, max(floor_rows, int(memory_budget_mb * 2**20 / (4 * d))))
+    return int(min(n, want))
+
+
+def gpu_available() -> bool:
+    """True when FAISS was built with GPU support and sees a GPU."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+@dataclass
+class BuildInfo:
+    """What `build_index` did, for the manifest and for benchmarks."""
+
+    requested: str
+    resolved: str
+    reason: str
+    train_size: int = 0
+    gpu: bool = False
+
+
+def build_index(
+    vectors: np.ndarray,
+    factory: str = "auto",
+    memory_budget_mb: float = 4096,
+    seed: int = 0,
+    use_gpu: bool | None = None,
+) -> tuple[faiss.Index, BuildInfo]:
+    """Build an inner-product index over `vectors` (N x d, may be a memmap); trains it when needed."""
+    if vectors.ndim != 2:
+        raise ValueError(f"index: expected an N x d matrix, got shape {vectors.shape}")
+    n, d = vectors.shape
+    if n == 0:
+        raise ValueError("index: no vectors to index (is the embedding directory empty?)")
+    if factory == "auto":
+        choice = choose_factory(n, d, memory_budget_mb)
+    else:
+        choice = FactoryChoice(factory, "requested in params (index.factory)")
+    log.info("index: %s for %d x %d vectors (%s)", choice.factory, n, d, choice.reason)
+    try:
+        index = faiss.index_factory(d, choice.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"index: faiss cannot build factory {choice.factory!r}: {_first_line(e)}") from e
+    info = BuildInfo(requested=factory, resolved=choice.factory, reason=choice.reason)
+    inner = faiss.downcast_index(index)
+    if getattr(inner, "do_polysemous_training", False):
+        # the factory turns it on for PQ; it only serves Hamming-threshold search, which we never use,
+        # and costs ~100x the PQ training itself
+        inner.do_polysemous_training = False
+    use_gpu = gpu_available() if use_gpu is None else use_gpu
+    if not index.is_trained:
+        size = training_size(n, choice.factory, d, memory_budget_mb)
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(n, size=size, replace=False)) if size < n else np.arange(n)
+        sample = np.ascontiguousarray(vectors[rows], dtype=np.float32)
+        info.train_size = size
+        info.gpu = _train(index, sample, use_gpu)
+    for start in tqdm(range(0, n, ADD_BATCH), desc="index add", unit="batch", disable=n <= ADD_BATCH):
+        index.add(np.ascontiguousarray(vectors[start : start + ADD_BATCH], dtype=np.float32))
+    return index, info
+
+
+def _train(index: faiss.Index, sample: np.ndarray, use_gpu: bool) -> bool:
+    """Train on the sample; the IVF k-means runs on the GPU when there is one. Returns whether it did."""
+    ivf = faiss.try_extract_index_ivf(index)
+    gpu_index = None
+    if use_gpu and ivf is not None:
+        try:
+            # only the k-means assignment moves to the GPU: the index stays a CPU index of any type
+            gpu_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(index.d, index.metric_type))
+            ivf.clustering_index = gpu_index
+        except Exception as e:  # faiss-cpu has the helper but no GPU classes: NameError, ...
+            log.warning("index: GPU k-means unavailable (%s); training on the CPU", _first_line(e))
+            gpu_index = None
+    log.info("index: training on %d vectors%s", len(sample), " (GPU k-means)" if gpu_index else "")
+    try:
+        index.train(sample)
+    except RuntimeError as e:
+        raise ValueError(f"index: cannot train on {len(sample)} vectors: {_first_line(e)}") from e
+    finally:
+        if ivf is not None:
+            ivf.clustering_index = None
+    return gpu_index is not None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def apply_search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    """Set IVF nprobe and HNSW efSearch where the index has them (no-op for Flat)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        if nprobe is not None:
+            ivf.nprobe = int(min(nprobe, ivf.nlist))
+        quantizer = faiss.downcast_index(ivf.quantizer)
+        if isinstance(quantizer, faiss.IndexHNSW) and ef_search is not None:
+            quantizer.hnsw.efSearch = int(max(ef_search, ivf.nprobe))
+        return
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexHNSW) and ef_search is not None:
+        inner.hnsw.efSearch = int(ef_search)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_index(index: faiss.Index, path: Path) -> None:
+    # faiss writes the file itself (no second in-memory copy of a multi-GB index), to a temp name first
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        faiss.write_index(index, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_index(
+    index: faiss.Index,
+    ids: list[str],
+    out_dir: str | Path,
+    model: str,
+    variant: str,
+    info: BuildInfo | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write index.faiss, ids.txt and manifest.json atomically (manifest last); returns the manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if index.ntotal != len(ids):
+        raise ValueError(f"index: {index.ntotal} vectors but {len(ids)} ids")
+    if "Gpu" in type(index).__name__:
+        index = faiss.index_gpu_to_cpu(index)  # the saved index must load on any machine
+    _atomic_write_index(index, out_dir / INDEX_FILE)
+    _atomic_write_bytes(out_dir / IDS_FILE, "".join(f"{i}\n" for i in ids).encode())
+    manifest: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "model": model,
+        "variant": variant,
+        "metric": "inner_product",
+        "d": int(index.d),
+        "ntotal": int(index.ntotal),
+        "factory": {
+            "requested": info.requested if info else None,
+            "resolved": info.resolved if info else None,
+            "reason": info.reason if info else None,
+        },
+        "train_size": info.train_size if info else 0,
+        "gpu_train": info.gpu if info else False,
+        "index_file": INDEX_FILE,
+        "index_sha256": sha256_file(out_dir / INDEX_FILE),
+        "ids_file": IDS_FILE,
+        "ids_sha256": sha256_file(out_dir / IDS_FILE),
+        **(extra or {}),
+    }
+    _atomic_write_bytes(out_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    log.info("index: saved %d vectors (%s) to %s", index.ntotal, manifest["factory"]["resolved"], out_dir)
+    return manifest
+
+
+@dataclass
+class LoadedIndex:
+    """A verified index with its product ids (row i of the index is ids[i])."""
+
+    index: faiss.Index
+    ids: list[str]
+    manifest: dict[str, Any]
+
+    @property
+    def d(self) -> int:
+        """Vector dimension."""
+        return int(self.index.d)
+
+    def search_positions(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, scores), each nq x k; position -1 / score -inf where fewer than k were found."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if queries.shape[1] != self.d:
+            raise ValueError(f"index: query dimension {queries.shape[1]} != index dimension {self.d}")
+        k = int(min(k, self.index.ntotal))
+        scores, positions = self.index.search(queries, k)
+        scores = np.where(positions >= 0, scores, -np.inf).astype(np.float32)
+        return positions, scores
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], list[list[float]]]:
+        """Top-k product ids and cosine scores per query, best first (missing hits dropped)."""
+        positions, scores = self.search_positions(queries, k)
+        out_ids, out_scores = [], []
+        for prow, srow in zip(positions, scores):
+            keep = prow >= 0
+            out_ids.append([self.ids[p] for p in prow[keep]])
+            out_scores.append([float(s) for s in srow[keep]])
+        return out_ids, out_scores
+
+
+def load_index(
+    index_dir: str | Path,
+    expect_model: str | None = None,
+    expect_variant: str | None = None,
+    expect_d: int | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> LoadedIndex:
+    """Load and verify a saved index (sha256, ids, ntotal, d, model, variant); set search params."""
+    index_dir = Path(index_dir)
+    manifest_path = index_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise IndexNotFoundError(f"no index in {index_dir} (missing {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexIntegrityError(f"{manifest_path}: unreadable manifest ({e})") from e
+    for key in ("index_file", "index_sha256", "ids_file", "ids_sha256", "ntotal", "d", "model", "variant"):
+        if key not in manifest:
+            raise IndexIntegrityError(f"{manifest_path}: manifest lacks {key!r}")
+    index_path = index_dir / manifest["index_file"]
+    ids_path = index_dir / manifest["ids_file"]
+    for path in (index_path, ids_path):
+        if not path.is_file():
+            raise IndexIntegrityError(f"{path}: listed in the manifest but missing")
+    if expect_model is not None and manifest["model"] != expect_model:
+        raise IndexIntegrityError(
+            f"{index_dir}: index built with model {manifest['model']!r}, expected {expect_model!r}"
+        )
+    if expect_variant is not None and manifest["variant"] != expect_variant:
+        raise IndexIntegrityError(
+            f"{index_dir}: index is variant {manifest['variant']!r}, expected {expect_variant!r}"
+        )
+    if expect_d is not None and int(manifest["d"]) != int(expect_d):
+        raise IndexIntegrityError(f"{index_dir}: index dimension {manifest['d']}, expected {expect_d}")
+    sha = sha256_file(index_path)
+    if sha != manifest["index_sha256"]:
+        raise IndexIntegrityError(
+            f"{index_path}: sha256 {sha[:12]}... != manifest {str(manifest['index_sha256'])[:12]}... "
+            "(corrupted or replaced; rebuild with `dvc repro index`)"
+        )
+    ids_sha = sha256_file(ids_path)
+    if ids_sha != manifest["ids_sha256"]:
+        raise IndexIntegrityError(f"{ids_path}: sha256 does not match the manifest")
+    ids = ids_path.read_text().splitlines()
+    try:
+        index = faiss.read_index(str(index_path))
+    except RuntimeError as e:
+        raise IndexIntegrityError(f"{index_path}: faiss cannot read it ({_first_line(e)})") from e
+    if index.ntotal != len(ids) or index.ntotal != int(manifest["ntotal"]):
+        raise IndexIntegrityError(
+            f"{index_dir}: index holds {index.ntotal} vectors, ids.txt {len(ids)}, "
+            f"manifest says {manifest['ntotal']}"
+        )
+    if index.d != int(manifest["d"]):
+        raise IndexIntegrityError(f"{index_dir}: index dimension {index.d} != manifest {manifest['d']}")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise IndexIntegrityError(f"{index_dir}: index does not use the inner product")
+    apply_search_params(index, nprobe=nprobe, ef_search=ef_search)
+    return LoadedIndex(index=index, ids=ids, manifest=manifest)
+
+
+def read_ids(path: str | Path) -> list[str]:
+    """One id per line."""
+    return Path(path).read_text().splitlines()
+
+
+def build_from_embeddings(
+    embed_dir: str | Path,
+    out_dir: str | Path,
+    index_params: dict[str, Any],
+    seed: int = 0,
+    variant: str | None = None,
+) -> dict[str, Any]:
+    """The `index` stage: index `fused.npy` + `ids.txt` of an embedding directory into `out_dir`."""
+    embed_dir = Path(embed_dir)
+    for name in ("fused.npy", "ids.txt", "manifest.json"):
+        if not (embed_dir / name).is_file():
+            raise FileNotFoundError(f"{embed_dir / name} missing: run the embed stage first")
+    embed_manifest = json.loads((embed_dir / "manifest.json").read_text())
+    if variant and embed_manifest.get("variant") not in (None, variant):
+        raise ValueError(f"{embed_dir}: embeddings of variant {embed_manifest['variant']!r}, not {variant!r}")
+    fused = np.load(embed_dir / "fused.npy", mmap_mode="r")
+    ids = read_ids(embed_dir / "ids.txt")
+    if len(ids) != len(fused):
+        raise ValueError(f"{embed_dir}: {len(ids)} ids but {len(fused)} fused vectors")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{embed_dir}: ids.txt has duplicate product ids")
+    index, info = build_index(
+        fused,
+        factory=str(index_params.get("factory", "auto")),
+        memory_budget_mb=float(index_params.get("memory_budget_mb", 4096)),
+        seed=seed,
+    )
+    return save_index(
+        index,
+        ids,
+        out_dir,
+        model=str(embed_manifest.get("model")),
+        variant=str(variant or embed_manifest.get("variant")),
+        info=info,
+        extra={"adapter": embed_manifest.get("adapter")},
+    )

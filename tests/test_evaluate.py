@@ -1,0 +1,227 @@
+"""cliprec.evaluate on synthetic embeddings whose answers are known."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+
+from cliprec import paths
+from cliprec.embed import fuse
+from cliprec.evaluate import MODES, evaluate, exact_topk, write_outputs
+from cliprec.index import IndexIntegrityError, build_from_embeddings
+
+REPO = Path(__file__).resolve().parents[1]
+D = 16
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    # OpenMP spin-waits make tiny k-means runs 100x slower on a busy 2-core box
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(old)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_fixture(
+    root: Path,
+    n: int = 120,
+    seed: int = 0,
+    shuffle_images: bool = False,
+    alt_noise: float = 0.0,
+    factory: str = "Flat",
+    model: str = "tiny",
+) -> dict:
+    """products.parquet + an embed dir + its index. Every 3rd product is test; product 2 (test) has no
+    embedding; every other product has an alt image."""
+    rng = np.random.default_rng(seed)
+    ids = [f"P{i:04d}" for i in range(n)]
+    split = ["test" if i % 3 == 2 else "train" for i in range(n)]
+    pd.DataFrame({"id": ids, "title": [f"thing {i}" for i in range(n)], "split": split}).to_parquet(
+        root / "products.parquet"
+    )
+    text = unit(rng.standard_normal((n, D)))
+    image = text[rng.permutation(n)] if shuffle_images else text.copy()
+    emb_ids = [pid for i, pid in enumerate(ids) if i != 2]  # product 2 failed its image download
+    keep = [i for i in range(n) if i != 2]
+    text, image = text[keep], image[keep]
+    alt_ids = emb_ids[::2]
+    alt_image = unit(image[::2] + alt_noise * rng.standard_normal((len(alt_ids), D)))
+    e = root / "embed"
+    e.mkdir()
+    (e / "ids.txt").write_text("".join(f"{i}\n" for i in emb_ids))
+    (e / "alt_ids.txt").write_text("".join(f"{i}\n" for i in alt_ids))
+    np.save(e / "text.npy", text)
+    np.save(e / "image.npy", image)
+    np.save(e / "fused.npy", fuse(text, image, 0.5))
+    np.save(e / "alt_image.npy", alt_image)
+    (e / "manifest.json").write_text(
+        json.dumps({"model": model, "variant": "lora", "d": D, "n": len(emb_ids)})
+    )
+    build_from_embeddings(e, root / "index", {"factory": factory, "memory_budget_mb": 64}, variant="lora")
+    return {"products": root / "products.parquet", "embed": e, "index": root / "index", "ids": emb_ids}
+
+
+def run(fx, **kw):
+    return evaluate(fx["products"], fx["embed"], fx["index"], ks=(1, 5, 10), text_weight=0.5, **kw)
+
+
+def test_identical_queries_and_gallery_are_perfect(tmp_path):
+    fx = make_fixture(tmp_path)
+    metrics, curve = run(fx)
+    n_test = len([i for i in range(120) if i % 3 == 2])  # 40
+    for mode in MODES:
+        m = metrics[mode]
+        assert m["recall_at_1"] == m["recall_at_10"] == m["mrr"] == m["ndcg_at_10"] == 1.0, mode
+        assert m["gallery_size"] == n_test - 1  # product 2 has no embedding
+    assert metrics["text_to_image"]["queries"] == n_test - 1
+    with_alt = sum(1 for i in range(120) if i % 3 == 2 and i != 2 and (i - (i > 2)) % 2 == 0)
+    for mode in ("multimodal", "image_to_image"):
+        assert metrics[mode]["queries"] == with_alt
+        assert metrics[mode]["skipped_no_alt"] == n_test - 1 - with_alt
+    assert metrics["catalog"] == {"products": 119, "test_products": n_test, "test_without_embedding": 1}
+    assert metrics["ann_recall_at_10"] == 1.0
+    assert [row["k"] for row in curve] == list(range(1, 11))
+    assert all(row[mode] == 1.0 for row in curve for mode in MODES)
+
+
+def test_shuffled_images_score_near_chance(tmp_path):
+    fx = make_fixture(tmp_path, shuffle_images=True)
+    metrics, curve = run(fx)
+    t2i = metrics["text_to_image"]
+    assert t2i["recall_at_1"] <= 0.1 and t2i["recall_at_10"] < 0.6
+    assert metrics["image_to_text"]["mrr"] < 0.3
+    # recall@k can only grow with k
+    for mode in MODES:
+        values = [row[mode] for row in curve]
+        assert values == sorted(values)
+    assert (
+        curve[0]["text_to_image"] == t2i["recall_at_1"] and curve[9]["text_to_image"] == t2i["recall_at_10"]
+    )
+
+
+def test_alt_image_noise_lowers_image_to_image_only(tmp_path):
+    fx = make_fixture(tmp_path, alt_noise=2.0)
+    metrics, _ = run(fx)
+    assert metrics["text_to_image"]["recall_at_1"] == 1.0
+    assert metrics["image_to_image"]["recall_at_1"] < 0.9
+    # the text half of the multimodal query is exact, so it beats image-only retrieval
+    assert metrics["multimodal"]["mrr"] > metrics["image_to_image"]["mrr"]
+
+
+def test_seed_metric_matches_brute_force(tmp_path):
+    fx = make_fixture(tmp_path, shuffle_images=True)
+    metrics, _ = run(fx)
+    fused = np.load(fx["embed"] / "fused.npy")
+    products = pd.read_parquet(fx["products"])
+    test = set(products.loc[products["split"] == "test", "id"])
+    want = []
+    for i, pid in enumerate(fx["ids"]):
+        if pid in test:
+            sims = sorted((float(fused[i] @ fused[j]) for j in range(len(fused))), reverse=True)
+            want.append(sum(sims[:5]) / 5)
+    assert metrics["avg_mean_similarity_at_5"] == pytest.approx(sum(want) / len(want), abs=1e-5)
+
+
+def test_ann_recall_of_an_approximate_index(tmp_path):
+    fx = make_fixture(tmp_path, n=600, factory="IVF8,PQ4x4")
+    metrics, _ = run(fx, nprobe=1)
+    assert 0.0 < metrics["ann_recall_at_10"] < 1.0
+    # relevance metrics come from exact search: the same as with a Flat index
+    (tmp_path / "flat").mkdir()
+    flat = make_fixture(tmp_path / "flat", n=600, factory="Flat")
+    flat_metrics, _ = run(flat)
+    assert flat_metrics["ann_recall_at_10"] == 1.0
+    for mode in MODES:
+        assert metrics[mode] == flat_metrics[mode]
+
+
+def test_exact_topk_is_tie_aware_and_blockwise():
+    base = np.repeat(unit(np.random.default_rng(1).standard_normal((5, D))), 4, axis=0)  # 4 copies each
+    q = base[::4]
+    positions, scores = exact_topk(q, base, 6, q_chunk=2, b_chunk=3)
+    assert positions[:, :4].tolist() == [[4 * i + j for j in range(4)] for i in range(5)]  # lowest first
+    assert np.allclose(scores[:, :4], 1.0, atol=1e-6)
+
+
+def test_stale_or_foreign_index_is_refused(tmp_path):
+    fx = make_fixture(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    fx2 = make_fixture(other, n=90)
+    with pytest.raises(ValueError, match="other embeddings"):
+        evaluate(fx["products"], fx["embed"], fx2["index"])
+    fx3_dir = tmp_path / "m"
+    fx3_dir.mkdir()
+    fx3 = make_fixture(fx3_dir, model="another-model")
+    with pytest.raises(IndexIntegrityError, match="another-model"):
+        evaluate(fx["products"], fx["embed"], fx3["index"])
+
+
+def test_no_test_products_is_a_clear_error(tmp_path):
+    fx = make_fixture(tmp_path)
+    pd.DataFrame({"id": ["P0000"], "split": ["train"]}).to_parquet(fx["products"])
+    with pytest.raises(ValueError, match="no test product"):
+        run(fx)
+
+
+def test_outputs_are_dvc_friendly(tmp_path):
+    fx = make_fixture(tmp_path)
+    metrics, curve = run(fx)
+    write_outputs(metrics, curve, tmp_path / "m" / "lora.json", tmp_path / "m" / "plots" / "r.json")
+    saved = json.loads((tmp_path / "m" / "lora.json").read_text())
+    assert saved == metrics
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            assert "." not in k
+            if isinstance(v, dict):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for _, v in leaves(saved))
+    plot = json.loads((tmp_path / "m" / "plots" / "r.json").read_text())
+    assert plot == curve and set(plot[0]) == {"k", *MODES}
+    with pytest.raises(ValueError, match="dot"):
+        write_outputs({"a.b": 1}, [], tmp_path / "x.json", tmp_path / "y.json")
+
+
+def test_stages_write_the_paths_dvc_expects(tmp_path, monkeypatch):
+    """stages/index.py + stages/evaluate.py in a fake project (cwd = project root, as under dvc repro)."""
+    cat = "Amazon_Fashion"
+    fx = make_fixture(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", "params.yaml")
+    paths.products_path(cat).parent.mkdir(parents=True)
+    shutil.copy(fx["products"], paths.products_path(cat))
+    paths.embed_dir(cat, "lora").parent.mkdir(parents=True)
+    shutil.copytree(fx["embed"], paths.embed_dir(cat, "lora"))
+    runpy.run_path(str(REPO / "stages" / "index.py"))["main"]([cat, "lora"])
+    runpy.run_path(str(REPO / "stages" / "evaluate.py"))["main"]([cat, "lora"])
+    metrics = json.loads(paths.metrics_path(cat, "lora").read_text())
+    assert metrics["text_to_image"]["recall_at_1"] == 1.0
+    assert len(json.loads(paths.recall_plot_path(cat, "lora").read_text())) == 10
+    manifest = json.loads((paths.index_dir(cat, "lora") / "manifest.json").read_text())
+    assert manifest["factory"]["requested"] == "auto" and manifest["factory"]["resolved"] == "Flat"
+    with pytest.raises(SystemExit, match="usage"):
+        runpy.run_path(str(REPO / "stages" / "evaluate.py"))["main"]([cat])
+
+
+def test_other_ks(tmp_path):
+    fx = make_fixture(tmp_path)
+    metrics, curve = evaluate(fx["products"], fx["embed"], fx["index"], ks=(1, 3))
+    assert {k for k in metrics["image_to_text"] if k.startswith("recall")} == {"recall_at_1", "recall_at_3"}
+    assert len(curve) == 10  # the plot always covers k = 1..10

@@ -1,0 +1,273 @@
+"""cliprec.recommend on a tiny fake pipeline output (tiny CLIP, 64 products) built in a temp dir."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from tiny import COLORS, make_catalog, make_clip
+
+from cliprec import paths
+from cliprec.embed import embed_catalog, encode_images, encode_texts, fuse
+from cliprec.index import build_from_embeddings
+from cliprec.model import ADAPTER_DIR, add_lora, load_clip, save_adapter
+from cliprec.params import load_params
+from cliprec.recommend import (
+    Query,
+    Recommender,
+    RecommendError,
+    as_json,
+    as_table,
+    load_query_image,
+    render_grid,
+    thumbnails,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CAT = "Amazon_Fashion"
+
+
+def build_project(root: Path) -> Path:
+    """params.yaml + models/demo-clip + every file the recommend CLI reads, for CAT and both variants."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    p = load_params(root / "params.yaml")
+    model_name = p["model"]["name"]
+    make_clip(root / model_name)
+    made = make_catalog(root / "scratch", n=32)
+    for src, dst in (
+        (made["products"], root / paths.products_path(CAT)),
+        (made["summaries"], root / paths.summaries_dir(CAT) / "summaries.parquet"),
+    ):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+    shutil.copytree(made["images"], root / paths.images_dir(CAT))
+    # a LoRA adapter with random (not zero) B matrices, so that the lora variant differs from zero-shot
+    base, _ = load_clip(root / model_name)
+    peft = add_lora(base, p["lora"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    adapter = root / paths.train_dir(CAT) / ADAPTER_DIR
+    save_adapter(peft, adapter)
+    for variant in paths.VARIANTS:
+        model, processor = load_clip(root / model_name, adapter=adapter if variant == "lora" else None)
+        embed_catalog(
+            model,
+            processor,
+            root / paths.images_dir(CAT),
+            root / paths.summaries_dir(CAT) / "summaries.parquet",
+            root / paths.embed_dir(CAT, variant),
+            text_weight=float(p["embed"]["text_weight"]),
+            info={
+                "model": model_name,
+                "variant": variant,
+                "adapter": str(adapter) if variant == "lora" else None,
+            },
+        )
+        build_from_embeddings(
+            root / paths.embed_dir(CAT, variant),
+            root / paths.index_dir(CAT, variant),
+            p["index"],
+            variant=variant,
+        )
+    return root
+
+
+def photo_file(path: Path, color: str = "red") -> Path:
+    Image.new("RGB", (80, 60), COLORS[color]).save(path, "JPEG")
+    return path
+
+
+def shared_project(tmp_path_factory) -> Path:
+    """Build the fake project once per test session (test_cli.py uses it too)."""
+    root = tmp_path_factory.getbasetemp() / "recommend-project"
+    done = root / ".built"
+    if not done.is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny matrices: threads only add contention on a busy 2-core box
+        try:
+            build_project(root)
+        finally:
+            torch.set_num_threads(threads)
+        done.write_text("ok\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return shared_project(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def rec(project):
+    return Recommender(CAT, "lora", root=project)
+
+
+def brute_force(project: Path, variant: str, vector: np.ndarray, k: int, exclude: str | None = None) -> list:
+    ids = (project / paths.embed_dir(CAT, variant) / "ids.txt").read_text().split()
+    fused = np.load(project / paths.embed_dir(CAT, variant) / "fused.npy")
+    scores = fused @ vector.ravel()
+    order = [i for i in np.argsort(-scores, kind="stable") if ids[i] != exclude][:k]
+    return [(ids[i], float(scores[i])) for i in order]
+
+
+@pytest.fixture(scope="module")
+def lora(project):
+    """The lora variant's model, loaded independently of the Recommender."""
+    return load_clip(project / "models/demo-clip", adapter=project / paths.train_dir(CAT) / ADAPTER_DIR)
+
+
+def assert_same_ranking(hits, want):
+    assert [h.id for h in hits] == [pid for pid, _ in want]
+    assert [h.score for h in hits] == pytest.approx([s for _, s in want], abs=1e-5)
+    assert [h.rank for h in hits] == list(range(1, len(want) + 1))
+
+
+def test_text_query_matches_brute_force(project, rec, lora):
+    hits = rec.recommend(Query(text="a red shirt"), k=5)
+    model, processor = lora
+    want = brute_force(project, "lora", encode_texts(model, processor, ["a red shirt"]), 5)
+    assert_same_ranking(hits, want)
+    products = pd.read_parquet(project / paths.products_path(CAT))
+    titles = dict(zip(products["id"], products["title"]))
+    assert [h.title for h in hits] == [titles[h.id] for h in hits]
+
+
+def test_image_and_text_image_queries(project, rec, lora, tmp_path):
+    path = photo_file(tmp_path / "q.jpg")
+    model, processor = lora
+    image = load_query_image(str(path), load_params(project / "params.yaml")["images"])
+    assert image.size == (224, 224)  # prepared like the catalog's photos
+    image_vec = encode_images(model, processor, [image])
+    assert_same_ranking(
+        rec.recommend(Query(image=str(path)), k=4), brute_force(project, "lora", image_vec, 4)
+    )
+    both = fuse(encode_texts(model, processor, ["a red shirt"]), image_vec, 0.5)
+    hits = rec.recommend(Query(text="a red shirt", image=str(path)), k=4)
+    assert_same_ranking(hits, brute_force(project, "lora", both, 4))
+
+
+def test_item_to_item_excludes_the_product(project, rec):
+    hits = rec.recommend(Query(product="P0000"), k=6)
+    fused = np.load(project / paths.embed_dir(CAT, "lora") / "fused.npy")
+    assert "P0000" not in [h.id for h in hits] and len(hits) == 6
+    assert_same_ranking(hits, brute_force(project, "lora", fused[0], 6, exclude="P0000"))
+
+
+def test_variants_differ(project, rec):
+    zero = Recommender(CAT, "zeroshot", root=project)
+    a = zero.query_vector(Query(text="a blue hat"))
+    b = rec.query_vector(Query(text="a blue hat"))
+    assert a.shape == b.shape and not np.allclose(a, b)
+
+
+def test_image_from_a_loopback_url(project, rec, tmp_path):
+    path = photo_file(tmp_path / "blue.jpg", "blue")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(tmp_path), **kw)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        from_url = rec.recommend(Query(image=f"{url}/blue.jpg"), k=3)
+        assert [h.id for h in from_url] == [h.id for h in rec.recommend(Query(image=str(path)), k=3)]
+        with pytest.raises(RecommendError, match="unreadable image .*http_404"):
+            rec.recommend(Query(image=f"{url}/missing.jpg"))
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        (Query(), "no query"),
+        (Query(text="   "), "--text is empty"),
+        (Query(product="NOPE"), "unknown product 'NOPE'"),
+        (Query(product="P0005"), "no embedding"),  # in the catalog, but its photo never arrived
+        (Query(product="P0000", text="x"), "cannot be combined"),
+        (Query(image="/no/such/file.jpg"), "unreadable image '/no/such/file.jpg': no such file"),
+    ],
+)
+def test_query_errors(rec, query, message):
+    with pytest.raises(RecommendError, match=message):
+        rec.recommend(query)
+
+
+def test_not_an_image(rec, tmp_path):
+    (tmp_path / "notes.jpg").write_text("<html>not a picture</html>")
+    with pytest.raises(RecommendError, match="unreadable image .*not_image"):
+        rec.recommend(Query(image=str(tmp_path / "notes.jpg")))
+
+
+def test_setup_errors(project, tmp_path):
+    with pytest.raises(RecommendError, match="unknown category 'Nope'"):
+        Recommender("Nope", root=project)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(project / "params.yaml", empty / "params.yaml")
+    with pytest.raises(RecommendError, match=f"pipeline not run yet.*dvc repro index@{CAT}-lora"):
+        Recommender(CAT, root=empty)
+    with pytest.raises(RecommendError, match="no params.yaml"):
+        Recommender(CAT, root=tmp_path / "nowhere")
+
+
+def test_outputs(project, rec, tmp_path):
+    query = Query(text="a green dress")
+    hits = rec.recommend(query, k=3)
+    table = as_table(hits).splitlines()
+    assert table[0].split() == ["rank", "id", "score", "title"] and len(table) == 4
+    assert table[1].split()[:2] == ["1", hits[0].id]
+    payload = json.loads(as_json(CAT, "lora", query, hits))
+    assert payload["query"]["kind"] == "text" and payload["results"][0]["id"] == hits[0].id
+    assert set(payload["results"][0]) == {"rank", "id", "score", "title"}
+
+    images = thumbnails(project / paths.images_dir(CAT), [h.id for h in hits])
+    assert set(images) == {h.id for h in hits}
+    out = render_grid(query, hits, images, tmp_path / "grid.png", thumb=100)
+    grid = Image.open(out)
+    assert grid.size == (10 + 4 * 110, 20 + 100 + 58)
+    # each hit's cell shows that product's photo (its dominant colour), not an empty box
+    for i, h in enumerate(hits, start=1):
+        cell = np.asarray(grid.crop((10 + i * 110 + 5, 15, 10 + i * 110 + 95, 105)), dtype=float)
+        main = np.asarray(images[h.id].resize((100, 100)).crop((5, 5, 95, 95)), dtype=float)
+        assert np.abs(cell.mean(axis=(0, 1)) - main.mean(axis=(0, 1))).max() < 12
+
+
+def test_grid_with_image_query_and_missing_thumbnail(rec, tmp_path):
+    path = photo_file(tmp_path / "q.jpg", "yellow")
+    query = Query(image=str(path))
+    hits = rec.recommend(query, k=2)
+    out = render_grid(query, hits, {}, tmp_path / "g.png", thumb=64)  # no thumbnails found
+    grid = np.asarray(Image.open(out))
+    query_cell = grid[10 + 8 : 10 + 56, 10 + 8 : 10 + 56].reshape(-1, 3).mean(axis=0)
+    assert np.abs(query_cell - COLORS["yellow"]).max() < 25  # the query photo is drawn
+    buf = io.BytesIO()
+    Image.open(out).save(buf, "PNG")
+    assert buf.tell() > 0
+
+
+def test_broken_adapter_is_a_clear_error(project, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(project, partial, ignore=shutil.ignore_patterns("adapter_config.json"))
+    rec = Recommender(CAT, "lora", root=partial)
+    with pytest.raises(RecommendError, match="cannot load model .*not a trained LoRA adapter"):
+        rec.recommend(Query(text="a red shirt"))

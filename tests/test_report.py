@@ -1,0 +1,227 @@
+"""cliprec.report: the comparison table, with `dvc exp show --json` stubbed by a captured answer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from cliprec import report
+from cliprec.cli import main
+
+# `dvc exp show --json` (DVC 3.67) captured in a scratch git+dvc repo after `dvc repro`, a commit and
+# `dvc exp run -n amp-on -S amp=true`, `-n amp-lr -S amp=true -S lr=3.0e-05`, `-n lr-up -S amp=false
+# -S lr=2.5e-05` (in that order); metric files trimmed to the keys the report reads.
+EXP_SHOW_JSON = (
+    '[{"rev":"workspace","name":null,"data":{"rev":"workspace","timestamp":null,"params":{"params.yaml":{'
+    '"data":{"setup":"demo","categories":["Amazon_Fashion","Appliances"],"lr":2.5e-05,"amp":false}}},"met'
+    'rics":{"metrics/Amazon_Fashion/zeroshot.json":{"data":{"text_to_image":{"recall_at_1":0.1,"recall_at'
+    '_5":0.3,"recall_at_10":0.4,"mrr":0.2,"ndcg_at_10":0.25,"gallery_size":250},"multimodal":{"recall_at_'
+    '5":0.4,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.35,"skipped_no_alt":90},"avg_mean_simi'
+    'larity_at_5":0.91}},"metrics/Amazon_Fashion/lora.json":{"data":{"text_to_image":{"recall_at_1":0.305'
+    ',"recall_at_5":0.505,"recall_at_10":0.605,"mrr":0.405,"ndcg_at_10":0.455,"gallery_size":250},"multim'
+    'odal":{"recall_at_5":0.605,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.555,"skipped_no_al'
+    't":90},"avg_mean_similarity_at_5":0.81}},"metrics/Appliances/zeroshot.json":{"data":{"text_to_image"'
+    ':{"recall_at_1":0.15,"recall_at_5":0.35,"recall_at_10":0.45,"mrr":0.25,"ndcg_at_10":0.3,"gallery_siz'
+    'e":250},"multimodal":{"recall_at_5":0.45,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.4,"s'
+    'kipped_no_alt":90},"avg_mean_similarity_at_5":0.91}},"metrics/Appliances/lora.json":{"data":{"text_t'
+    'o_image":{"recall_at_1":0.355,"recall_at_5":0.555,"recall_at_10":0.655,"mrr":0.455,"ndcg_at_10":0.50'
+    '5,"gallery_size":250},"multimodal":{"recall_at_5":0.655,"skipped_no_alt":90},"image_to_image":{"reca'
+    'll_at_5":0.605,"skipped_no_alt":90},"avg_mean_similarity_at_5":0.81}}},"deps":{"gen.py":{"hash":"a1e'
+    '241b441b38af291e859b089dcf10e","size":948,"nfiles":null}},"outs":{},"meta":{}},"error":null,"experim'
+    'ents":null},{"rev":"27abee77bc446f229a96d5be11ea35611b58c0e0","name":"master","data":{"rev":"27abee7'
+    '7bc446f229a96d5be11ea35611b58c0e0","timestamp":"2026-11-27T14:58:32","params":{"params.yaml":{"data"'
+    ':{"setup":"demo","categories":["Amazon_Fashion","Appliances"],"lr":2e-05,"amp":false}}},"metrics":{"'
+    'metrics/Amazon_Fashion/zeroshot.json":{"data":{"text_to_image":{"recall_at_1":0.1,"recall_at_5":0.3,'
+    '"recall_at_10":0.4,"mrr":0.2,"ndcg_at_10":0.25,"gallery_size":250},"multimodal":{"recall_at_5":0.4,"'
+    'skipped_no_alt":90},"image_to_image":{"recall_at_5":0.35,"skipped_no_alt":90},"avg_mean_similarity_a'
+    't_5":0.91}},"metrics/Amazon_Fashion/lora.json":{"data":{"text_to_image":{"recall_at_1":0.3,"recall_a'
+    't_5":0.5,"recall_at_10":0.6,"mrr":0.4,"ndcg_at_10":0.45,"gallery_size":250},"multimodal":{"recall_at'
+    '_5":0.6,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.55,"skipped_no_alt":90},"avg_mean_sim'
+    'ilarity_at_5":0.81}},"metrics/Appliances/zeroshot.json":{"data":{"text_to_image":{"recall_at_1":0.15'
+    ',"recall_at_5":0.35,"recall_at_10":0.45,"mrr":0.25,"ndcg_at_10":0.3,"gallery_size":250},"multimodal"'
+    ':{"recall_at_5":0.45,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.4,"skipped_no_alt":90},"'
+    'avg_mean_similarity_at_5":0.91}},"metrics/Appliances/lora.json":{"data":{"text_to_image":{"recall_at'
+    '_1":0.35,"recall_at_5":0.55,"recall_at_10":0.65,"mrr":0.45,"ndcg_at_10":0.5,"gallery_size":250},"mul'
+    'timodal":{"recall_at_5":0.65,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.6,"skipped_no_al'
+    't":90},"avg_mean_similarity_at_5":0.81}}},"deps":{"gen.py":{"hash":"a1e241b441b38af291e859b089dcf10e'
+    '","size":948,"nfiles":null}},"outs":{},"meta":{}},"error":null,"experiments":[{"revs":[{"rev":"84fc0'
+    '45ebec6ebeb9e6cb1eae1f91202e57a3bcd","name":"lr-up","data":{"rev":"84fc045ebec6ebeb9e6cb1eae1f91202e'
+    '57a3bcd","timestamp":"2026-11-27T14:58:50","params":{"params.yaml":{"data":{"setup":"demo","categori'
+    'es":["Amazon_Fashion","Appliances"],"lr":2.5e-05,"amp":false}}},"metrics":{"metrics/Amazon_Fashion/z'
+    'eroshot.json":{"data":{"text_to_image":{"recall_at_1":0.1,"recall_at_5":0.3,"recall_at_10":0.4,"mrr"'
+    ':0.2,"ndcg_at_10":0.25,"gallery_size":250},"multimodal":{"recall_at_5":0.4,"skipped_no_alt":90},"ima'
+    'ge_to_image":{"recall_at_5":0.35,"skipped_no_alt":90},"avg_mean_similarity_at_5":0.91}},"metrics/Ama'
+    'zon_Fashion/lora.json":{"data":{"text_to_image":{"recall_at_1":0.305,"recall_at_5":0.505,"recall_at_'
+    '10":0.605,"mrr":0.405,"ndcg_at_10":0.455,"gallery_size":250},"multimodal":{"recall_at_5":0.605,"skip'
+    'ped_no_alt":90},"image_to_image":{"recall_at_5":0.555,"skipped_no_alt":90},"avg_mean_similarity_at_5'
+    '":0.81}},"metrics/Appliances/zeroshot.json":{"data":{"text_to_image":{"recall_at_1":0.15,"recall_at_'
+    '5":0.35,"recall_at_10":0.45,"mrr":0.25,"ndcg_at_10":0.3,"gallery_size":250},"multimodal":{"recall_at'
+    '_5":0.45,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.4,"skipped_no_alt":90},"avg_mean_sim'
+    'ilarity_at_5":0.91}},"metrics/Appliances/lora.json":{"data":{"text_to_image":{"recall_at_1":0.355,"r'
+    'ecall_at_5":0.555,"recall_at_10":0.655,"mrr":0.455,"ndcg_at_10":0.505,"gallery_size":250},"multimoda'
+    'l":{"recall_at_5":0.655,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.605,"skipped_no_alt":'
+    '90},"avg_mean_similarity_at_5":0.81}}},"deps":{"gen.py":{"hash":"a1e241b441b38af291e859b089dcf10e","'
+    'size":948,"nfiles":null}},"outs":{},"meta":{}},"error":null,"experiments":null}],"executor":null,"na'
+    'me":"lr-up"},{"revs":[{"rev":"f4d9d7bc7e3d5565a9f5afc246897d672964587d","name":"amp-lr","data":{"rev'
+    '":"f4d9d7bc7e3d5565a9f5afc246897d672964587d","timestamp":"2026-11-27T14:58:42","params":{"params.yam'
+    'l":{"data":{"setup":"demo","categories":["Amazon_Fashion","Appliances"],"lr":3e-05,"amp":true}}},"me'
+    'trics":{"metrics/Amazon_Fashion/zeroshot.json":{"data":{"text_to_image":{"recall_at_1":0.1,"recall_a'
+    't_5":0.3,"recall_at_10":0.4,"mrr":0.2,"ndcg_at_10":0.25,"gallery_size":250},"multimodal":{"recall_at'
+    '_5":0.4,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.35,"skipped_no_alt":90},"avg_mean_sim'
+    'ilarity_at_5":0.91}},"metrics/Amazon_Fashion/lora.json":{"data":{"text_to_image":{"recall_at_1":0.32'
+    ',"recall_at_5":0.52,"recall_at_10":0.62,"mrr":0.42,"ndcg_at_10":0.47,"gallery_size":250},"multimodal'
+    '":{"recall_at_5":0.62,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.57,"skipped_no_alt":90}'
+    ',"avg_mean_similarity_at_5":0.81}},"metrics/Appliances/zeroshot.json":{"data":{"text_to_image":{"rec'
+    'all_at_1":0.15,"recall_at_5":0.35,"recall_at_10":0.45,"mrr":0.25,"ndcg_at_10":0.3,"gallery_size":250'
+    '},"multimodal":{"recall_at_5":0.45,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.4,"skipped'
+    '_no_alt":90},"avg_mean_similarity_at_5":0.91}},"metrics/Appliances/lora.json":{"data":{"text_to_imag'
+    'e":{"recall_at_1":0.37,"recall_at_5":0.57,"recall_at_10":0.67,"mrr":0.47,"ndcg_at_10":0.52,"gallery_'
+    'size":250},"multimodal":{"recall_at_5":0.67,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.6'
+    '2,"skipped_no_alt":90},"avg_mean_similarity_at_5":0.81}}},"deps":{"gen.py":{"hash":"a1e241b441b38af2'
+    '91e859b089dcf10e","size":948,"nfiles":null}},"outs":{},"meta":{}},"error":null,"experiments":null}],'
+    '"executor":null,"name":"amp-lr"},{"revs":[{"rev":"19f57df9ad4d54660363e9a7a2273933a82490b5","name":"'
+    'amp-on","data":{"rev":"19f57df9ad4d54660363e9a7a2273933a82490b5","timestamp":"2026-11-27T14:58:36","'
+    'params":{"params.yaml":{"data":{"setup":"demo","categories":["Amazon_Fashion","Appliances"],"lr":2e-'
+    '05,"amp":true}}},"metrics":{"metrics/Amazon_Fashion/zeroshot.json":{"data":{"text_to_image":{"recall'
+    '_at_1":0.1,"recall_at_5":0.3,"recall_at_10":0.4,"mrr":0.2,"ndcg_at_10":0.25,"gallery_size":250},"mul'
+    'timodal":{"recall_at_5":0.4,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.35,"skipped_no_al'
+    't":90},"avg_mean_similarity_at_5":0.91}},"metrics/Amazon_Fashion/lora.json":{"data":{"text_to_image"'
+    ':{"recall_at_1":0.31,"recall_at_5":0.51,"recall_at_10":0.61,"mrr":0.41,"ndcg_at_10":0.46,"gallery_si'
+    'ze":250},"multimodal":{"recall_at_5":0.61,"skipped_no_alt":90},"image_to_image":{"recall_at_5":0.56,'
+    '"skipped_no_alt":90},"avg_mean_similarity_at_5":0.81}},"metrics/Appliances/zeroshot.json":{"data":{"'
+    'text_to_image":{"recall_at_1":0.15,"recall_at_5":0.35,"recall_at_10":0.45,"mrr":0.25,"ndcg_at_10":0.'
+    '3,"gallery_size":250},"multimodal":{"recall_at_5":0.45,"skipped_no_alt":90},"image_to_image":{"recal'
+    'l_at_5":0.4,"skipped_no_alt":90},"avg_mean_similarity_at_5":0.91}},"metrics/Appliances/lora.json":{"'
+    'data":{"text_to_image":{"recall_at_1":0.36,"recall_at_5":0.56,"recall_at_10":0.66,"mrr":0.46,"ndcg_a'
+    't_10":0.51,"gallery_size":250},"multimodal":{"recall_at_5":0.66,"skipped_no_alt":90},"image_to_image'
+    '":{"recall_at_5":0.61,"skipped_no_alt":90},"avg_mean_similarity_at_5":0.81}}},"deps":{"gen.py":{"has'
+    'h":"a1e241b441b38af291e859b089dcf10e","size":948,"nfiles":null}},"outs":{},"meta":{}},"error":null,"'
+    'experiments":null}],"executor":null,"name":"amp-on"}]}]'
+)
+
+
+def metrics_file(r1: float, sim: float = 0.9) -> dict:
+    """A workspace metrics file as the evaluate stage writes it."""
+    mode = {"recall_at_1": r1, "recall_at_5": r1 + 0.2, "recall_at_10": r1 + 0.3, "mrr": r1 + 0.1,
+            "ndcg_at_10": r1 + 0.15, "gallery_size": 250, "queries": 250}  # fmt: skip
+    return {
+        "text_to_image": mode,
+        "image_to_text": mode,
+        "multimodal": {**mode, "recall_at_5": r1 + 0.3, "skipped_no_alt": 90},
+        "image_to_image": {**mode, "recall_at_5": r1 + 0.25, "skipped_no_alt": 90},
+        "avg_mean_similarity_at_5": sim,
+        "ann_recall_at_10": 1.0,
+    }
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "params.yaml").write_text("categories:\n  - Amazon_Fashion\n  - Appliances\namp: false\n")
+    for cat, base in (("Amazon_Fashion", 0.1), ("Appliances", 0.15)):
+        (tmp_path / "metrics" / cat).mkdir(parents=True)
+        for variant, extra in (("zeroshot", 0.0), ("lora", 0.2)):
+            path = tmp_path / "metrics" / cat / f"{variant}.json"
+            path.write_text(json.dumps(metrics_file(base + extra, 0.91 - extra / 2)))
+    return tmp_path
+
+
+def stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON, returncode=0, stderr=""):
+    """Replace only the subprocess call: `dvc exp show --json` answers with `stdout`."""
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd, kwargs.get("cwd")))
+        return subprocess.CompletedProcess(cmd, returncode, stdout=stdout, stderr=stderr)
+
+    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    return calls
+
+
+def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| Category"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[(cells[0], cells[1])] = cells[2:]
+    return rows
+
+
+def test_parse_captured_exp_show():
+    exps = report.parse_experiments(json.loads(EXP_SHOW_JSON))
+    assert sorted(e.name for e in exps) == ["amp-lr", "amp-on", "lr-up"]
+    newest = report.newest_amp_experiment(exps)
+    assert newest.name == "amp-lr" and newest.params["amp"] is True and newest.params["lr"] == 3e-05
+    assert newest.metrics["metrics/Appliances/lora.json"]["text_to_image"]["recall_at_1"] == 0.37
+    assert report.find_experiment(exps, "amp-on").params["lr"] == 2e-05
+    assert report.find_experiment(exps, newest.rev[:7]) is newest
+    with pytest.raises(report.ReportError, match="no finished experiment named 'nope'"):
+        report.find_experiment(exps, "nope")
+    assert report.newest_amp_experiment([e for e in exps if e.params["amp"] is False]) is None
+
+
+def test_report_table(project, monkeypatch):
+    calls = stub_dvc(monkeypatch)
+    text = report.build_report(project)
+    assert calls == [(["dvc", "exp", "show", "--json"], project)]
+    header = text.splitlines()[0]
+    assert header.startswith("| Category | Variant | avg sim@5 (seed) | T→I R@1 | T→I R@5 | T→I R@10 |")
+    rows = table_rows(text)
+    assert list(rows) == [
+        ("Amazon_Fashion", "zero-shot"),
+        ("Amazon_Fashion", "LoRA"),
+        ("Amazon_Fashion", "LoRA+AMP (exp `amp-lr`)"),
+        ("Appliances", "zero-shot"),
+        ("Appliances", "LoRA"),
+        ("Appliances", "LoRA+AMP (exp `amp-lr`)"),
+    ]
+    # columns: seed sim, R@1, R@5, R@10, MRR, nDCG@10, I->I R@5, multimodal R@5, gallery
+    assert rows[("Appliances", "LoRA")] == ["0.8100", "0.3500", "0.5500", "0.6500", "0.4500", "0.5000",
+                                            "0.6000", "0.6500", "250"]  # fmt: skip
+    # from the experiment (lr 3e-5 + amp): 0.15 + 0.2 + 0.01 + 0.01
+    assert rows[("Appliances", "LoRA+AMP (exp `amp-lr`)")][:3] == ["0.8100", "0.3700", "0.5700"]
+    assert "experiment `amp-lr`" in text
+
+
+def test_no_amp_experiment_says_how_to_make_one(project, monkeypatch):
+    stub_dvc(monkeypatch, stdout="[]")
+    rows = table_rows(report.build_report(project))
+    assert rows[("Amazon_Fashion", "LoRA+AMP")][0] == "—, run `dvc exp run -S amp=true`"
+    assert rows[("Amazon_Fashion", "LoRA+AMP")][1:] == ["—"] * 8
+
+
+def test_dvc_failure_degrades_to_no_experiments(project, monkeypatch, caplog):
+    stub_dvc(monkeypatch, stdout="", returncode=253, stderr="ERROR: you are not inside of a DVC repository")
+    rows = table_rows(report.build_report(project))
+    assert rows[("Appliances", "LoRA+AMP")][0].startswith("—, run `dvc exp run")
+    assert "not inside of a DVC repository" in caplog.text
+
+
+def test_from_exp(project, monkeypatch):
+    stub_dvc(monkeypatch)
+    rows = table_rows(report.build_report(project, from_exp="lr-up"))
+    assert rows[("Appliances", "exp `lr-up`")][1] == "0.3550"  # lr 2.5e-5, no amp
+    rows = table_rows(report.build_report(project, from_exp="amp-on"))
+    assert rows[("Amazon_Fashion", "exp `amp-on` (LoRA+AMP)")][1] == "0.3100"
+    with pytest.raises(report.ReportError, match="nope"):
+        report.build_report(project, from_exp="nope")
+
+
+def test_missing_workspace_metrics_and_amp_workspace(project, monkeypatch):
+    stub_dvc(monkeypatch)
+    (project / "metrics" / "Appliances" / "lora.json").unlink()
+    (project / "params.yaml").write_text("categories:\n  - Amazon_Fashion\n  - Appliances\namp: true\n")
+    text = report.build_report(project)
+    assert table_rows(text)[("Appliances", "LoRA")][0] == "— (run `dvc repro`)"
+    assert "workspace params have `amp: true`" in text
+
+
+def test_cli_report(project, monkeypatch, capsys):
+    stub_dvc(monkeypatch)
+    assert main(["--root", str(project), "report", "--category", "Appliances"]) == 0
+    out = capsys.readouterr().out
+    assert ("Appliances", "LoRA+AMP (exp `amp-lr`)") in table_rows(out)
+    assert not any(cat == "Amazon_Fashion" for cat, _ in table_rows(out))
+    assert main(["--root", str(project), "report", "--from-exp", "nope"]) == 2
+    assert "no finished experiment named 'nope'" in capsys.readouterr().err
