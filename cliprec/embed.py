@@ -1,0 +1,222 @@
+"""Product vectors: MAIN-photo image, summary text, their fusion, and alt-photo image embeddings.
+
+`embed_catalog` streams the image shards once. While the model encodes one batch, a small thread pool
+decodes and crops the next ones (Pillow releases the GIL), so preprocessing overlaps the model instead of
+adding to it; the uint8 crops are normalised on the model's device. Vectors go straight into .npy memmaps
+sized from the shard row counts, so memory does not grow with the catalog (only the id -> summary map does).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from cliprec.images import decode_jpeg, iter_image_batches, read_image_table
+from cliprec.model import (
+    clip_module,
+    image_features,
+    image_pixels,
+    model_device,
+    normalize_pixels,
+    text_features,
+    text_max_length,
+    tokenize,
+)
+from cliprec.precision import autocast
+
+log = logging.getLogger(__name__)
+
+FILES = ("ids.txt", "image.npy", "text.npy", "fused.npy", "alt_ids.txt", "alt_image.npy", "manifest.json")
+PREFETCH = 3  # batches preprocessed ahead of the model: enough to hide jitter, little memory
+
+
+def encode_texts(
+    model: torch.nn.Module,
+    processor: Any,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+) -> np.ndarray:
+    """(n, d) L2-normalised float32 text embeddings."""
+    device = torch.device(device) if device is not None else model_device(model)
+    max_length = text_max_length(model, processor)
+    out = []
+    for s in range(0, len(texts), batch_size):
+        out.append(
+            _texts(model, tokenize(processor, list(texts[s : s + batch_size]), max_length), device, amp)
+        )
+    return np.concatenate(out) if out else np.zeros((0, _dim(model)), np.float32)
+
+
+def encode_images(
+    model: torch.nn.Module,
+    processor: Any,
+    images: Sequence[Image.Image],
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    amp: bool = False,
+) -> np.ndarray:
+    """(n, d) L2-normalised float32 image embeddings of PIL images (any size/mode: the processor adapts)."""
+    device = torch.device(device) if device is not None else model_device(model)
+    out = []
+    for s in range(0, len(images), batch_size):
+        pixels = image_pixels(processor, [im.convert("RGB") for im in images[s : s + batch_size]])
+        out.append(_images(model, processor, pixels, device, amp))
+    return np.concatenate(out) if out else np.zeros((0, _dim(model)), np.float32)
+
+
+def fuse(text: np.ndarray, image: np.ndarray, text_weight: float) -> np.ndarray:
+    """Row-wise normalise(w * text + (1 - w) * image), float32."""
+    v = text_weight * np.asarray(text, np.float32) + (1.0 - text_weight) * np.asarray(image, np.float32)
+    norm = np.linalg.norm(v, axis=-1, keepdims=True)
+    return (v / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def embed_catalog(
+    model: torch.nn.Module,
+    processor: Any,
+    images_dir: str | Path,
+    summaries_path: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 256,
+    text_weight: float = 0.5,
+    amp: bool = False,
+    device: str | torch.device | None = None,
+    info: Mapping[str, Any] | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Embed every product with a MAIN photo and a summary into `out_dir` (files as in DESIGN.md).
+
+    Rows follow the shards' order. `info` (model, variant, adapter) goes into manifest.json, which is
+    written last and is returned.
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    views = read_image_table(images_dir, columns=["id", "view"])
+    summaries = pd.read_parquet(summaries_path, columns=["id", "summary"])
+    text_of = {i: s for i, s in zip(summaries["id"], summaries["summary"], strict=True) if s}
+    main_ids = views.loc[views["view"] == "main", "id"].tolist()
+    if len(set(main_ids)) != len(main_ids):
+        raise ValueError(f"{images_dir}: a product has more than one 'main' photo")
+    ids = [i for i in main_ids if i in text_of]
+    if len(ids) < len(main_ids):
+        log.warning("%d products with a photo but no summary are skipped", len(main_ids) - len(ids))
+    keep = set(ids)
+    alt_ids = [i for i in views.loc[views["view"] == "alt", "id"] if i in keep]
+    d = _dim(model)
+    arrays = {name: _memmap(out_dir / f"{name}.npy", len(ids), d) for name in ("image", "text", "fused")}
+    arrays["alt_image"] = _memmap(out_dir / "alt_image.npy", len(alt_ids), d)
+    expected = {"main": ids, "alt": alt_ids}
+    pos = {"main": 0, "alt": 0}
+    max_length = text_max_length(model, processor)
+
+    def prepare(batch: tuple[str, list[str], list[bytes]]) -> tuple[str, list[str], torch.Tensor]:
+        view, pids, jpegs = batch
+        return view, pids, image_pixels(processor, [decode_jpeg(b) for b in jpegs])
+
+    batches = _view_batches(images_dir, keep, batch_size)
+    bar = tqdm(total=len(ids) + len(alt_ids), desc="embed", unit="img")
+    for view, pids, pixels in _prefetch(prepare, batches, workers or min(4, os.cpu_count() or 1)):
+        start, stop = pos[view], pos[view] + len(pids)
+        if expected[view][start:stop] != pids:
+            raise RuntimeError(f"{images_dir}: shards changed while embedding")
+        image = _images(model, processor, pixels, device, amp)
+        if view == "main":
+            # tokenised here, not in the pool: a fast tokenizer is not thread-safe ("Already borrowed")
+            tokens = tokenize(processor, [text_of[i] for i in pids], max_length)
+            text = _texts(model, tokens, device, amp)
+            arrays["image"][start:stop] = image
+            arrays["text"][start:stop] = text
+            arrays["fused"][start:stop] = fuse(text, image, text_weight)
+        else:
+            arrays["alt_image"][start:stop] = image
+        pos[view] = stop
+        bar.update(len(pids))
+    bar.close()
+    if pos != {"main": len(ids), "alt": len(alt_ids)}:
+        raise RuntimeError(f"{images_dir}: expected {len(ids)}/{len(alt_ids)} photos, read {pos}")
+    for arr in arrays.values():
+        arr.flush()
+    del arrays
+    (out_dir / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    (out_dir / "alt_ids.txt").write_text("".join(f"{i}\n" for i in alt_ids))
+    manifest = {
+        "model": None, "variant": None, "adapter": None, **dict(info or {}),
+        "d": d, "n": len(ids), "n_alt": len(alt_ids), "text_weight": float(text_weight),
+        "dtype": "float32", "amp": bool(amp), "device": device.type,
+    }  # fmt: skip
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("embedded %d products (%d alt photos), d=%d -> %s", len(ids), len(alt_ids), d, out_dir)
+    return manifest
+
+
+def _view_batches(
+    images_dir: str | Path, keep: set[str], batch_size: int
+) -> Iterator[tuple[str, list[str], list[bytes]]]:
+    # Shard rows regrouped into per-view batches of batch_size, each view in shard order.
+    pending: dict[str, tuple[list[str], list[bytes]]] = {"main": ([], []), "alt": ([], [])}
+    for frame in iter_image_batches(images_dir, batch_size, columns=["id", "view", "jpeg"]):
+        for pid, view, jpeg in zip(frame["id"], frame["view"], frame["jpeg"], strict=True):
+            if pid in keep and view in pending:
+                pending[view][0].append(pid)
+                pending[view][1].append(jpeg)
+                if len(pending[view][0]) == batch_size:
+                    yield view, *pending[view]
+                    pending[view] = ([], [])
+    for view, (pids, jpegs) in pending.items():
+        if pids:
+            yield view, pids, jpegs
+
+
+def _prefetch(fn: Callable, items: Iterable, workers: int, depth: int = PREFETCH) -> Iterator:
+    # fn(item) for each item, in order, computed up to `depth` items ahead in `workers` threads.
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@torch.inference_mode()
+def _texts(
+    model: torch.nn.Module, tokens: Mapping[str, torch.Tensor], device: torch.device, amp: bool
+) -> np.ndarray:
+    with autocast(device, amp):
+        out = text_features(model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+    return out.float().cpu().numpy()
+
+
+@torch.inference_mode()
+def _images(
+    model: torch.nn.Module, processor: Any, pixels: torch.Tensor, device: torch.device, amp: bool
+) -> np.ndarray:
+    pixels = normalize_pixels(pixels.to(device, non_blocking=True), processor)
+    with autocast(device, amp):
+        out = image_features(model, pixels)
+    return out.float().cpu().numpy()
+
+
+def _dim(model: torch.nn.Module) -> int:
+    return int(clip_module(model).config.projection_dim)
+
+
+def _memmap(path: Path, n: int, d: int) -> np.ndarray:
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))

@@ -1,0 +1,658 @@
+"""LoRA fine-tuning of CLIP on (summary, product photo) pairs: resumable, one process or DDP.
+
+One run: the train and val splits are read once (tokens + uint8 pixels held in memory, so no epoch
+decodes a JPEG), the val Recall@5 of the untouched model is measured (LoRA starts as the identity), then
+each epoch trains with the symmetric InfoNCE loss, validates (val loss, text->image Recall@5), logs to
+DVCLive and checkpoints. The adapter of the best epoch (by val Recall@5) is what gets written.
+
+Resume: each epoch's end writes `state.pt` to the checkpoint dir (LoRA weights, optimizer, scheduler,
+scaler, every rank's RNG states, history, best so far); a rerun continues after the last finished epoch
+and reaches the same adapter as an uninterrupted run. The state carries a fingerprint of the config, the
+model and the data; a state that does not match (e.g. after `-S amp=true`) is deleted and the run starts
+over. DVCLive's files are rebuilt from the state's history on every start, because `dvc repro` deletes
+a stage's metrics before running it.
+
+DDP (`accelerate launch --multi_gpu --num_processes N stages/train.py <cat>`, CPU or GPU): `batch_size`
+is the global batch; each rank takes its slice of every global batch, features are all-gathered with
+gradients, and every rank scores its rows against the global batch (open_clip's local loss). The
+all-gather's backward sums the gradients of all ranks' losses, i.e. N x the gradient of the global mean
+loss, and DDP averages over the N ranks: the update equals one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cliprec.images import decode_jpeg, iter_image_batches
+from cliprec.loss import clip_loss
+from cliprec.metrics import retrieval_metrics
+from cliprec.model import (
+    ADAPTER_DIR,
+    MAX_LOGIT_SCALE,
+    add_lora,
+    clip_module,
+    image_features,
+    image_pixels,
+    load_clip,
+    normalize_pixels,
+    save_adapter,
+    text_features,
+    text_max_length,
+    tokenize,
+)
+from cliprec.precision import amp_dtype, autocast, grad_scaler
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+SUMMARY_FILE = "summary.json"
+ALT_VIEW_PROB = 0.5  # an example shows its "alt" photo instead of MAIN this often: cheap augmentation
+PREP_CHUNK = 64  # images per preprocessing task
+PREP_BATCH_ROWS = 512  # shard rows read at once while loading the splits
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained adapter (all of it goes into the checkpoint fingerprint)."""
+
+    model: str
+    epochs: int = 10
+    batch_size: int = 128  # global: split over the DDP ranks
+    lr: float = 2.0e-5  # effective peak lr (params lr x train.lr_scale)
+    weight_decay: float = 0.1
+    warmup_frac: float = 0.1
+    grad_clip: float = 1.0
+    patience: int = 3
+    train_logit_scale: bool = False
+    amp: bool = False
+    seed: int = 0
+    lora: Mapping[str, Any] = field(
+        default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+    )
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 2 or self.patience < 1:
+            raise ValueError("train: epochs and patience must be >= 1, batch_size >= 2")
+        if not (self.lr > 0 and 0 <= self.warmup_frac < 1 and self.grad_clip > 0):
+            raise ValueError("train: need lr > 0, 0 <= warmup_frac < 1, grad_clip > 0")
+
+    @classmethod
+    def from_params(cls, p: Mapping[str, Any]) -> TrainConfig:
+        """From load_params(): shared training keys + the merged `train`, `lora` and `model` blocks."""
+        t = p["train"]
+        if t.get("optimizer", "adamw") != "adamw":
+            raise ValueError(f"train.optimizer: only adamw is implemented, not {t['optimizer']!r}")
+        return cls(
+            model=str(p["model"]["name"]),
+            epochs=int(p["epochs"]),
+            batch_size=int(p["batch_size"]),
+            lr=float(p["lr"]) * float(t.get("lr_scale", 1.0)),
+            weight_decay=float(t["weight_decay"]),
+            warmup_frac=float(t["warmup_frac"]),
+            grad_clip=float(t["grad_clip"]),
+            patience=int(t["patience"]),
+            train_logit_scale=bool(t["train_logit_scale"]),
+            amp=bool(p["amp"]),
+            seed=int(p["seed"]),
+            lora=dict(p["lora"]),
+        )
+
+
+# --- data -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairData:
+    """One split, preprocessed once: tokens and uint8 pixels; pixel rows [0, n) are MAIN, the rest alt."""
+
+    ids: list[str]
+    input_ids: torch.Tensor  # (n, L)
+    attention_mask: torch.Tensor  # (n, L)
+    pixels: torch.Tensor  # (n + n_alt, 3, H, W) uint8
+    alt_row: torch.Tensor  # (n,) pixel row of the alt photo, -1 if none
+    digest: str  # sha256 of ids, texts and JPEG bytes
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_pairs(
+    products_path: str | Path,
+    summaries_path: str | Path,
+    images_dir: str | Path,
+    processor: Any,
+    max_length: int,
+    splits: Sequence[str] = ("train", "val"),
+    alt_splits: Sequence[str] = ("train",),
+) -> dict[str, PairData]:
+    """(summary, photo) pairs per split, in products.parquet order; products lacking either are skipped.
+
+    Alt photos are kept for `alt_splits` only (val is scored on MAIN, like the evaluation).
+    """
+    products = pd.read_parquet(products_path, columns=["id", "split"])
+    summaries = pd.read_parquet(summaries_path, columns=["id", "summary"])
+    text_of = dict(zip(summaries["id"], summaries["summary"], strict=True))
+    split_of = dict(zip(products["id"], products["split"], strict=True))
+    jpegs: dict[str, dict[str, bytes]] = {"main": {}, "alt": {}}
+    for frame in iter_image_batches(images_dir, PREP_BATCH_ROWS, columns=["id", "view", "jpeg"]):
+        for pid, view, jpeg in zip(frame["id"], frame["view"], frame["jpeg"], strict=True):
+            split = split_of.get(pid)
+            if split in splits and (view == "main" or split in alt_splits):
+                jpegs[view][pid] = jpeg
+    out = {}
+    for split in splits:
+        ids = products.loc[products["split"] == split, "id"].tolist()
+        no_image = [i for i in ids if i not in jpegs["main"]]
+        no_text = [i for i in ids if i in jpegs["main"] and not text_of.get(i)]
+        if no_image or no_text:
+            log.info(
+                "%s: %d products without an image and %d without a summary are skipped",
+                split, len(no_image), len(no_text),
+            )  # fmt: skip
+        ids = [i for i in ids if i in jpegs["main"] and text_of.get(i)]
+        alt_ids = [i for i in ids if i in jpegs["alt"]]
+        out[split] = _prepare(
+            ids, [text_of[i] for i in ids], [jpegs["main"][i] for i in ids], alt_ids,
+            [jpegs["alt"][i] for i in alt_ids], processor, max_length, split,
+        )  # fmt: skip
+    return out
+
+
+def _prepare(
+    ids: list[str],
+    texts: list[str],
+    main: list[bytes],
+    alt_ids: list[str],
+    alt: list[bytes],
+    processor: Any,
+    max_length: int,
+    split: str,
+) -> PairData:
+    h = hashlib.sha256()
+    for part in (ids, texts, main, alt_ids, alt):
+        h.update(str(len(part)).encode())
+        for x in part:
+            b = x if isinstance(x, bytes) else x.encode()
+            h.update(hashlib.sha256(b).digest())
+    if ids:
+        tokens = tokenize(processor, texts, max_length)
+    else:
+        tokens = {
+            "input_ids": torch.zeros(0, 1, dtype=torch.long),
+            "attention_mask": torch.zeros(0, 1, dtype=torch.long),
+        }
+    row = {pid: len(ids) + k for k, pid in enumerate(alt_ids)}
+    return PairData(
+        ids=ids,
+        input_ids=tokens["input_ids"],
+        attention_mask=tokens["attention_mask"],
+        pixels=jpeg_pixels(processor, main + alt, desc=f"preprocess {split}"),
+        alt_row=torch.tensor([row.get(i, -1) for i in ids], dtype=torch.long),
+        digest=h.hexdigest(),
+    )
+
+
+def jpeg_pixels(processor: Any, jpegs: Sequence[bytes], desc: str = "preprocess") -> torch.Tensor:
+    """Decode + resize + crop JPEG bytes into (n, 3, H, W) uint8, in a few threads (Pillow frees the GIL)."""
+    chunks = [jpegs[i : i + PREP_CHUNK] for i in range(0, len(jpegs), PREP_CHUNK)]
+    if not chunks:
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+
+    def work(chunk: Sequence[bytes]) -> torch.Tensor:
+        return image_pixels(processor, [decode_jpeg(b) for b in chunk])
+
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        parts = list(tqdm(pool.map(work, chunks), total=len(chunks), desc=desc, unit="chunk", leave=False))
+    return torch.cat(parts)
+
+
+# --- model pieces ---------------------------------------------------------------------------------------
+
+
+class _Towers(torch.nn.Module):
+    """Both towers in one forward, so DDP sees (and syncs) every trainable parameter."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = image_features(self.model, pixel_values)
+        text = text_features(self.model, input_ids, attention_mask)
+        return image, text, clip_module(self.model).logit_scale
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LambdaLR factor: linear warm-up to 1 over `warmup_steps`, then cosine decay towards 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable tensors (LoRA A/B, and logit_scale when trained), on the CPU."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Put `trainable_state` tensors back into `model`."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states, in types torch.load(weights_only=True) reads back."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of `rng_state`."""
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- validation -----------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate(
+    model: torch.nn.Module, processor: Any, data: PairData, batch_size: int, device: torch.device, amp: bool
+) -> dict[str, float]:
+    """val_loss (batches of `batch_size` in order) and text->image Recall@1/5/10, MRR over the split."""
+    was_training = model.training
+    model.eval()
+    images, texts = [], []
+    for start in range(0, len(data), batch_size):
+        sl = slice(start, start + batch_size)
+        ids, mask = _trim(data.input_ids[sl], data.attention_mask[sl])
+        pixels = normalize_pixels(data.pixels[sl].to(device), processor)
+        with autocast(device, amp):
+            images.append(image_features(model, pixels).float())
+            texts.append(text_features(model, ids.to(device), mask.to(device)).float())
+    model.train(was_training)
+    image, text = torch.cat(images), torch.cat(texts)
+    scale = clip_module(model).logit_scale.detach().float()
+    total = sum(
+        clip_loss(image[s : s + batch_size], text[s : s + batch_size], scale).item()
+        * len(image[s : s + batch_size])
+        for s in range(0, len(image), batch_size)
+    )
+    m = retrieval_metrics(text.cpu().numpy(), image.cpu().numpy(), np.arange(len(data)), ks=(1, 5, 10))
+    return {
+        "val_loss": total / len(data),
+        "val_recall_at_1": m["recall_at_1"],
+        "val_recall_at_5": m["recall_at_5"],
+        "val_recall_at_10": m["recall_at_10"],
+        "val_mrr": m["mrr"],
+    }
+
+
+def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Padding after the longest text in the batch changes nothing (causal mask, EOS pooling): drop it.
+    length = max(1, int(attention_mask.sum(dim=1).max()))
+    return input_ids[:, :length], attention_mask[:, :length]
+
+
+def _better(metrics: Mapping[str, float], best: Mapping[str, float] | None) -> bool:
+    # Higher val Recall@5 wins; on a tie (frequent on a small val set) the lower val loss does.
+    if best is None:
+        return True
+    r, b = metrics["val_recall_at_5"], best["val_recall_at_5"]
+    return r > b or (r == b and metrics["val_loss"] < best["val_loss"])
+
+
+# --- checkpoint + DVCLive -------------------------------------------------------------------------------
+
+
+def _model_identity(name: str) -> str:
+    # A local dir by the content of its files (weights can change under the same path), a hub id as is.
+    path = Path(name)
+    if not path.is_dir():
+        return name
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return f"{path.as_posix()}@sha256:{h.hexdigest()}"
+
+
+def fingerprint(cfg: TrainConfig, data: Mapping[str, PairData], world_size: int) -> str:
+    """sha256 of what decides the result: config, model files, data, world size (it shards the data)."""
+    ident = {
+        "config": json.loads(json.dumps(asdict(cfg), sort_keys=True, default=list)),
+        "model": _model_identity(cfg.model),
+        "data": {split: d.digest for split, d in sorted(data.items())},
+        "world_size": world_size,
+        "alt_view_prob": ALT_VIEW_PROB,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def load_checkpoint(checkpoint_dir: Path, fp: str) -> dict[str, Any] | None:
+    """The saved state if it matches `fp`, else None (a stale or unreadable state is reported)."""
+    path = checkpoint_dir / STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torn or foreign file: start over rather than crash
+        log.warning("checkpoint %s unreadable (%s: %s); starting over", path, type(e).__name__, e)
+        return None
+    if state.get("fingerprint") != fp:
+        log.warning("checkpoint %s is from another config/model/data; starting over", path)
+        return None
+    return state
+
+
+def _save_checkpoint(checkpoint_dir: Path, state: Mapping[str, Any]) -> None:
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint_dir / (STATE_FILE + ".tmp")
+    torch.save(dict(state), tmp)
+    os.replace(tmp, checkpoint_dir / STATE_FILE)  # atomic: a kill leaves the old state or the new one
+
+
+def _open_live(live_dir: Path, params: Mapping[str, Any], history: Sequence[Mapping[str, float]], zeroshot):
+    from dvclive import Live  # imported here: only rank 0 needs it, and it is slow to import
+
+    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False)  # dvc.yaml declares metrics/plots
+    live.log_params(dict(params))
+    for record in history:
+        _log_epoch(live, record, zeroshot)
+    return live
+
+
+def _log_epoch(live: Any, record: Mapping[str, Any], zeroshot: Mapping[str, float]) -> None:
+    live.step = int(record["epoch"]) - 1
+    for name in ("train_loss", "val_loss", "val_recall_at_5", "lr"):
+        live.log_metric(name, record[name])
+    live.log_metric("best_val_recall_at_5", record["best_val_recall_at_5"], plot=False)
+    live.log_metric("zeroshot_val_recall_at_5", zeroshot["val_recall_at_5"], plot=False)
+    live.next_step()
+
+
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.nn import all_gather  # the autograd-aware one: gradients flow back to each rank
+
+    with warnings.catch_warnings():  # deprecated in favour of a private API; semantics verified by tests
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        return torch.cat(all_gather(x))
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    products_path: str | Path,
+    summaries_path: str | Path,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    checkpoint_dir: str | Path,
+    live_dir: str | Path,
+) -> dict[str, Any]:
+    """Fine-tune, resumably; write out_dir/adapter/ (best epoch) + out_dir/summary.json; return the latter."""
+    from accelerate import Accelerator
+
+    started = time.time()
+    out_dir, checkpoint_dir, live_dir = Path(out_dir), Path(checkpoint_dir), Path(live_dir)
+    # cpu=True without CUDA: `accelerate launch --multi_gpu` then gives real gloo DDP (see stack notes).
+    # Mixed precision is ours (cliprec.precision), so accelerate's stays off.
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+    rank, world, device, is_main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+
+    seed_everything(cfg.seed)
+    model, processor = load_clip(cfg.model, device=device)
+    data = load_pairs(products_path, summaries_path, images_dir, processor, text_max_length(model, processor))
+    train_data, val_data = data["train"], data["val"]
+    if len(train_data) < 2 * world or len(val_data) == 0:
+        raise ValueError(f"too little data: {len(train_data)} train / {len(val_data)} val pairs")
+    batch = min(cfg.batch_size, len(train_data) // world * world)  # a tiny split still gets one step
+    local = batch // world
+    steps_per_epoch = len(train_data) // batch  # drop_last: equal, full batches on every rank
+    total_steps = steps_per_epoch * cfg.epochs
+    fp = fingerprint(cfg, data, world)
+
+    torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
+    model = add_lora(model, cfg.lora, cfg.train_logit_scale)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = _optimizer(model, cfg, total_steps)
+    scaler = grad_scaler(device, cfg.amp)
+
+    state = load_checkpoint(checkpoint_dir, fp)
+    acc.wait_for_everyone()  # every rank has read it before rank 0 may delete it
+    if state is None:
+        if is_main and checkpoint_dir.exists():
+            shutil.rmtree(checkpoint_dir)
+        zeroshot = evaluate(model, processor, val_data, batch, device, cfg.amp)
+        log.info("zero-shot val: %s", _fmt(zeroshot))
+        state = {"fingerprint": fp, "epoch": 0, "done": False, "history": [], "best": None,
+                 "best_weights": None, "bad_epochs": 0, "zeroshot": zeroshot, "seconds": 0.0,
+                 "live_step": 0}  # fmt: skip
+        torch.manual_seed(cfg.seed + 1 + rank)  # dropout masks differ across ranks
+    else:
+        log.info("resuming after epoch %d of %d from %s", state["epoch"], cfg.epochs, checkpoint_dir)
+        load_trainable_state(model, state["weights"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][rank])
+    towers = acc.prepare(_Towers(model))  # DDP-wrapped when world > 1
+
+    params_log = {**asdict(cfg), "lora": dict(cfg.lora), "world_size": world, "device": device.type}
+    live = _open_live(live_dir, params_log, state["history"], state["zeroshot"]) if is_main else None
+    clock = started
+    for epoch in range(state["epoch"], cfg.epochs):
+        if state["done"]:
+            break
+        towers.train()
+        order, rows = epoch_plan(train_data, cfg.seed, epoch)
+        losses, lr = [], 0.0
+        bar = tqdm(
+            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, leave=False
+        )
+        for step in bar:
+            idx = torch.from_numpy(order[step * batch + rank * local : step * batch + (rank + 1) * local])
+            lr = optimizer.param_groups[0]["lr"]
+            loss = _train_step(towers, optimizer, scheduler, scaler, train_data, idx, rows[idx], processor,
+                               cfg, device, rank, world, trainable)  # fmt: skip
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        train_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(train_loss)
+            train_loss /= world
+        metrics = evaluate(model, processor, val_data, batch, device, cfg.amp)
+        if _better(metrics, state["best"]):
+            state.update(
+                best={"epoch": epoch + 1, **metrics}, best_weights=trainable_state(model), bad_epochs=0
+            )
+        else:
+            state["bad_epochs"] += 1
+        record = {"epoch": epoch + 1, "train_loss": float(train_loss), **metrics, "lr": lr,
+                  "best_val_recall_at_5": state["best"]["val_recall_at_5"]}  # fmt: skip
+        log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, _fmt(record))
+        state["history"].append(record)
+        stop = state["bad_epochs"] >= cfg.patience
+        if stop:
+            log.info("early stop: val Recall@5 has not improved for %d epochs", cfg.patience)
+        state.update(epoch=epoch + 1, done=stop or epoch + 1 == cfg.epochs, live_step=epoch + 1)
+        state["seconds"] += time.time() - clock  # wall time of all runs, setup included
+        clock = time.time()
+        rngs = _all_ranks(rng_state(), world)  # each rank has its own dropout stream
+        if is_main:
+            _log_epoch(live, record, state["zeroshot"])
+            _save_checkpoint(checkpoint_dir, {**state, "weights": trainable_state(model),
+                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict(), "rng": rngs})  # fmt: skip
+        acc.wait_for_everyone()
+
+    summary = None
+    if is_main:
+        live.end()
+        load_trainable_state(model, state["best_weights"])
+        adapter_dir = out_dir / ADAPTER_DIR
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_adapter(model, adapter_dir)
+        summary = _summary(cfg, state, train_data, val_data, batch, steps_per_epoch, device, world)
+        summary["seconds"] = round(state["seconds"] + time.time() - clock, 1)
+        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("best epoch %d: %s -> %s", state["best"]["epoch"], _fmt(state["best"]), adapter_dir)
+    acc.wait_for_everyone()
+    return summary if summary is not None else {"rank": rank}
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int) -> tuple[Any, Any]:
+    # AdamW with weight decay on the LoRA matrices only (never on the temperature), warm-up + cosine.
+    logit_scale = clip_module(model).logit_scale
+    lora = [p for p in model.parameters() if p.requires_grad and p is not logit_scale]
+    groups = [{"params": lora, "weight_decay": cfg.weight_decay}]
+    if cfg.train_logit_scale:
+        groups.append({"params": [logit_scale], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    warmup = max(1, round(cfg.warmup_frac * total_steps)) if cfg.warmup_frac > 0 else 0
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total_steps))
+
+
+def epoch_plan(data: PairData, seed: int, epoch: int) -> tuple[np.ndarray, torch.Tensor]:
+    """The epoch's example order and each example's pixel row (MAIN or, at random, alt); from seed + epoch.
+
+    Independent of the world size and of the global RNG, so every rank and every resume agrees.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(data))
+    use_alt = torch.from_numpy(rng.random(len(data)) < ALT_VIEW_PROB) & (data.alt_row >= 0)
+    return order, torch.where(use_alt, data.alt_row, torch.arange(len(data)))
+
+
+def _all_ranks(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _train_step(
+    towers: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    data: PairData,
+    idx: torch.Tensor,
+    pixel_rows: torch.Tensor,
+    processor: Any,
+    cfg: TrainConfig,
+    device: torch.device,
+    rank: int,
+    world: int,
+    trainable: list[torch.nn.Parameter],
+) -> float:
+    """One optimizer step on this rank's slice `idx` of the global batch; returns the local loss."""
+    input_ids, mask = _trim(data.input_ids[idx], data.attention_mask[idx])
+    pixels = normalize_pixels(data.pixels[pixel_rows].to(device), processor)
+    with autocast(device, cfg.amp):
+        image, text, logit_scale = towers(input_ids.to(device), mask.to(device), pixels)
+    image, text = image.float(), text.float()
+    if world > 1:
+        loss = clip_loss(
+            image, text, logit_scale, _all_gather(image), _all_gather(text), offset=rank * len(idx)
+        )
+    else:
+        loss = clip_loss(image, text, logit_scale)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
+    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    if cfg.train_logit_scale:
+        with torch.no_grad():
+            logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    return float(loss.detach())
+
+
+def _summary(
+    cfg: TrainConfig,
+    state: Mapping[str, Any],
+    train_data: PairData,
+    val_data: PairData,
+    batch: int,
+    steps_per_epoch: int,
+    device: torch.device,
+    world: int,
+) -> dict[str, Any]:
+    best = dict(state["best"])
+    return {
+        "model": cfg.model,
+        "best_epoch": best.pop("epoch"),
+        "best": best,
+        "zeroshot": dict(state["zeroshot"]),
+        "epochs_run": state["epoch"],
+        "epochs": cfg.epochs,
+        "stopped_early": state["epoch"] < cfg.epochs,
+        "lr": cfg.lr,
+        "batch_size": batch,
+        "steps_per_epoch": steps_per_epoch,
+        "n_train": len(train_data),
+        "n_val": len(val_data),
+        "device": device.type,
+        "amp": cfg.amp,
+        "dtype": str(amp_dtype(device)).removeprefix("torch.") if cfg.amp else "float32",
+        "world_size": world,
+        "versions": {pkg: version(pkg) for pkg in ("torch", "transformers", "peft", "accelerate")},
+    }
+
+
+def _fmt(metrics: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

@@ -1,0 +1,202 @@
+import dataclasses
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import make_catalog, make_clip
+
+import cliprec.train as tr
+from cliprec import precision
+from cliprec.loss import clip_loss
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {"clip": make_clip(root / "clip"), **make_catalog(root / "data")}
+
+
+def _cfg(tiny, **kw):
+    base = dict(model=str(tiny["clip"]), epochs=2, batch_size=16, lr=1e-2, patience=5, lora=LORA)
+    return tr.TrainConfig(**{**base, **kw})
+
+
+def _run(tiny, root: Path, cfg):
+    return tr.train(
+        cfg, tiny["products"], tiny["summaries"], tiny["images"], root / "out", root / "ckpt", root / "live"
+    )
+
+
+def _adapter(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(root / "out" / "adapter" / "adapter_model.safetensors")
+
+
+def _without_time(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "seconds"}
+
+
+# --- the loss --------------------------------------------------------------------------------------------
+
+
+def test_clip_loss_matches_a_hand_computed_reference():
+    image = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 2.0]])
+    text = torch.tensor([[0.8, 0.6], [1.0, 0.0], [0.0, -1.0]])
+    logit_scale = torch.tensor(math.log(2.0))
+    i = image.numpy() / np.linalg.norm(image.numpy(), axis=1, keepdims=True)
+    t = text.numpy() / np.linalg.norm(text.numpy(), axis=1, keepdims=True)
+    logits = 2.0 * i @ t.T
+
+    def ce(rows):  # mean of -log softmax at the diagonal
+        return np.mean([np.log(np.exp(r).sum()) - r[k] for k, r in enumerate(rows)])
+
+    want = (ce(logits) + ce(logits.T)) / 2
+    assert clip_loss(image, text, logit_scale).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_ddp_local_loss_equals_the_global_loss_and_its_gradient():
+    # What two ranks compute: rows [r*b, (r+1)*b) against the gathered batch. The all-gather's backward sums
+    # every rank's gradient into the owner, and DDP averages: grad = (1/W) * d(sum_r L_r) = d(mean_r L_r).
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(8, 5, generator=g, requires_grad=True)
+    text = torch.randn(8, 5, generator=g, requires_grad=True)
+    scale = torch.tensor(math.log(10.0))
+    full = clip_loss(image, text, scale)
+    full_grads = torch.autograd.grad(full, (image, text))
+    b = 4
+    local = [
+        clip_loss(image[r * b : (r + 1) * b], text[r * b : (r + 1) * b], scale, image, text, r * b)
+        for r in (0, 1)
+    ]
+    summed_grads = torch.autograd.grad(sum(local), (image, text))
+    assert torch.stack(local).mean().item() == pytest.approx(full.item(), rel=1e-6)
+    for want, got in zip(full_grads, summed_grads, strict=True):
+        assert torch.allclose(got / 2, want, atol=1e-6)
+
+
+def test_warmup_cosine_schedule():
+    f = tr.warmup_cosine(warmup_steps=4, total_steps=20)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(12) == pytest.approx(0.5) and 0 <= f(19) < 0.02
+    assert all(f(s) >= f(s + 1) for s in range(4, 19))
+
+
+def test_config_from_params_applies_lr_scale():
+    p = {"model": {"name": "m"}, "epochs": 3, "batch_size": 8, "lr": 2e-5, "amp": False, "seed": 1,
+         "lora": LORA, "train": {"optimizer": "adamw", "weight_decay": 0.1, "warmup_frac": 0.1,
+         "grad_clip": 1.0, "patience": 3, "train_logit_scale": False, "lr_scale": 50}}  # fmt: skip
+    assert tr.TrainConfig.from_params(p).lr == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="adamw"):
+        tr.TrainConfig.from_params({**p, "train": {**p["train"], "optimizer": "sgd"}})
+
+
+# --- training runs -----------------------------------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+def test_training_learns_and_resumes_after_a_kill_to_the_same_adapter(tiny, tmp_path, monkeypatch):
+    cfg = _cfg(tiny)
+    whole = _run(tiny, tmp_path / "whole", cfg)
+    assert whole["best"]["val_loss"] < whole["zeroshot"]["val_loss"]
+    assert whole["epochs_run"] == 2 and not whole["stopped_early"] and whole["n_train"] == 44
+    assert whole["n_val"] == 15  # P0005 (a val product) has no photo and is skipped
+    live = tmp_path / "whole" / "live"
+    metrics = json.loads((live / "metrics.json").read_text())
+    assert {"train_loss", "val_loss", "val_recall_at_5", "lr", "step"} <= set(metrics)
+    val_loss = (live / "plots" / "metrics" / "val_loss.tsv").read_text().split()
+    assert len(val_loss) == 2 + 2 * 2  # header + (step, value) per epoch
+    assert float(val_loss[3]) < whole["zeroshot"]["val_loss"]  # one LoRA epoch already lowers the val loss
+    assert json.loads((tmp_path / "whole" / "out" / "summary.json").read_text()) == whole
+
+    # killed in the middle of epoch 2 (2 steps per epoch): only epoch 1's checkpoint is on disk
+    calls = {"n": 0}
+    step = tr._train_step
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Killed
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "_train_step", dying_step)
+    with pytest.raises(Killed):
+        _run(tiny, tmp_path / "killed", cfg)
+    monkeypatch.setattr(tr, "_train_step", step)
+    assert torch.load(tmp_path / "killed" / "ckpt" / tr.STATE_FILE, weights_only=True)["epoch"] == 1
+    resumed = _run(tiny, tmp_path / "killed", cfg)
+    want, got = _adapter(tmp_path / "whole"), _adapter(tmp_path / "killed")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert _without_time(resumed) == _without_time(whole)
+    for f in ("metrics.json", "plots/metrics/train_loss.tsv", "plots/metrics/val_recall_at_5.tsv"):
+        assert (tmp_path / "killed" / "live" / f).read_text() == (live / f).read_text(), f
+
+    # a finished run re-exports without training
+    monkeypatch.setattr(tr, "_train_step", dying_step)
+    again = _run(tiny, tmp_path / "killed", cfg)
+    assert _without_time(again) == _without_time(whole)
+
+
+def test_changed_config_discards_the_checkpoint_and_amp_runs_on_cpu(tiny, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "_warned_slow_bf16", False)
+    cfg = _cfg(tiny, epochs=1)
+    _run(tiny, tmp_path, cfg)
+    old = torch.load(tmp_path / "ckpt" / tr.STATE_FILE, weights_only=True)["fingerprint"]
+    with caplog.at_level(logging.INFO):
+        summary = _run(tiny, tmp_path, dataclasses.replace(cfg, amp=True))  # `dvc exp run -S amp=true`
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("another config" in m and "starting over" in m for m in messages)
+    assert not any(m.startswith("resuming") for m in messages)
+    assert sum("no native bf16" in m for m in messages) == 1  # warned once, though autocast ran per step
+    assert torch.load(tmp_path / "ckpt" / tr.STATE_FILE, weights_only=True)["fingerprint"] != old
+    assert summary["amp"] and summary["dtype"] == "bfloat16" and summary["epochs_run"] == 1
+
+
+@pytest.mark.slow  # ~20 s: two fresh processes import torch + transformers
+def test_two_process_ddp_matches_one_process(tiny, tmp_path):
+    # dropout 0: the only randomness left is seeded identically, so 2 x 8 rows == 1 x 16 rows per step
+    cfg = _cfg(tiny, epochs=1, lora={**LORA, "dropout": 0.0})
+    single = _run(tiny, tmp_path / "single", cfg)
+    script = tmp_path / "ddp_train.py"
+    script.write_text(
+        "import json, sys\n"
+        "import torch.distributed as dist\n"
+        "from cliprec.train import TrainConfig, train\n"
+        "cfg, paths, ranks = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]\n"
+        "train(TrainConfig(**cfg), **paths)\n"
+        "rank, world = dist.get_rank(), dist.get_world_size()\n"
+        "open(f'{ranks}/rank{rank}.json', 'w').write(json.dumps({'rank': rank, 'world_size': world}))\n"
+    )
+    root = tmp_path / "ddp"
+    (root / "ranks").mkdir(parents=True)
+    paths = {"products_path": str(tiny["products"]), "summaries_path": str(tiny["summaries"]),
+             "images_dir": str(tiny["images"]), "out_dir": str(root / "out"),
+             "checkpoint_dir": str(root / "ckpt"), "live_dir": str(root / "live")}  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    args = [json.dumps(dataclasses.asdict(cfg)), json.dumps(paths), str(root / "ranks")]
+    cmd = [*launch, str(script), *args]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads(p.read_text()) for p in sorted((root / "ranks").glob("rank*.json"))]
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+    ddp = json.loads((root / "out" / "summary.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["batch_size"] == single["batch_size"]
+    assert ddp["best"]["val_loss"] == pytest.approx(single["best"]["val_loss"], abs=1e-4)
+    want, got = _adapter(tmp_path / "single"), _adapter(root)
+    for k in want:
+        assert torch.allclose(want[k], got[k], atol=1e-5), (k, (want[k] - got[k]).abs().max())
+    assert any(want[k].abs().max() > 1e-3 for k in want if "lora_B" in k)  # it did train
