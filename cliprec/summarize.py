@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from cliprec.paths import model_identity
 from cliprec.text import clean_text, extractive_summary, idf_weights
 
 logger = logging.getLogger(__name__)
@@ -74,22 +75,6 @@ def cap_words(text: str, max_words: int) -> str:
 # fingerprint and progress files
 
 
-def model_identity(name: str | None) -> str | None:
-    """A hub id as is; a local model directory as the sha256 of its files (weights change, name doesn't)."""
-    if not name:
-        return None
-    path = Path(name)
-    if not path.is_dir():
-        return name
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(block)
-    return f"{path.as_posix()}@sha256:{h.hexdigest()}"
-
-
 def input_hash(ids: Sequence[str], texts: Sequence[str]) -> str:
     """sha256 over the ordered (id, text) pairs."""
     h = hashlib.sha256()
@@ -105,7 +90,7 @@ def fingerprint(params: Mapping[str, Any], ids: Sequence[str], texts: Sequence[s
     return {
         "method": method,
         "params": json.loads(json.dumps(dict(params), sort_keys=True, default=str)),
-        "model": model_identity(params.get("model")) if method == "bart" else None,
+        "model": model_identity(params["model"]) if method == "bart" else None,
         "inputs": input_hash(ids, texts),
         "n": len(ids),
     }

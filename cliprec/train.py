@@ -60,6 +60,7 @@ from cliprec.model import (
     text_max_length,
     tokenize,
 )
+from cliprec.paths import model_identity
 from cliprec.precision import amp_dtype, autocast, grad_scaler
 
 log = logging.getLogger(__name__)
@@ -350,23 +351,11 @@ def _better(metrics: Mapping[str, float], best: Mapping[str, float] | None) -> b
 # --- checkpoint + DVCLive -------------------------------------------------------------------------------
 
 
-def _model_identity(name: str) -> str:
-    # A local dir by the content of its files (weights can change under the same path), a hub id as is.
-    path = Path(name)
-    if not path.is_dir():
-        return name
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return f"{path.as_posix()}@sha256:{h.hexdigest()}"
-
-
 def fingerprint(cfg: TrainConfig, data: Mapping[str, PairData], world_size: int) -> str:
     """sha256 of what decides the result: config, model files, data, world size (it shards the data)."""
     ident = {
         "config": json.loads(json.dumps(asdict(cfg), sort_keys=True, default=list)),
-        "model": _model_identity(cfg.model),
+        "model": model_identity(cfg.model),
         "data": {split: d.digest for split, d in sorted(data.items())},
         "world_size": world_size,
         "alt_view_prob": ALT_VIEW_PROB,
