@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cliprec.images import decode_jpeg, iter_image_batches, read_image_table
+from cliprec.index import fuse
 from cliprec.model import (
     clip_module,
     image_features,
@@ -76,13 +77,6 @@ def encode_images(
         pixels = image_pixels(processor, [im.convert("RGB") for im in images[s : s + batch_size]])
         out.append(_images(model, processor, pixels, device, amp))
     return np.concatenate(out) if out else np.zeros((0, _dim(model)), np.float32)
-
-
-def fuse(text: np.ndarray, image: np.ndarray, text_weight: float) -> np.ndarray:
-    """Row-wise normalise(w * text + (1 - w) * image), float32."""
-    v = text_weight * np.asarray(text, np.float32) + (1.0 - text_weight) * np.asarray(image, np.float32)
-    norm = np.linalg.norm(v, axis=-1, keepdims=True)
-    return (v / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
 def embed_catalog(

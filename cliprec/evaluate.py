@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cliprec.index import LoadedIndex, load_index, read_ids
+from cliprec.index import LoadedIndex, fuse, load_index, read_ids
 from cliprec.metrics import metrics_from_ranks, target_ranks
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,6 @@ CURVE_KS = tuple(range(1, 11))
 SEED_K = 5
 ANN_K = 10
 TIE_EPS = 1e-5  # float32 inner products of equal vectors can differ in the last bits
-
-
-def fuse_vectors(text: np.ndarray, image: np.ndarray, text_weight: float) -> np.ndarray:
-    """normalise(w * text + (1 - w) * image), the embed stage's fusion (cliprec.embed.fuse)."""
-    from cliprec.embed import fuse  # imported late: cliprec.embed pulls in torch
-
-    return np.asarray(fuse(text, image, text_weight), dtype=np.float32)
 
 
 class Embeddings:
@@ -183,7 +176,7 @@ def evaluate(
         "text_to_image": (text, image, everyone),
         "image_to_text": (image, text, everyone),
         "multimodal": (
-            fuse_vectors(text[alt_pos], alt_img, text_weight) if len(alt_pos) else alt_img,
+            fuse(text[alt_pos], alt_img, text_weight) if len(alt_pos) else alt_img,
             fused,
             alt_pos,
         ),

@@ -64,6 +64,13 @@ MAX_POINTS_PER_LIST = 100  # autofaiss' training cap: more points barely move th
 ADD_BATCH = 65_536  # rows copied out of the memmap at a time while adding
 
 
+def fuse(text: np.ndarray, image: np.ndarray, text_weight: float) -> np.ndarray:
+    """Row-wise normalise(w * text + (1 - w) * image), float32."""
+    v = text_weight * np.asarray(text, np.float32) + (1.0 - text_weight) * np.asarray(image, np.float32)
+    norm = np.linalg.norm(v, axis=-1, keepdims=True)
+    return (v / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
 class IndexIntegrityError(RuntimeError):
     """The saved index does not match its manifest, its ids or what the caller expects."""
 
