@@ -7,7 +7,6 @@ import runpy
 import shutil
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,13 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 D = 16
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    # OpenMP spin-waits make tiny k-means runs 100x slower on a busy 2-core box
-    old = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -23,14 +23,7 @@ from cliprec.index import (
     training_size,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    # OpenMP spin-waits make tiny k-means runs 100x slower on a busy 2-core box; 1 thread is steady
-    old = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")
 
 
 def clustered(n: int, d: int = 16, seed: int = 0, clusters: int = 50) -> np.ndarray:
