@@ -167,6 +167,9 @@ def _handler(state: LoopbackImages):
 
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: with 8 fetch workers connecting at once on a loaded CI machine,
+    # the kernel dropped a SYN, the client's 0.3 s connect timed out and one attempt never reached us.
+    request_queue_size = 128
 
     def handle_error(self, request, client_address) -> None:  # clients hang up on slow answers
         pass
