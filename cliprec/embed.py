@@ -23,10 +23,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cliprec.images import decode_jpeg, iter_image_batches, read_image_table
+from cliprec.images import iter_image_batches, read_image_table
 from cliprec.index import fuse
 from cliprec.model import (
     clip_module,
+    decode_pixels,
     image_features,
     image_pixels,
     model_device,
@@ -121,7 +122,7 @@ def embed_catalog(
 
     def prepare(batch: tuple[str, list[str], list[bytes]]) -> tuple[str, list[str], torch.Tensor]:
         view, pids, jpegs = batch
-        return view, pids, image_pixels(processor, [decode_jpeg(b) for b in jpegs])
+        return view, pids, decode_pixels(processor, jpegs)
 
     batches = _view_batches(images_dir, keep, batch_size)
     bar = tqdm(total=len(ids) + len(alt_ids), desc="embed", unit="img")

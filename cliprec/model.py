@@ -11,21 +11,24 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 from transformers.image_transforms import convert_to_rgb
 from transformers.models.clip import CLIPImageProcessorPil
 
 from cliprec.precision import pick_device
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ def load_clip(
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{adapter} is not a trained LoRA adapter (no adapter_config.json)")
+        from peft import PeftModel  # peft takes seconds to import: only the stages that use it pay
+
         with _quiet_peft():
             model = PeftModel.from_pretrained(model, str(adapter))
         scale_file = adapter / LOGIT_SCALE_FILE
@@ -72,6 +77,8 @@ def add_lora(model: CLIPModel, lora_params: dict[str, Any], train_logit_scale: b
     CLIP's logit_scale stays frozen unless `train_logit_scale`; it is then a trainable bare Parameter
     that `save_adapter` writes next to the adapter (PEFT would drop it).
     """
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
         r=int(lora_params["r"]),
         lora_alpha=int(lora_params["alpha"]),
@@ -106,7 +113,8 @@ def _quiet_peft() -> Iterator[None]:
 def clip_module(model: torch.nn.Module) -> CLIPModel:
     """The CLIPModel inside a PeftModel / DDP wrapper (or `model` itself)."""
     model = getattr(model, "module", model)  # DistributedDataParallel
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    peft = sys.modules.get("peft")  # not imported yet: `model` cannot be a PeftModel
+    return model.get_base_model() if peft is not None and isinstance(model, peft.PeftModel) else model
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -141,6 +149,20 @@ def image_pixels(processor: CLIPProcessor, images: Sequence[Image.Image]) -> tor
     if not images:
         return torch.zeros(0, 3, ip.crop_size.height, ip.crop_size.width, dtype=torch.uint8)
     return torch.from_numpy(np.stack([fast(im) for im in images])).permute(0, 3, 1, 2).contiguous()
+
+
+def decode_side(processor: CLIPProcessor) -> int | None:
+    """The side a JPEG may be decoded down to for this processor (its resize target), None if unknown."""
+    size = processor.image_processor.size
+    return getattr(size, "shortest_edge", None) or None
+
+
+def decode_pixels(processor: CLIPProcessor, jpegs: Sequence[bytes]) -> torch.Tensor:
+    """Stored JPEG bytes -> (n, 3, H, W) uint8 model input: decoded at the model's size, resized, cropped."""
+    from cliprec.images import decode_jpeg
+
+    side = decode_side(processor)
+    return image_pixels(processor, [decode_jpeg(b, side) for b in jpegs])
 
 
 def _pillow_resize_crop(ip: Any) -> Callable[[Image.Image], np.ndarray] | None:

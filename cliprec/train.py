@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cliprec.images import decode_jpeg, iter_image_batches
+from cliprec.images import iter_image_batches
 from cliprec.loss import clip_loss
 from cliprec.metrics import retrieval_metrics
 from cliprec.model import (
@@ -51,8 +51,8 @@ from cliprec.model import (
     MAX_LOGIT_SCALE,
     add_lora,
     clip_module,
+    decode_pixels,
     image_features,
-    image_pixels,
     load_clip,
     normalize_pixels,
     save_adapter,
@@ -220,7 +220,7 @@ def jpeg_pixels(processor: Any, jpegs: Sequence[bytes], desc: str = "preprocess"
         return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
 
     def work(chunk: Sequence[bytes]) -> torch.Tensor:
-        return image_pixels(processor, [decode_jpeg(b) for b in chunk])
+        return decode_pixels(processor, chunk)
 
     with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
         parts = list(tqdm(pool.map(work, chunks), total=len(chunks), desc=desc, unit="chunk", leave=False))

@@ -14,7 +14,7 @@ from tiny import make_catalog, make_clip
 from cliprec import paths
 from cliprec.embed import FILES, embed_catalog, encode_images, encode_texts, fuse
 from cliprec.images import decode_jpeg, read_image_table
-from cliprec.model import load_clip
+from cliprec.model import decode_side, load_clip
 
 REPO = Path(__file__).resolve().parents[1]
 CAT = "Tiny"
@@ -106,13 +106,14 @@ def test_embed_catalog_rows_line_up_with_the_catalog(project, model, tmp_path):
         assert np.allclose(np.linalg.norm(arr, axis=1), 1, atol=1e-5), name
     # row k is product ids[k]: recompute a few rows from the raw data
     summaries = pd.read_parquet(data / "summaries" / CAT / "summaries.parquet").set_index("id")["summary"]
+    side = decode_side(processor)  # the stage decodes JPEGs at the model's size, so must we
     for k in (0, 7, len(ids) - 1):
-        image = encode_images(model, processor, [decode_jpeg(main["jpeg"].iloc[k])])[0]
+        image = encode_images(model, processor, [decode_jpeg(main["jpeg"].iloc[k], side)])[0]
         text = encode_texts(model, processor, [summaries[ids[k]]])[0]
         assert np.allclose(arrays["image"][k], image, atol=1e-5)
         assert np.allclose(arrays["text"][k], text, atol=1e-5)
     k = len(alt_ids) - 1
-    alt_image = encode_images(model, processor, [decode_jpeg(alt["jpeg"].iloc[k])])[0]
+    alt_image = encode_images(model, processor, [decode_jpeg(alt["jpeg"].iloc[k], side)])[0]
     assert np.allclose(arrays["alt_image"][k], alt_image, atol=1e-5)
     assert np.allclose(arrays["fused"], fuse(arrays["text"], arrays["image"], 0.3), atol=1e-6)
 

@@ -430,6 +430,17 @@ def test_large_jpeg_draft_keeps_geometry():
     assert out[112, 50].max() < 20 and out[112, 174].min() > 235
 
 
+def test_decode_jpeg_min_side_decodes_at_the_smallest_scale_that_is_big_enough():
+    arr = np.zeros((224, 224, 3), np.uint8)
+    arr[:, 112:] = 255
+    data = process_image(encode(Image.fromarray(arr)), ImageConfig())
+    assert decode_jpeg(data).size == (224, 224) == decode_jpeg(data, 200).size  # 1/2 would be too small
+    assert decode_jpeg(data, 64).size == (112, 112)  # 1/4 = 56 < 64
+    assert decode_jpeg(data, 28).size == (28, 28)  # 1/8
+    small = np.asarray(decode_jpeg(data, 64))
+    assert small.shape == (112, 112, 3) and small[:, :50].max() < 20 and small[:, 62:].min() > 235
+
+
 @pytest.mark.parametrize(
     "im",
     [
