@@ -146,6 +146,7 @@ def evaluate(
     text_weight: float = 0.5,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    k_factor: float | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """All metrics of one category/variant and the recall@k curve (see the module doc)."""
     emb = Embeddings(embed_dir)
@@ -206,6 +207,7 @@ def evaluate(
         expect_d=emb.d,
         nprobe=nprobe,
         ef_search=ef_search,
+        k_factor=k_factor,
     )
     if index.ids != emb.ids:
         raise ValueError(

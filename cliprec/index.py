@@ -203,10 +203,12 @@ def build_index(
         raise ValueError(f"index: faiss cannot build factory {choice.factory!r}: {_first_line(e)}") from e
     info = BuildInfo(requested=factory, resolved=choice.factory, reason=choice.reason)
     inner = faiss.downcast_index(index)
-    if getattr(inner, "do_polysemous_training", False):
-        # the factory turns it on for PQ; it only serves Hamming-threshold search, which we never use,
-        # and costs ~100x the PQ training itself
-        inner.do_polysemous_training = False
+    base = faiss.downcast_index(inner.base_index) if isinstance(inner, faiss.IndexRefine) else None
+    for part in (inner, base):
+        if getattr(part, "do_polysemous_training", False):
+            # the factory turns it on for PQ; it only serves Hamming-threshold search, which we never use,
+            # and costs ~100x the PQ training itself
+            part.do_polysemous_training = False
     use_gpu = gpu_available() if use_gpu is None else use_gpu
     if not index.is_trained:
         size = training_size(n, choice.factory, d, memory_budget_mb)
@@ -248,8 +250,16 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def apply_search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None) -> None:
-    """Set IVF nprobe and HNSW efSearch where the index has them (no-op for Flat)."""
+def apply_search_params(
+    index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None, k_factor: float | None = None
+) -> None:
+    """Set IVF nprobe, HNSW efSearch and a refine stage's k_factor where the index has them."""
+    refine = faiss.downcast_index(index)
+    if isinstance(refine, faiss.IndexRefine):
+        if k_factor is not None:
+            # FAISS defaults to 1: the exact re-rank then sees only the k candidates it was meant to fix
+            refine.k_factor = float(k_factor)
+        index = faiss.downcast_index(refine.base_index)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         if nprobe is not None:
@@ -383,6 +393,7 @@ def load_index(
     expect_d: int | None = None,
     nprobe: int | None = None,
     ef_search: int | None = None,
+    k_factor: float | None = None,
 ) -> LoadedIndex:
     """Load and verify a saved index (sha256, ids, ntotal, d, model, variant); set search params."""
     index_dir = Path(index_dir)
@@ -434,7 +445,7 @@ def load_index(
         raise IndexIntegrityError(f"{index_dir}: index dimension {index.d} != manifest {manifest['d']}")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise IndexIntegrityError(f"{index_dir}: index does not use the inner product")
-    apply_search_params(index, nprobe=nprobe, ef_search=ef_search)
+    apply_search_params(index, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
     return LoadedIndex(index=index, ids=ids, manifest=manifest)
 
 

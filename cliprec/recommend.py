@@ -89,6 +89,7 @@ class Recommender:
                 expect_variant=variant,
                 nprobe=self.params["index"].get("nprobe"),
                 ef_search=self.params["index"].get("ef_search"),
+                k_factor=self.params["index"].get("k_factor"),
             )
         except IndexNotFoundError as e:
             raise RecommendError(

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         text_weight=float(p["embed"]["text_weight"]),
         nprobe=p["index"].get("nprobe"),
         ef_search=p["index"].get("ef_search"),
+        k_factor=p["index"].get("k_factor"),
     )
     write_outputs(metrics, curve, metrics_path(category, variant), recall_plot_path(category, variant))
 

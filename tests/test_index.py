@@ -144,6 +144,24 @@ def test_search_params_applied_on_load(tmp_path):
     apply_search_params(faiss.IndexFlatIP(4), nprobe=3, ef_search=3)  # Flat: nothing to set, no error
 
 
+def test_refine_index_k_factor_and_no_polysemous_training(tmp_path):
+    x, q = clustered(2000, seed=4), clustered(50, seed=5)
+    index, info = build_index(x, "IVF8,PQ4,RFlat", seed=0)
+    assert faiss.downcast_index(faiss.downcast_index(index).base_index).do_polysemous_training is False
+    save_index(index, ids_for(2000), tmp_path, "m", "lora", info)
+    truth = exact_top(x, q, 10)
+
+    def recall(loaded) -> float:
+        found = loaded.search_positions(q, 10)[0]
+        return np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
+
+    plain = load_index(tmp_path, nprobe=8)  # FAISS's k_factor 1: the re-rank sees only k candidates
+    refined = load_index(tmp_path, nprobe=8, k_factor=16)
+    assert faiss.downcast_index(refined.index).k_factor == 16
+    assert recall(refined) > max(0.95, recall(plain) + 0.1)
+    assert faiss.extract_index_ivf(refined.index).nprobe == 8
+
+
 def test_builds_are_reproducible(tmp_path):
     x = clustered(800, seed=3)
     for run in ("a", "b"):
