@@ -132,7 +132,11 @@ def test_images_are_relative_paths_to_jpegs_with_distinct_views(fashion):
             path = img["hi_res"] or img["large"]
             assert path == f"data/ingest/Amazon_Fashion/raw/images/{rec['parent_asin']}_{img['variant']}.jpg"
             with Image.open(root / path) as im:
-                assert im.format == "JPEG" and im.size == (256, 256) and im.mode == "RGB"
+                assert (
+                    im.format == "JPEG"
+                    and im.size == (synthetic.IMAGE_SIZE, synthetic.IMAGE_SIZE)
+                    and im.mode == "RGB"
+                )
                 pixels.append(np.asarray(im, dtype=np.int16))
         # the other view is another shot of the product, not a copy
         assert np.abs(pixels[0] - pixels[1]).mean() > 5
