@@ -51,12 +51,14 @@ def exact_top(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     [
         (500, 512, 4096, "Flat"),
         (FLAT_MAX_VECTORS - 1, 512, 4096, "Flat"),
-        (FLAT_MAX_VECTORS, 512, 4096, "HNSW32"),
-        (100_000, 512, 4096, "HNSW32"),
-        (100_000, 512, 210, "HNSW19"),  # the budget only holds a thinner graph (autofaiss' M rule)
-        (200_000, 512, 100, "IVF2048,PQ256x8"),  # no HNSW fits: product quantisation
-        (1_000_000, 512, 4096, "HNSW32"),
-        (1_000_001, 512, 4096, "IVF16384_HNSW32,PQ256x8"),  # too many for an HNSW build
+        (FLAT_MAX_VECTORS, 512, 4096, "IVF256,PQ64x4fs,RFlat"),  # the raw vectors fit: exact re-rank
+        (100_000, 512, 4096, "IVF512,PQ64x4fs,RFlat"),
+        (1_000_000, 512, 4096, "IVF2048,PQ64x4fs,RFlat"),
+        (100_000, 768, 4096, "IVF512,PQ96x4fs,RFlat"),
+        (100_000, 128, 4096, "IVF512,PQ16x4fs,RFlat"),
+        (100_000, 64, 4096, "IVF512,Flat"),  # PQ8x4 = 32 bits would shortlist badly
+        (100_000, 512, 150, "IVF1024,PQ256x8"),  # raw vectors over budget: product quantisation only
+        (200_000, 512, 100, "IVF2048,PQ256x8"),
         (20_000_000, 512, 4096, "IVF65536_HNSW32,PQ128x8"),
         (5_000, 512, 1, "IVF128,PQ128x7"),  # small but over budget: few PQ bits for few points
     ],
@@ -65,6 +67,15 @@ def test_auto_choice(n, d, budget_mb, want):
     choice = choose_factory(n, d, budget_mb)
     assert choice.factory == want
     assert str(n) in choice.reason and "budget" in choice.reason or "exact" in choice.reason
+
+
+def test_auto_ivf_flat_for_small_vectors_finds_the_neighbours():
+    x, q = clustered(FLAT_MAX_VECTORS, seed=8), clustered(100, seed=9)
+    index, info = build_index(x, "auto", 4096)
+    assert info.resolved == "IVF256,Flat" and info.train_size > 0
+    apply_search_params(index, nprobe=16)
+    found = index.search(q, 10)[1]
+    assert np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, exact_top(x, q, 10))]) > 0.9
 
 
 def test_auto_refuses_an_impossible_budget():
