@@ -33,6 +33,14 @@ def median_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> flo
     return statistics.median(times)
 
 
+def fill_defaults(args: Any, defaults: Mapping[str, Any]) -> Any:
+    """Set every attribute of argparse `args` that is still None from `defaults`; return args."""
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def interleaved_times(
     fns: Mapping[str, Callable[[], Any]], repeats: int = 3, warmup: int = 0
 ) -> dict[str, list[float]]:

@@ -42,6 +42,7 @@ import torch
 from _common import (
     DEMO_CLIP,
     REPO_ROOT,
+    fill_defaults,
     interleaved_times,
     print_table,
     quiet,
@@ -357,10 +358,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     batch_size = int(load_params(REPO_ROOT / "params.yaml")["embed"]["batch_size"])
-    for key, value in {**FULL, "batch_size": batch_size, **(QUICK if args.quick else {})}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, {**FULL, "batch_size": batch_size, **(QUICK if args.quick else {})})
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -39,6 +39,7 @@ import torch
 from _common import (
     DEMO_CLIP,
     REPO_ROOT,
+    fill_defaults,
     interleaved_times,
     print_table,
     quiet,
@@ -179,10 +180,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"smoke test {QUICK} (< 1 min on 2 cores); writes train_step.quick.json",
     )
     args = p.parse_args(argv)
-    for key, value in {**FULL, **(QUICK if args.quick else {})}.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, {**FULL, **(QUICK if args.quick else {})})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
