@@ -39,7 +39,6 @@ Writes bench/results/faiss_scale.json (with --quick: bench/results/faiss_scale.q
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -53,7 +52,7 @@ import numpy as np
 import yaml
 from _common import REPO_ROOT, print_table, write_results
 
-from cliprec.index import apply_search_params, build_index, choose_factory, training_size
+from cliprec.index import apply_search_params, build_index, choose_factory, ivf_nlist, training_size
 
 D = 512
 GOAL_SPEEDUP = 20.0
@@ -203,14 +202,6 @@ def search_knobs(index: faiss.Index, search: dict[str, Any], k_factor: float) ->
     return knobs
 
 
-def ivf_nlist(n: int) -> int:
-    """The power of two nearest 2 sqrt(n), with at least 39 training points per list."""
-    nlist = 2 ** round(math.log2(2 * math.sqrt(n)))
-    while nlist > 1 and 39 * nlist > n:
-        nlist //= 2
-    return nlist
-
-
 def measure_index(
     name: str,
     factory: str,
@@ -254,7 +245,7 @@ def plan(n: int, args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[
         todo.append(("HNSW32", "HNSW32"))
     else:
         skipped.append({"index": "HNSW32", "factory": "HNSW32", "reason": HNSW_1M_NOTE})
-    todo.append(("IVF-PQ", args.ivf_pq.format(nlist=ivf_nlist(n))))
+    todo.append(("IVF-PQ", args.ivf_pq.format(nlist=ivf_nlist(n, 2))))  # the lists of auto's rule 2
     choice = choose_factory(n, D, args.memory_budget_mb)
     if choice.factory.startswith("HNSW") and n >= 1_000_000 and not args.hnsw_1m:
         skipped.append({"index": "auto", "factory": choice.factory, "reason": HNSW_1M_NOTE})

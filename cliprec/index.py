@@ -123,9 +123,7 @@ def choose_factory(n: int, d: int, memory_budget_mb: float) -> FactoryChoice:
 
 def _refine_factory(n: int, d: int) -> tuple[str, float]:
     """Rule 2's factory and its size in bytes (IVF-Flat when d is too small for a useful PQ shortlist)."""
-    nlist = 2 ** round(math.log2(2 * math.sqrt(n)))
-    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n:
-        nlist //= 2
+    nlist = ivf_nlist(n, 2)
     raw, centroids = 4.0 * n * d, 4.0 * nlist * d
     ms = [m for m in range(d // 8, MIN_FASTSCAN_M - 1, -1) if d % m == 0 and m % 2 == 0]
     if not ms:  # fewer than 64 code bits would shortlist badly; small vectors scan fast anyway
@@ -134,16 +132,21 @@ def _refine_factory(n: int, d: int) -> tuple[str, float]:
     return f"IVF{nlist},PQ{m}x4fs,RFlat", raw + n * (m / 2 + IVF_ID_BYTES) + centroids
 
 
+def ivf_nlist(n: int, per_sqrt: float) -> int:
+    """The power of two nearest per_sqrt * sqrt(n), halved until every list gets >= 39 training points."""
+    nlist = 2 ** round(math.log2(per_sqrt * math.sqrt(n)))
+    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n:
+        nlist //= 2
+    return nlist
+
+
 def _ivf_lists(n: int) -> tuple[int, str]:
     """Number of inverted lists and coarse-quantizer suffix for n vectors (autofaiss' heuristic)."""
     if n >= 10_000_000:
         return 65_536, "_HNSW32"
     if n >= 1_000_000:
         return 16_384, "_HNSW32"
-    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
-    while nlist > 1 and nlist * MIN_POINTS_PER_CENTROID > n:
-        nlist //= 2
-    return nlist, ""
+    return ivf_nlist(n, 4), ""
 
 
 def _mb(n_bytes: float) -> str:
