@@ -3,7 +3,8 @@
 Zero-shot and LoRA come from the workspace metric files (metrics/<cat>/<variant>.json, what the last
 `dvc repro` or `dvc exp run` wrote). LoRA+AMP comes from DVC experiments (`dvc exp show --json`): the
 newest experiment, derived from the current commit, whose params have `amp: true` and that finished,
-or the experiment named by `--from-exp`.
+or the experiment named by `--from-exp`, which may be derived from an earlier commit (the report then
+names that commit: its code and params may differ from the workspace's).
 """
 
 from __future__ import annotations
@@ -99,9 +100,9 @@ def find_experiment(experiments: list[Experiment], name: str) -> Experiment:
     raise ReportError(f"no finished experiment named {name!r} (known: {known})")
 
 
-def dvc_exp_show(root: str | Path = ".") -> list[dict[str, Any]]:
-    """`dvc exp show --json` in root; an empty list (with a warning) when DVC cannot answer."""
-    cmd = ["dvc", "exp", "show", "--json"]
+def dvc_exp_show(root: str | Path = ".", rev: str | None = None) -> list[dict[str, Any]]:
+    """`dvc exp show --json [--rev rev]` in root; an empty list (with a warning) when DVC cannot answer."""
+    cmd = ["dvc", "exp", "show", "--json", *(["--rev", rev] if rev else [])]
     try:
         proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
     except FileNotFoundError:
@@ -115,6 +116,39 @@ def dvc_exp_show(root: str | Path = ".") -> list[dict[str, Any]]:
     except json.JSONDecodeError:
         log.warning("report: `%s` printed no JSON", " ".join(cmd))
         return []
+
+
+def experiment_baselines(root: str | Path = ".") -> dict[str, str]:
+    """Experiment name -> the commit it derives from, over all commits (`dvc exp list --all-commits`)."""
+    cmd = ["dvc", "exp", "list", "--all-commits"]
+    try:
+        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return {}
+    if proc.returncode != 0:
+        log.warning("report: `%s` failed: %s", " ".join(cmd), proc.stderr.strip().splitlines()[-1:] or "")
+        return {}
+    out, baseline = {}, None
+    for line in proc.stdout.splitlines():  # "<baseline>:" then "\t<exp rev> [<name>]" lines
+        if line and not line[0].isspace() and line.rstrip().endswith(":"):
+            baseline = line.strip().rstrip(":")
+        elif baseline and line.strip():
+            name = line.strip().split(" ", 1)[-1].strip("[]")
+            out[name] = baseline
+    return out
+
+
+def _find_anywhere(
+    root: Path, experiments: list[Experiment], name: str, exp_show: Callable[..., list[dict[str, Any]]]
+) -> tuple[Experiment, str | None]:
+    # (experiment, its baseline commit when that is not the current one)
+    try:
+        return find_experiment(experiments, name), None
+    except ReportError:
+        baseline = experiment_baselines(root).get(name)
+        if baseline is None:
+            raise
+        return find_experiment(parse_experiments(exp_show(root, baseline)), name), baseline
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -151,7 +185,7 @@ def build_report(
     root: str | Path = ".",
     categories: list[str] | None = None,
     from_exp: str | None = None,
-    exp_show: Callable[[str | Path], list[dict[str, Any]]] = dvc_exp_show,
+    exp_show: Callable[..., list[dict[str, Any]]] = dvc_exp_show,
 ) -> str:
     """The Markdown report (see the module doc)."""
     root = Path(root)
@@ -164,8 +198,9 @@ def build_report(
             p.name for p in (root / paths.METRICS).glob("*") if p.is_dir() and p.name != "train"
         )
     experiments = parse_experiments(exp_show(root))
+    other_baseline = None
     if from_exp:
-        exp = find_experiment(experiments, from_exp)
+        exp, other_baseline = _find_anywhere(root, experiments, from_exp, exp_show)
         exp_label = f"exp `{exp.name}`" + (" (LoRA+AMP)" if exp.params.get("amp") is True else "")
     else:
         exp = newest_amp_experiment(experiments)
@@ -194,4 +229,9 @@ def build_report(
         )
     if exp is not None:
         notes.append(f"LoRA+AMP row: experiment `{exp.name}` ({exp.rev[:7]}, {exp.timestamp}).")
+    if other_baseline is not None:
+        notes.append(
+            f"That experiment derives from commit {other_baseline}, not the checked-out one: its code and "
+            "params may differ from the rows above."
+        )
     return "\n".join(lines + notes) + "\n"

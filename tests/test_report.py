@@ -208,6 +208,24 @@ def test_from_exp(project, monkeypatch):
         report.build_report(project, from_exp="nope")
 
 
+def test_from_exp_of_an_earlier_commit(project, monkeypatch):
+    # none on the checked-out commit; `dvc exp list -A` places amp-on on an earlier one
+    def fake_run(cmd, **kwargs):
+        if cmd[:3] == ["dvc", "exp", "list"]:
+            out = "0f1e2d3:\n\t9a8b7c6 [amp-on]\n\t5a5a5a5 [lr-up]\n"
+        else:
+            out = EXP_SHOW_JSON if cmd[-2:] == ["--rev", "0f1e2d3"] else "[]"
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(report.subprocess, "run", fake_run)
+    assert table_rows(report.build_report(project))[("Appliances", "LoRA+AMP")][0].startswith("—, run")
+    text = report.build_report(project, from_exp="amp-on")
+    assert table_rows(text)[("Amazon_Fashion", "exp `amp-on` (LoRA+AMP)")][1] == "0.3100"
+    assert "derives from commit 0f1e2d3, not the checked-out one" in text
+    with pytest.raises(report.ReportError, match="nope"):
+        report.build_report(project, from_exp="nope")
+
+
 def test_missing_workspace_metrics_and_amp_workspace(project, monkeypatch):
     stub_dvc(monkeypatch)
     (project / "metrics" / "Appliances" / "lora.json").unlink()
