@@ -11,14 +11,14 @@ cliprec, not the editable install) and PYTHONUNBUFFERED=1, streaming its output.
 DVC's own work after a command (hashing outputs, caching, dvc.lock) counts towards that stage, and the
 time before the first stage is reported as startup. Reported: total, per stage, and per stage kind
 (ingest/summarize/images/train/embed_zeroshot/embed_lora/index/evaluate, summed over categories).
-The demo's full repro keeps both cores busy for ~6 min here.
+The demo's full repro keeps both cores busy for ~4.5 min here.
 
 Results go to bench/results/repro.json under "noop" and "full"; running one mode keeps the other's last
 result.
 
 Run (from the repo root):
     python bench/repro.py                          # no-op repro of this checkout, 3 repeats (~10 s)
-    python bench/repro.py --full                   # fresh clone of this repo + full demo (~6 min, 2 cores)
+    python bench/repro.py --full                   # fresh clone of this repo + full demo (~4.5 min, 2 cores)
     python bench/repro.py --full --clone-from /path/to/other/checkout --keep   # keep the clone to inspect
 """
 
@@ -298,7 +298,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repo", type=Path, default=REPO_ROOT, help="repository for the no-op repro (default: this one)"
     )
     p.add_argument("--repeats", type=int, default=3, help="no-op repros to time (median)")
-    p.add_argument("--full", action="store_true", help="time the full demo in a fresh clone instead (~6 min)")
+    p.add_argument("--full", action="store_true", help="time the full demo in a fresh clone (~4.5 min)")
     p.add_argument("--clone-from", default=None, help="what --full clones (default: --repo)")
     p.add_argument("--keep", action="store_true", help="keep the --full clone instead of deleting it")
     p.add_argument(
