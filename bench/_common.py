@@ -252,3 +252,20 @@ def vit_b32_clip(device: Any = "cpu", layers: int | None = None) -> tuple[Any, A
     config = CLIPConfig(text_config={**ids, **depth}, vision_config=depth)
     model = CLIPModel(config).to(device).eval()
     return model, CLIPProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tokenizer)
+
+
+def bench_clip(name: str, device: Any, vitb32_layers: int | None = None) -> tuple[Any, Any]:
+    """The demo CLIP as the pipeline loads it ("demo"), or the ViT-B/32-shaped one ("vitb32"), on device."""
+    if name == "demo":
+        from cliprec.model import load_clip
+
+        return load_clip(DEMO_CLIP, device=device)
+    return vit_b32_clip(device, layers=vitb32_layers)
+
+
+def synchronize(device: Any) -> None:
+    """Wait for queued GPU work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)

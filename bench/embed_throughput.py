@@ -40,14 +40,14 @@ from typing import Any
 import pandas as pd
 import torch
 from _common import (
-    DEMO_CLIP,
     REPO_ROOT,
+    bench_clip,
     fill_defaults,
     interleaved_times,
     print_table,
     quiet,
+    synchronize,
     synthetic_products,
-    vit_b32_clip,
     write_results,
 )
 from torch.utils import flop_counter
@@ -59,7 +59,6 @@ from cliprec.images import read_image_table
 from cliprec.model import (
     decode_pixels,
     image_features,
-    load_clip,
     normalize_pixels,
     text_features,
     text_max_length,
@@ -73,16 +72,6 @@ MODELS = ("demo", "vitb32")
 BARE_TEXT_TOKENS = 77  # CLIP's context: the ~6.0 GFLOP per ViT-B/32 text assume full-length texts
 FULL = {"n": 512, "repeats": 5, "warmup": 1}
 QUICK = {"n": 4, "batch_size": 4, "repeats": 1, "warmup": 1}
-
-
-# --- models ---------------------------------------------------------------------------------------------
-
-
-def load_model(name: str, device: torch.device) -> tuple[torch.nn.Module, CLIPProcessor]:
-    """The demo CLIP as the pipeline loads it, or the ViT-B/32-shaped one; eval mode, on `device`."""
-    if name == "demo":
-        return load_clip(DEMO_CLIP, device=device)
-    return vit_b32_clip(device)
 
 
 # --- what is timed --------------------------------------------------------------------------------------
@@ -157,12 +146,6 @@ def bare_texts(
         for k in sizes:
             text_features(model, tokens["input_ids"][:k], tokens["attention_mask"][:k])
     synchronize(device)
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def batch_sizes(n: int, batch_size: int) -> list[int]:
@@ -375,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with quiet():
             images_dir, summaries = synthetic_products(args.n, Path(tmp) / "catalog", seed=args.seed)
         for name in args.models:
-            model, processor = load_model(name, device)
+            model, processor = bench_clip(name, device)
             work_dir = Path(tmp) / name
             work_dir.mkdir()
             model_rows, details[name] = bench_model(

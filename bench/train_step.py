@@ -37,19 +37,19 @@ from typing import Any
 import pandas as pd
 import torch
 from _common import (
-    DEMO_CLIP,
     REPO_ROOT,
+    bench_clip,
     fill_defaults,
     interleaved_times,
     print_table,
     quiet,
+    synchronize,
     synthetic_products,
-    vit_b32_clip,
     write_results,
 )
 from transformers.utils import logging as hf_logging
 
-from cliprec.model import add_lora, load_clip, text_max_length
+from cliprec.model import add_lora, text_max_length
 from cliprec.params import load_params
 from cliprec.precision import amp_dtype, grad_scaler, pick_device
 from cliprec.train import PairData, TrainConfig, _optimizer, _Towers, _train_step, epoch_plan, load_pairs
@@ -59,13 +59,6 @@ FULL = {"batch_size": 32, "steps": 5, "warmup": 1, "vitb32_layers": 12}
 # bf16 matmuls are emulated on this CPU: one full-depth ViT-B/32 AMP step alone would take minutes
 QUICK = {"batch_size": 4, "steps": 1, "warmup": 1, "vitb32_layers": 1}
 BATCHES = 2  # distinct batches the steps cycle through (products = BATCHES x batch size)
-
-
-def load_model(name: str, device: torch.device, vitb32_layers: int) -> tuple[torch.nn.Module, Any]:
-    """The demo CLIP as the pipeline loads it, or the ViT-B/32-shaped one (that deep), on `device`."""
-    if name == "demo":
-        return load_clip(DEMO_CLIP, device=device)
-    return vit_b32_clip(device, layers=vitb32_layers)
 
 
 def make_pairs(n: int, work_dir: Path, processor: Any, max_length: int, seed: int) -> PairData:
@@ -85,7 +78,7 @@ def bench_model(
     name: str, args: argparse.Namespace, device: torch.device, work_dir: Path
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Time alternating fp32 and AMP LoRA steps of one model; return (table rows, details for the JSON)."""
-    model, processor = load_model(name, device, args.vitb32_layers)
+    model, processor = bench_clip(name, device, args.vitb32_layers)
     if name == "vitb32" and args.vitb32_layers != 12:
         name = f"vitb32 ({args.vitb32_layers} layers)"
     params = load_params(REPO_ROOT / "params.yaml")
@@ -146,12 +139,6 @@ def bench_model(
         "lr": base.lr,
     }
     return table, details
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
