@@ -188,7 +188,7 @@ def synthetic_products(
     import pandas as pd
 
     from cliprec.catalog import normalize_record
-    from cliprec.images import ImageConfig, build_image_shards
+    from cliprec.images import build_image_shards
     from cliprec.params import load_params
     from cliprec.summarize import cap_words, source_text
     from cliprec.synthetic import generate_catalog, n_valid_products
@@ -211,9 +211,10 @@ def synthetic_products(
     if len(products) < n:
         raise RuntimeError(f"synthetic catalog gave {len(products)} products, wanted {n}")
     images_dir = out_dir / "images"
-    cfg = ImageConfig.from_params(params["images"])
-    build_image_shards(products[["id", "image_urls", "image_variants"]], images_dir, cfg, progress=False)
-    max_words = int(params["summarize"]["max_words"])
+    build_image_shards(
+        products[["id", "image_urls", "image_variants"]], images_dir, params.images, progress=False
+    )
+    max_words = params.active.summarize.max_words
     idf = idf_weights(source_text(r.title, r.features, r.description) for r in products.itertuples())
     summaries = [
         cap_words(

@@ -49,10 +49,10 @@ from typing import Any
 
 import faiss
 import numpy as np
-import yaml
 from _common import REPO_ROOT, print_table, write_results
 
 from cliprec.index import apply_search_params, build_index, choose_factory, ivf_nlist, training_size
+from cliprec.params import load_params
 
 D = 512
 GOAL_SPEEDUP = 20.0
@@ -361,11 +361,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sizes, args.repeats = [20_000], 1
     if min(args.sizes) < 1000 or args.queries < 1 or args.k < 1 or args.repeats < 1:
         p.error("sizes must be >= 1000; --queries, --k and --repeats >= 1")
-    index_params = yaml.safe_load(args.params.read_text())["index"]
-    args.memory_budget_mb = float(index_params["memory_budget_mb"])
-    args.nprobe, args.ef_search = int(index_params["nprobe"]), int(index_params["ef_search"])
+    index = load_params(args.params).index
+    args.memory_budget_mb, args.nprobe, args.ef_search = index.memory_budget_mb, index.nprobe, index.ef_search
     if args.k_factor is None:
-        args.k_factor = float(index_params["k_factor"])
+        args.k_factor = index.k_factor
     return args
 
 

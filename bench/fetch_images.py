@@ -3,7 +3,7 @@
 A loopback HTTP server (its own process, so its GIL does not slow the fetcher) serves product-sized JPEGs
 (500-1000 px, ~50-150 kB, noise + gradients + shapes so they do not compress to nothing), 2 per product.
 `cliprec.images.build_image_shards` fetches them exactly as the stage does (HTTP, decode, resize to
-`images.size`, re-encode, parquet shards) with `images.workers` threads from params.yaml and with 1.
+`images.side`, re-encode, parquet shards) with `images.workers` threads from params.yaml and with 1.
 
 Each server answer can be delayed by a simulated CDN latency (`--latency-ms`, default 0 and 50 ms per
 request). With no latency, decode+resize on the CPU bounds both runs and the speed-up is at most about

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from datasets import Features, Json, List, Value
 from tqdm import tqdm
 
+from cliprec.errors import CliprecError, one_line
 from cliprec.text import clean_text
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def validate_jsonl(src: str | Path, dst: str | Path) -> tuple[int, int]:
     """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
-        raise FileNotFoundError(f"ingest: JSONL file {src} does not exist")
+        raise CliprecError(f"ingest: catalog file {src} does not exist (see README 'Your own catalog')")
     read = malformed = unknown_keys = 0
     with open(src, encoding="utf-8", errors="replace") as fin, open(dst, "w", encoding="utf-8") as fout:
         for lineno, line in enumerate(fin, 1):
@@ -390,9 +391,10 @@ def build_catalog(
             try:
                 ds = load_meta(data_files)
             except datasets.exceptions.DatasetGenerationError as e:
-                raise RuntimeError(
+                raise CliprecError(
                     f"ingest: {data_files} does not fit cliprec.catalog.FEATURES (the Amazon-2023 item "
-                    f"schema); a record has a field of another type or a field outside it: {e.__cause__}"
+                    "schema); a record has a field of another type or a field outside it: "
+                    f"{one_line(e.__cause__ or e)}"
                 ) from e
             rows_read = len(ds)
         else:
@@ -456,7 +458,7 @@ def build_catalog(
             "ingest %s: only %d usable products for n_products=%d", category, len(kept), n_products
         )
     if not rows:
-        raise ValueError(f"ingest {category}: no usable product (report: {out_dir / 'report.json'})")
+        raise CliprecError(f"ingest {category}: no usable product (report: {out_dir / 'report.json'})")
     return report
 
 

@@ -1,6 +1,7 @@
 """The `cliprec` command: recommend, report, gate.
 
-Exit codes: 0 success (gate: passed), 1 gate failed, 2 a usage or input problem (one line on stderr).
+Exit codes: 0 success (gate: passed), 1 gate failed, 2 a usage or input problem (one line on stderr;
+the traceback with --debug or CLIPREC_DEBUG=1).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from cliprec.errors import USER_ERROR_EXIT, CliprecError, debug_enabled
 
 log = logging.getLogger("cliprec")
 
@@ -23,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
         "--root", default=".", help="project root (where params.yaml and data/ are); default: ."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    parser.add_argument("--debug", action="store_true", help="full tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     rec = sub.add_parser("recommend", help="recommend products by text, image, text+image or product")
@@ -47,16 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _UserError(Exception):
-    pass
-
-
 def _recommend(args: argparse.Namespace) -> int:
     from cliprec import paths
     from cliprec.recommend import Query, Recommender, as_json, as_table, render_grid, thumbnails
 
     if not (args.text or args.image or args.product):
-        raise _UserError("no query: give --text, --image and/or --product")
+        raise CliprecError("no query: give --text, --image and/or --product")
     rec = Recommender(args.category, args.variant, root=args.root)
     if (args.text or args.image) and not args.verbose:
         from transformers.utils import logging as hf_logging
@@ -86,8 +86,7 @@ def _gate(args: argparse.Namespace) -> int:
 
     tolerance = args.tolerance
     if tolerance is None:
-        params_path = Path(args.root) / "params.yaml"
-        tolerance = float(load_params(params_path)["gate"]["tolerance"]) if params_path.is_file() else 0.01
+        tolerance = load_params(Path(args.root) / "params.yaml").gate.tolerance
     passed, table = run_gate(args.rev, tolerance, root=args.root)
     print(table, end="")
     return 0 if passed else 1
@@ -102,20 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     logging.getLogger("cliprec").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
-    from cliprec.gate import GateError
-    from cliprec.index import IndexIntegrityError
-    from cliprec.recommend import RecommendError
-    from cliprec.report import ReportError
-
     if not Path(args.root).is_dir():
         print(f"cliprec: error: --root {args.root} is not a directory", file=sys.stderr)
         return 2
     handlers = {"recommend": _recommend, "report": _report, "gate": _gate}
     try:
         return handlers[args.command](args)
-    except (_UserError, RecommendError, ReportError, GateError, IndexIntegrityError) as e:
+    except CliprecError as e:
+        if args.debug or debug_enabled():
+            raise
         print(f"cliprec {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR_EXIT
     except BrokenPipeError:  # `cliprec ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

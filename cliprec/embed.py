@@ -8,7 +8,6 @@ sized from the shard row counts, so memory does not grow with the catalog (only 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import deque
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from cliprec.artifacts import MANIFEST_FILE, write_manifest
 from cliprec.images import iter_image_batches, read_image_table
 from cliprec.index import fuse
 from cliprec.model import (
@@ -94,10 +94,10 @@ def embed_catalog(
     info: Mapping[str, Any] | None = None,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Embed every product with a MAIN photo and a summary into `out_dir` (files as in DESIGN.md).
+    """Embed every product with a MAIN photo and a summary into `out_dir` (`FILES`).
 
     Rows follow the shards' order. `info` (model, variant, adapter) goes into manifest.json, which is
-    written last and is returned.
+    written last, records every file's size and sha256, and is returned.
     """
     device = torch.device(device) if device is not None else model_device(model)
     out_dir = Path(out_dir)
@@ -150,12 +150,12 @@ def embed_catalog(
     del arrays
     (out_dir / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
     (out_dir / "alt_ids.txt").write_text("".join(f"{i}\n" for i in alt_ids))
-    manifest = {
+    info = {
         "model": None, "variant": None, "adapter": None, **dict(info or {}),
         "d": d, "n": len(ids), "n_alt": len(alt_ids), "text_weight": float(text_weight),
         "dtype": "float32", "amp": bool(amp), "device": device.type,
     }  # fmt: skip
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest = write_manifest(out_dir, [f for f in FILES if f != MANIFEST_FILE], info)
     log.info("embedded %d products (%d alt photos), d=%d -> %s", len(ids), len(alt_ids), d, out_dir)
     return manifest
 

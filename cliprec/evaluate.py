@@ -25,16 +25,15 @@ Also reported, for comparison with the seed project:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from cliprec.artifacts import verify_files, write_json
+from cliprec.errors import CliprecError
 from cliprec.index import LoadedIndex, fuse, load_index, read_ids
 from cliprec.metrics import metrics_from_ranks, target_ranks
 
@@ -48,16 +47,12 @@ TIE_EPS = 1e-5  # float32 inner products of equal vectors can differ in the last
 
 
 class Embeddings:
-    """The arrays of one embed directory (memory-mapped)."""
+    """The arrays of one embed directory (memory-mapped), verified against its manifest first."""
 
     def __init__(self, embed_dir: str | Path):
         embed_dir = Path(embed_dir)
-        required = ("ids.txt", "text.npy", "image.npy", "fused.npy", "manifest.json")
-        missing = [name for name in required if not (embed_dir / name).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{embed_dir}: missing {', '.join(missing)}; run the embed stage first")
         self.dir = embed_dir
-        self.manifest: dict[str, Any] = json.loads((embed_dir / "manifest.json").read_text())
+        self.manifest: dict[str, Any] = verify_files(embed_dir)
         self.ids = read_ids(embed_dir / "ids.txt")
         self.text = np.load(embed_dir / "text.npy", mmap_mode="r")
         self.image = np.load(embed_dir / "image.npy", mmap_mode="r")
@@ -65,12 +60,8 @@ class Embeddings:
         for name, arr in (("text", self.text), ("image", self.image), ("fused", self.fused)):
             if len(arr) != len(self.ids):
                 raise ValueError(f"{embed_dir}: {name}.npy has {len(arr)} rows, ids.txt {len(self.ids)}")
-        if (embed_dir / "alt_ids.txt").is_file() and (embed_dir / "alt_image.npy").is_file():
-            self.alt_ids = read_ids(embed_dir / "alt_ids.txt")
-            self.alt_image = np.load(embed_dir / "alt_image.npy", mmap_mode="r")
-        else:
-            log.warning("%s: no alt_ids.txt/alt_image.npy: no product has a second image", embed_dir)
-            self.alt_ids, self.alt_image = [], np.zeros((0, self.fused.shape[1]), np.float32)
+        self.alt_ids = read_ids(embed_dir / "alt_ids.txt")
+        self.alt_image = np.load(embed_dir / "alt_image.npy", mmap_mode="r")
         if len(self.alt_ids) != len(self.alt_image):
             raise ValueError(f"{embed_dir}: alt_image.npy rows != alt_ids.txt lines")
         self.row = {pid: i for i, pid in enumerate(self.ids)}
@@ -159,7 +150,7 @@ def evaluate(
     if missing:
         log.warning("evaluate: %d of %d test products have no embedding (no image)", missing, len(test_ids))
     if len(gallery_rows) == 0:
-        raise ValueError(f"evaluate: no test product of {products_path} has an embedding in {embed_dir}")
+        raise CliprecError(f"evaluate: no test product of {products_path} has an embedding in {embed_dir}")
     g_ids = [emb.ids[r] for r in gallery_rows]
     text, image, fused = (
         _rows(emb.text, gallery_rows),
@@ -238,21 +229,6 @@ def _check_keys(value: Any, where: str = "") -> None:
             if "." in k:
                 raise ValueError(f"metric key {where}{k!r} has a dot: `dvc metrics diff` would split it")
             _check_keys(v, f"{where}{k}/")
-
-
-def write_json(obj: Any, path: str | Path) -> None:
-    """Write JSON atomically (temp file in the same directory + os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_outputs(

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cliprec.errors import CliprecError
+
 log = logging.getLogger(__name__)
 
 RELEVANCE = re.compile(r"^(recall_at_\d+|mrr|ndcg_at_\d+)$")
@@ -27,7 +29,7 @@ UNGATED_PREFIXES = ("metrics/train/",)
 EPS = 1e-9  # 0.50 - 0.49 is 0.010000000000000009 in floats: a drop of exactly `tolerance` passes
 
 
-class GateError(RuntimeError):
+class GateError(CliprecError):
     """DVC could not produce the diff (unknown revision, not a DVC repo, ...)."""
 
 

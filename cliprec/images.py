@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import json
 import logging
 import math
 import os
@@ -38,9 +37,9 @@ import threading
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -55,6 +54,11 @@ import urllib3
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
+
+from cliprec.artifacts import MANIFEST_FILE, ArtifactError, verify_files, write_json, write_manifest
+from cliprec.errors import CliprecError
+from cliprec.params import Images
+from cliprec.paths import rebuild_hint
 
 log = logging.getLogger(__name__)
 
@@ -106,46 +110,6 @@ STATUS_SCHEMA = pa.schema(
         ("attempts", pa.int32()),
     ]
 )
-
-
-# --- configuration --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageConfig:
-    """The `images:` block of params.yaml."""
-
-    size: int = 224
-    resize: str = "center_crop"
-    max_images: int = 2
-    workers: int = 16
-    timeout_s: float = 10.0
-    retries: int = 2
-    backoff_s: float = 0.5
-    max_bytes: int = 20_000_000
-    max_pixels: int = 40_000_000
-    jpeg_quality: int = 90
-    shard_size: int = 2000
-
-    def __post_init__(self) -> None:
-        if self.resize not in ("center_crop", "pad"):
-            raise ValueError(f"images.resize must be center_crop or pad, not {self.resize!r}")
-        for name in ("size", "max_images", "workers", "max_bytes", "max_pixels", "shard_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"images.{name} must be >= 1, not {getattr(self, name)!r}")
-        if self.retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0:
-            raise ValueError("images: retries and backoff_s must be >= 0, timeout_s > 0")
-        if not 1 <= self.jpeg_quality <= 95:
-            raise ValueError(f"images.jpeg_quality must be in 1..95, not {self.jpeg_quality!r}")
-
-    @classmethod
-    def from_params(cls, images: Mapping[str, Any]) -> ImageConfig:
-        """Build from params["images"], rejecting unknown keys (a typo would otherwise be ignored)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(images) - known)
-        if unknown:
-            raise ValueError(f"images: unknown params {unknown}; known: {sorted(known)}")
-        return cls(**dict(images))
 
 
 def user_agent() -> str:
@@ -259,8 +223,8 @@ def _check_pixels(w: int, h: int, max_pixels: int) -> None:
         )
 
 
-def process_image(data: bytes, cfg: ImageConfig) -> bytes:
-    """Decode untrusted image bytes, make them size x size RGB, return JPEG bytes; raises ImageFailure."""
+def process_image(data: bytes, cfg: Images) -> bytes:
+    """Decode untrusted image bytes, make them side x side RGB, return JPEG bytes; raises ImageFailure."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone flipped the global: truncated files would decode as grey garbage instead of failing.
         raise ImageFailure("error", "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to decode")
@@ -276,7 +240,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> bytes:
         _check_pixels(*im.size, cfg.max_pixels)
         try:
             # JPEG only (no-op elsewhere): decode at 1/2..1/8 scale in the DCT, the big speed win.
-            im.draft(None, _draft_size(*im.size, cfg.size, cfg.resize))
+            im.draft(None, _draft_size(*im.size, cfg.side, cfg.resize))
             im.load()  # LOAD_TRUNCATED_IMAGES is False: a truncated file raises here
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageFailure("too_large", f"decompression bomb: {e}") from e
@@ -292,7 +256,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> bytes:
             rgb = _to_rgb_or_rgba(rotated)
         except (ValueError, OSError) as e:
             raise ImageFailure("decode_error", f"cannot convert {fmt} mode {im.mode} to RGB: {e}") from e
-        out = resize_square(rgb, cfg.size, cfg.resize)
+        out = resize_square(rgb, cfg.side, cfg.resize)
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=cfg.jpeg_quality)
     return buf.getvalue()
@@ -374,7 +338,7 @@ def _retry_after(resp: requests.Response) -> float | None:
         return None  # an HTTP date: rare, fall back to our own backoff
 
 
-def _read_http(session: requests.Session, url: str, cfg: ImageConfig) -> bytes:
+def _read_http(session: requests.Session, url: str, cfg: Images) -> bytes:
     deadline = time.monotonic() + BODY_DEADLINE_FACTOR * cfg.timeout_s
     try:
         with session.get(url, stream=True, timeout=(cfg.timeout_s, cfg.timeout_s)) as resp:
@@ -424,7 +388,7 @@ def _read_http(session: requests.Session, url: str, cfg: ImageConfig) -> bytes:
 class Fetcher:
     """Fetch + process URLs from many threads: one requests.Session per thread, bounded retries."""
 
-    def __init__(self, cfg: ImageConfig, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, cfg: Images, sleep: Callable[[float], None] = time.sleep) -> None:
         self.cfg = cfg
         self._sleep = sleep
         self._local = threading.local()
@@ -497,7 +461,7 @@ class Fetcher:
         self.close()
 
 
-def fetch_image(url: str, cfg: ImageConfig) -> ImageResult:
+def fetch_image(url: str, cfg: Images) -> ImageResult:
     """Fetch and process one URL (same code path as the stage); never raises."""
     with pillow_limits(cfg.max_pixels), Fetcher(cfg) as fetcher:
         return fetcher.fetch(url)
@@ -544,7 +508,7 @@ class _ShardWriter:
 
 
 def build_image_shards(
-    products: pd.DataFrame, out_dir: str | Path, cfg: ImageConfig, progress: bool = True
+    products: pd.DataFrame, out_dir: str | Path, cfg: Images, progress: bool = True
 ) -> dict[str, Any]:
     """Fetch the first max_images images of every product into out_dir; return (and write) the report.
 
@@ -561,7 +525,12 @@ def build_image_shards(
         raise RuntimeError("images: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; truncated files would pass")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*out_dir.glob(SHARD_GLOB), out_dir / STATUS_FILE, out_dir / REPORT_FILE]:
+    for stale in [
+        *out_dir.glob(SHARD_GLOB),
+        out_dir / STATUS_FILE,
+        out_dir / REPORT_FILE,
+        out_dir / MANIFEST_FILE,
+    ]:
         stale.unlink(missing_ok=True)
 
     ids = [str(x) for x in products["id"]]
@@ -649,14 +618,12 @@ def build_image_shards(
         "images": writer.n_rows,
         "counts": all_counts,
         "success_rate": round(n_ok / n_urls, 6) if n_urls else 0.0,
-        "seconds": round(seconds, 3),
-        "images_per_s": round(n_ok / seconds, 2) if seconds > 0 else 0.0,
         "shards": len(writer.paths),
-        "workers": cfg.workers,
-        "size": cfg.size,
+        "side": cfg.side,
         "resize": cfg.resize,
-    }
-    (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    }  # no wall-clock figures: this directory is a DVC output, its hash must follow from the inputs
+    write_json(report, out_dir / REPORT_FILE)
+    write_manifest(out_dir, [p.name for p in writer.paths] + [STATUS_FILE], {"side": cfg.side})
     failed = {s: c for s, c in all_counts.items() if c and s != "ok"}
     log.info(
         "images: %d/%d urls ok (%.1f%%) in %.1f s (%.1f img/s); products: %d with image, %d without, "
@@ -665,26 +632,26 @@ def build_image_shards(
         n_urls,
         100 * report["success_rate"],
         seconds,
-        report["images_per_s"],
+        n_ok / seconds if seconds > 0 else 0.0,
         with_image,
         len(ids) - with_image,
         with_alt,
         f"; failures {failed} (see {out_dir / STATUS_FILE})" if failed else "",
     )
     if ids and not with_image:
-        raise RuntimeError(
+        raise CliprecError(
             f"images: no product got an image ({failed}); see {out_dir / STATUS_FILE} for each url's error"
         )
     return report
 
 
 def build_images(
-    products_path: str | Path, out_dir: str | Path, cfg: ImageConfig, progress: bool = True
+    products_path: str | Path, out_dir: str | Path, cfg: Images, progress: bool = True
 ) -> dict[str, Any]:
     """The stage: read products.parquet, run build_image_shards, return the report."""
     products_path = Path(products_path)
     if not products_path.exists():
-        raise FileNotFoundError(f"images: {products_path} not found; run the ingest stage first")
+        raise ArtifactError(f"{products_path} is missing: rebuild it with `{rebuild_hint(products_path)}`")
     columns = [c for c in ("id", "image_urls", "image_variants") if c in pq.read_schema(products_path).names]
     products = pd.read_parquet(products_path, columns=columns)
     return build_image_shards(products, out_dir, cfg, progress=progress)
@@ -694,8 +661,9 @@ def build_images(
 
 
 def list_shards(images_dir: str | Path) -> list[Path]:
-    """The shard files of an images directory, in row order."""
-    return sorted(Path(images_dir).glob(SHARD_GLOB))
+    """The shard files of an images directory, in row order, verified against its manifest."""
+    manifest = verify_files(images_dir)
+    return [Path(images_dir) / name for name in sorted(manifest["files"]) if name.startswith("shard-")]
 
 
 def _empty_frame(columns: Sequence[str] | None) -> pd.DataFrame:

@@ -33,8 +33,6 @@ multi-threaded and therefore not byte-reproducible; Flat and IVF-PQ builds are.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
@@ -48,11 +46,14 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from cliprec.artifacts import MANIFEST_FILE, ArtifactError, atomic_write_bytes, verify_files, write_manifest
+from cliprec.errors import CliprecError, one_line
+from cliprec.paths import rebuild_hint
+
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.txt"
-MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
 FLAT_MAX_VECTORS = 20_000
@@ -71,11 +72,11 @@ def fuse(text: np.ndarray, image: np.ndarray, text_weight: float) -> np.ndarray:
     return (v / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
-class IndexIntegrityError(RuntimeError):
+class IndexIntegrityError(ArtifactError):
     """The saved index does not match its manifest, its ids or what the caller expects."""
 
 
-class IndexNotFoundError(FileNotFoundError):
+class IndexNotFoundError(ArtifactError):
     """No saved index in the directory (the `index` stage has not run)."""
 
 
@@ -115,8 +116,8 @@ def choose_factory(n: int, d: int, memory_budget_mb: float) -> FactoryChoice:
         if size <= budget:
             factory = f"IVF{nlist}{coarse},PQ{m}x{nbits}"
             return FactoryChoice(factory, f"{why}: {factory} fits ({_mb(size)} of {_mb(budget)} budget)")
-    raise ValueError(
-        f"index: no index for n={n}, d={d} fits memory_budget_mb={memory_budget_mb}; raise it "
+    raise CliprecError(
+        f"index: no index for n={n}, d={d} fits index.memory_budget_mb={memory_budget_mb}; raise it "
         f"(the smallest IVF-PQ needs about {_mb(n * (1 + IVF_ID_BYTES) + centroid_bytes)})"
     )
 
@@ -203,7 +204,7 @@ def build_index(
     try:
         index = faiss.index_factory(d, choice.factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise ValueError(f"index: faiss cannot build factory {choice.factory!r}: {_first_line(e)}") from e
+        raise ValueError(f"index: faiss cannot build factory {choice.factory!r}: {one_line(e)}") from e
     info = BuildInfo(requested=factory, resolved=choice.factory, reason=choice.reason)
     inner = faiss.downcast_index(index)
     base = faiss.downcast_index(inner.base_index) if isinstance(inner, faiss.IndexRefine) else None
@@ -235,22 +236,17 @@ def _train(index: faiss.Index, sample: np.ndarray, use_gpu: bool) -> bool:
             gpu_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlat(index.d, index.metric_type))
             ivf.clustering_index = gpu_index
         except Exception as e:  # faiss-cpu has the helper but no GPU classes: NameError, ...
-            log.warning("index: GPU k-means unavailable (%s); training on the CPU", _first_line(e))
+            log.warning("index: GPU k-means unavailable (%s); training on the CPU", one_line(e))
             gpu_index = None
     log.info("index: training on %d vectors%s", len(sample), " (GPU k-means)" if gpu_index else "")
     try:
         index.train(sample)
     except RuntimeError as e:
-        raise ValueError(f"index: cannot train on {len(sample)} vectors: {_first_line(e)}") from e
+        raise CliprecError(f"index: cannot train on {len(sample)} vectors: {one_line(e)}") from e
     finally:
         if ivf is not None:
             ivf.clustering_index = None
     return gpu_index is not None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def apply_search_params(
@@ -274,28 +270,6 @@ def apply_search_params(
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexHNSW) and ef_search is not None:
         inner.hnsw.efSearch = int(ef_search)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _atomic_write_index(index: faiss.Index, path: Path) -> None:
@@ -329,8 +303,8 @@ def save_index(
     if "Gpu" in type(index).__name__:
         index = faiss.index_gpu_to_cpu(index)  # the saved index must load on any machine
     _atomic_write_index(index, out_dir / INDEX_FILE)
-    _atomic_write_bytes(out_dir / IDS_FILE, "".join(f"{i}\n" for i in ids).encode())
-    manifest: dict[str, Any] = {
+    atomic_write_bytes(out_dir / IDS_FILE, "".join(f"{i}\n" for i in ids).encode())
+    info: dict[str, Any] = {
         "format": FORMAT_VERSION,
         "model": model,
         "variant": variant,
@@ -344,13 +318,9 @@ def save_index(
         },
         "train_size": info.train_size if info else 0,
         "gpu_train": info.gpu if info else False,
-        "index_file": INDEX_FILE,
-        "index_sha256": sha256_file(out_dir / INDEX_FILE),
-        "ids_file": IDS_FILE,
-        "ids_sha256": sha256_file(out_dir / IDS_FILE),
         **(extra or {}),
     }
-    _atomic_write_bytes(out_dir / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    manifest = write_manifest(out_dir, [INDEX_FILE, IDS_FILE], info)
     log.info("index: saved %d vectors (%s) to %s", index.ntotal, manifest["factory"]["resolved"], out_dir)
     return manifest
 
@@ -398,56 +368,39 @@ def load_index(
     ef_search: int | None = None,
     k_factor: float | None = None,
 ) -> LoadedIndex:
-    """Load and verify a saved index (sha256, ids, ntotal, d, model, variant); set search params."""
+    """Load and verify a saved index (sizes + sha256, ids, ntotal, d, model, variant); set search params."""
     index_dir = Path(index_dir)
-    manifest_path = index_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
+    if not (index_dir / MANIFEST_FILE).is_file():
         raise IndexNotFoundError(f"no index in {index_dir} (missing {MANIFEST_FILE})")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise IndexIntegrityError(f"{manifest_path}: unreadable manifest ({e})") from e
-    for key in ("index_file", "index_sha256", "ids_file", "ids_sha256", "ntotal", "d", "model", "variant"):
+    manifest = verify_files(index_dir, [INDEX_FILE, IDS_FILE])
+    rebuild = f"rebuild it with `{rebuild_hint(index_dir)}`"
+    for key in ("ntotal", "d", "model", "variant"):
         if key not in manifest:
-            raise IndexIntegrityError(f"{manifest_path}: manifest lacks {key!r}")
-    index_path = index_dir / manifest["index_file"]
-    ids_path = index_dir / manifest["ids_file"]
-    for path in (index_path, ids_path):
-        if not path.is_file():
-            raise IndexIntegrityError(f"{path}: listed in the manifest but missing")
+            raise IndexIntegrityError(f"{index_dir / MANIFEST_FILE} lacks {key!r}: {rebuild}")
     if expect_model is not None and manifest["model"] != expect_model:
         raise IndexIntegrityError(
-            f"{index_dir}: index built with model {manifest['model']!r}, expected {expect_model!r}"
+            f"{index_dir}: index built with model {manifest['model']!r}, expected {expect_model!r}: {rebuild}"
         )
     if expect_variant is not None and manifest["variant"] != expect_variant:
         raise IndexIntegrityError(
-            f"{index_dir}: index is variant {manifest['variant']!r}, expected {expect_variant!r}"
+            f"{index_dir}: index is variant {manifest['variant']!r}, expected {expect_variant!r}: {rebuild}"
         )
     if expect_d is not None and int(manifest["d"]) != int(expect_d):
-        raise IndexIntegrityError(f"{index_dir}: index dimension {manifest['d']}, expected {expect_d}")
-    sha = sha256_file(index_path)
-    if sha != manifest["index_sha256"]:
         raise IndexIntegrityError(
-            f"{index_path}: sha256 {sha[:12]}... != manifest {str(manifest['index_sha256'])[:12]}... "
-            "(corrupted or replaced; rebuild with `dvc repro index`)"
+            f"{index_dir}: index dimension {manifest['d']}, expected {expect_d}: {rebuild}"
         )
-    ids_sha = sha256_file(ids_path)
-    if ids_sha != manifest["ids_sha256"]:
-        raise IndexIntegrityError(f"{ids_path}: sha256 does not match the manifest")
-    ids = ids_path.read_text().splitlines()
+    ids = read_ids(index_dir / IDS_FILE)
     try:
-        index = faiss.read_index(str(index_path))
+        index = faiss.read_index(str(index_dir / INDEX_FILE))
     except RuntimeError as e:
-        raise IndexIntegrityError(f"{index_path}: faiss cannot read it ({_first_line(e)})") from e
-    if index.ntotal != len(ids) or index.ntotal != int(manifest["ntotal"]):
+        raise IndexIntegrityError(f"{index_dir / INDEX_FILE}: faiss cannot read it ({one_line(e)})") from e
+    if index.ntotal != len(ids) or index.ntotal != int(manifest["ntotal"]) or index.d != int(manifest["d"]):
         raise IndexIntegrityError(
-            f"{index_dir}: index holds {index.ntotal} vectors, ids.txt {len(ids)}, "
-            f"manifest says {manifest['ntotal']}"
+            f"{index_dir}: index holds {index.ntotal} vectors of dimension {index.d}, ids.txt {len(ids)}, "
+            f"manifest says {manifest['ntotal']} x {manifest['d']}: {rebuild}"
         )
-    if index.d != int(manifest["d"]):
-        raise IndexIntegrityError(f"{index_dir}: index dimension {index.d} != manifest {manifest['d']}")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise IndexIntegrityError(f"{index_dir}: index does not use the inner product")
+        raise IndexIntegrityError(f"{index_dir}: index does not use the inner product: {rebuild}")
     apply_search_params(index, nprobe=nprobe, ef_search=ef_search, k_factor=k_factor)
     return LoadedIndex(index=index, ids=ids, manifest=manifest)
 
@@ -460,16 +413,14 @@ def read_ids(path: str | Path) -> list[str]:
 def build_from_embeddings(
     embed_dir: str | Path,
     out_dir: str | Path,
-    index_params: dict[str, Any],
+    factory: str = "auto",
+    memory_budget_mb: float = 4096,
     seed: int = 0,
     variant: str | None = None,
 ) -> dict[str, Any]:
-    """The `index` stage: index `fused.npy` + `ids.txt` of an embedding directory into `out_dir`."""
+    """The `index` stage: index the verified `fused.npy` + `ids.txt` of an embedding directory."""
     embed_dir = Path(embed_dir)
-    for name in ("fused.npy", "ids.txt", "manifest.json"):
-        if not (embed_dir / name).is_file():
-            raise FileNotFoundError(f"{embed_dir / name} missing: run the embed stage first")
-    embed_manifest = json.loads((embed_dir / "manifest.json").read_text())
+    embed_manifest = verify_files(embed_dir, ["fused.npy", "ids.txt"])
     if variant and embed_manifest.get("variant") not in (None, variant):
         raise ValueError(f"{embed_dir}: embeddings of variant {embed_manifest['variant']!r}, not {variant!r}")
     fused = np.load(embed_dir / "fused.npy", mmap_mode="r")
@@ -478,12 +429,7 @@ def build_from_embeddings(
         raise ValueError(f"{embed_dir}: {len(ids)} ids but {len(fused)} fused vectors")
     if len(set(ids)) != len(ids):
         raise ValueError(f"{embed_dir}: ids.txt has duplicate product ids")
-    index, info = build_index(
-        fused,
-        factory=str(index_params.get("factory", "auto")),
-        memory_budget_mb=float(index_params.get("memory_budget_mb", 4096)),
-        seed=seed,
-    )
+    index, info = build_index(fused, factory=factory, memory_budget_mb=memory_budget_mb, seed=seed)
     return save_index(
         index,
         ids,

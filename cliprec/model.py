@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"  # data/train/<cat>/adapter/: what the lora variant loads
 LOGIT_SCALE_FILE = "logit_scale.json"  # PEFT does not save CLIP's bare logit_scale Parameter
 MAX_LOGIT_SCALE = math.log(100)  # CLIP's clamp: the temperature never goes below 1/100
 
@@ -93,9 +92,16 @@ def add_lora(model: CLIPModel, lora_params: dict[str, Any], train_logit_scale: b
 
 
 def save_adapter(model: PeftModel, out_dir: str | Path) -> None:
-    """PEFT save_pretrained, plus logit_scale.json when the temperature was trained."""
+    """PEFT save_pretrained (byte-reproducible), plus logit_scale.json when the temperature was trained."""
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir))
+    # PEFT writes target_modules from a set, in an order that changes with every process's hash seed:
+    # sorted, the same adapter always gives the same file (and the same DVC hash downstream)
+    config_file = out_dir / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     logit_scale = clip_module(model).logit_scale
     if logit_scale.requires_grad:
         value = float(logit_scale.detach())

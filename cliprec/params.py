@@ -1,31 +1,368 @@
-"""Read params.yaml and resolve the active setup into one flat view."""
+"""params.yaml as one validated schema, checked before any work.
+
+`load_params()` reads the file and validates all of it, both setups included: every key must be known
+(a typo is an error, not a silently ignored setting), present, of its YAML type (booleans are YAML
+booleans, integers integers: nothing is cast) and in range. A problem is a `ParamsError` whose one line
+names the key, the value and what is allowed. The result is a frozen `Params`; `p.active` is the block
+of the selected setup (`setups.<setup>`), so the shared keys mean the same in both worlds.
+
+PyYAML reads YAML 1.1, where `2e-5` is a string: write `2.0e-5` (the error says so).
+Never name a param `size` or `nfiles`: DVC's run-cache leaves such keys out of its key (treeverse/dvc
+#10296), so changing one would restore an old output (tests/test_params.py walks the file for them).
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cliprec.errors import CliprecError
 
 PARAMS_FILE = Path("params.yaml")
+CATALOG_DIR = Path("catalog")  # where a jsonl catalog lives: a dependency of the ingest stage in dvc.yaml
+DVC_BLIND_KEYS = frozenset({"size", "nfiles"})  # DVC's run-cache ignores params with these names
+DEFAULT_EMBED_DIM = 512  # OpenAI CLIP ViT-B/32; used to try index.factory when the model is not local
+CATEGORY = re.compile(r"^[A-Za-z0-9_]+$")  # a category names directories and DVC stages (ingest@<cat>)
 
 
-def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    """Return params.yaml with `setups[setup]` merged over the shared blocks.
+class ParamsError(CliprecError):
+    """params.yaml is missing, unreadable or invalid."""
 
-    A block present in both (e.g. `train`) is merged key by key, the setup's value winning; the
-    result has no `setups` key, only what the active setup means.
-    """
-    with open(path) as f:
-        raw = yaml.safe_load(f)
-    setups = raw.pop("setups", {})
-    name = raw.get("setup", "demo")
-    if name not in setups:
-        raise ValueError(f"params: setup {name!r} is not one of {sorted(setups)}")
-    merged = dict(raw)
-    for block, values in setups[name].items():
-        if isinstance(values, dict) and isinstance(merged.get(block), dict):
-            merged[block] = {**merged[block], **values}
-        else:
-            merged[block] = values
-    return merged
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        # pydantic's own "extra inputs" error does not say what IS allowed
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise ValueError(
+                    f"unknown key {unknown[0]!r} (a typo?); allowed: {', '.join(cls.model_fields)}"
+                )
+        return data
+
+
+# --- shared blocks ----------------------------------------------------------------------------------------
+
+
+class Train(_Block):
+    """`train:` optimiser and early stopping."""
+
+    optimizer: Literal["adamw"]
+    weight_decay: float = Field(ge=0)
+    warmup_frac: float = Field(ge=0, lt=1)
+    grad_clip: float = Field(gt=0)
+    patience: int = Field(ge=1)
+    train_logit_scale: bool
+
+
+class Lora(_Block):
+    """`lora:` the adapter's shape."""
+
+    r: int = Field(ge=1)
+    alpha: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class Split(_Block):
+    """`split:` fractions of products per split (assigned by hashing the product id)."""
+
+    train: float = Field(gt=0, le=1)
+    val: float = Field(gt=0, le=1)
+    test: float = Field(gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> Split:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"train + val + test = {total:g}; the fractions must sum to 1")
+        return self
+
+
+class Images(_Block):
+    """`images:` fetching, checking and storing the product photos."""
+
+    side: int = Field(ge=16)  # pixels of the stored square
+    resize: Literal["center_crop", "pad"]
+    max_images: int = Field(ge=1)
+    workers: int = Field(ge=1)
+    timeout_s: float = Field(gt=0)
+    retries: int = Field(ge=0)
+    backoff_s: float = Field(ge=0)
+    max_bytes: int = Field(ge=1)
+    max_pixels: int = Field(ge=1)
+    jpeg_quality: int = Field(ge=1, le=95)
+    shard_size: int = Field(ge=1)
+
+
+class Embed(_Block):
+    """`embed:` batch size and the text share of the fused product vector."""
+
+    batch_size: int = Field(ge=1)
+    text_weight: float = Field(ge=0, le=1)
+
+
+class Index(_Block):
+    """`index:` the FAISS index and its search settings."""
+
+    factory: str = Field(min_length=1)
+    memory_budget_mb: float = Field(gt=0)
+    nprobe: int = Field(ge=1)
+    ef_search: int = Field(ge=1)
+    k_factor: float = Field(ge=1)
+
+
+class Evaluate(_Block):
+    """`evaluate:` the K of Recall@K."""
+
+    ks: list[int] = Field(min_length=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _positive_unique(cls, ks: list[int]) -> list[int]:
+        if min(ks) < 1 or len(set(ks)) != len(ks):
+            raise ValueError(f"{ks}: each K must be an integer >= 1, and each K listed once")
+        return ks
+
+
+class Gate(_Block):
+    """`gate:` what the CI gate tolerates."""
+
+    tolerance: float = Field(ge=0)
+
+
+# --- per-setup blocks --------------------------------------------------------------------------------------
+
+
+class Ingest(_Block):
+    """`setups.<s>.ingest:` where the catalog comes from."""
+
+    source: Literal["synthetic", "jsonl", "amazon"]
+    path: str | None
+    n_products: int | None = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> Ingest:
+        if self.source == "synthetic" and self.n_products is None:
+            raise ValueError("source 'synthetic' needs n_products (how many products to draw)")
+        if self.source == "jsonl":
+            if not self.path:
+                raise ValueError("source 'jsonl' needs path (a file under catalog/; {category} is replaced)")
+            parts = Path(self.path).parts
+            if Path(self.path).is_absolute() or ".." in parts or parts[:1] != (CATALOG_DIR.name,):
+                raise ValueError(
+                    f"path {self.path!r} must be a file under {CATALOG_DIR}/ (the ingest stage's "
+                    "dependency, so DVC sees the catalog change; see README 'Your own catalog')"
+                )
+        elif self.path is not None:
+            raise ValueError(f"path is only read by source 'jsonl', not {self.source!r}: set it to null")
+        return self
+
+
+class Extractive(_Block):
+    """`summarize:` title + the catalog-wise most informative sentences."""
+
+    method: Literal["extractive"]
+    max_words: int = Field(ge=1)
+    chunk_size: int = Field(ge=1)
+
+
+class Bart(_Block):
+    """`summarize:` a seq2seq model (BART) with beam search."""
+
+    method: Literal["bart"]
+    model: str = Field(min_length=1)
+    max_input_tokens: int = Field(ge=1)
+    max_length: int = Field(ge=1)
+    min_length: int = Field(ge=0)
+    num_beams: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    max_words: int = Field(ge=1)
+    chunk_size: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> Bart:
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} exceeds max_length {self.max_length}")
+        return self
+
+
+Summarize = Annotated[Extractive | Bart, Field(discriminator="method")]
+
+
+class Model(_Block):
+    """`setups.<s>.model:` the CLIP (hub id or local directory)."""
+
+    name: str = Field(min_length=1)
+
+
+class SetupTrain(_Block):
+    """`setups.<s>.train:` what training needs per world."""
+
+    lr_scale: float = Field(gt=0)
+
+
+class Setup(_Block):
+    """One world: demo or study."""
+
+    ingest: Ingest
+    summarize: Summarize
+    model: Model
+    train: SetupTrain
+
+
+class Params(_Block):
+    """The whole of params.yaml, validated."""
+
+    setup: str
+    categories: list[str] = Field(min_length=1)
+    seed: int = Field(ge=0)
+    batch_size: int = Field(ge=2)
+    lr: float = Field(gt=0)
+    epochs: int = Field(ge=1)
+    amp: bool
+    train: Train
+    lora: Lora
+    split: Split
+    images: Images
+    embed: Embed
+    index: Index
+    evaluate: Evaluate
+    gate: Gate
+    setups: dict[str, Setup] = Field(min_length=1)
+
+    @field_validator("categories")
+    @classmethod
+    def _categories(cls, cats: list[str]) -> list[str]:
+        for cat in cats:
+            if not CATEGORY.match(cat):
+                raise ValueError(f"{cat!r}: a category name has only letters, digits and _")
+        if len(set(cats)) != len(cats):
+            raise ValueError(f"{cats}: each category listed once")
+        return cats
+
+    @model_validator(mode="after")
+    def _setup_exists(self) -> Params:
+        if self.setup not in self.setups:
+            raise ValueError(f"setup = {self.setup!r}: not one of the setups: {', '.join(self.setups)}")
+        return self
+
+    @property
+    def active(self) -> Setup:
+        """The selected setup's block."""
+        return self.setups[self.setup]
+
+    @property
+    def effective_lr(self) -> float:
+        """The peak learning rate training uses: lr x setups.<setup>.train.lr_scale."""
+        return self.lr * self.active.train.lr_scale
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml (both setups, index.factory tried in FAISS); raise ParamsError."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise ParamsError(f"{path}: not found (run from the project root, or pass --root)") from e
+    except (OSError, yaml.YAMLError) as e:
+        raise ParamsError(f"{path}: cannot read it: {' '.join(str(e).split())}") from e
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ParamsError(f"{path}: {describe(errors[0], raw)}{more}") from None
+    check_index_factory(params, path)
+    return params
+
+
+def describe(err: dict[str, Any], raw: Any = None) -> str:
+    """One pydantic error as `key = value: what is allowed`."""
+    loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and x in ("extractive", "bart"))]
+    key = ".".join(loc) or "(top level)"
+    kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
+    if kind == "missing":
+        return f"{key}: missing (every setting must be in the file)"
+    value = err.get("input")
+    if not loc:
+        return msg
+    if kind == "value_error" or isinstance(value, dict):
+        return f"{key}: {msg}"
+    allowed = {
+        "bool_type": "must be true or false (a YAML boolean, not quoted)",
+        "int_type": "must be an integer",
+        "float_type": "must be a number",
+        "string_type": "must be text",
+        "list_type": "must be a list",
+        "too_short": "must not be empty",
+    }.get(kind, msg[0].lower() + msg[1:])
+    if kind == "float_type" and isinstance(value, str) and _looks_numeric(value):
+        allowed += f" (PyYAML reads {value} as text: write it with a dot, e.g. 2.0e-5)"
+    return f"{key} = {value!r}: {allowed}"
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_index_factory(params: Params, path: str | Path = PARAMS_FILE) -> None:
+    """`index.factory` is `auto` or a string FAISS builds for every setup's embedding dimension."""
+    factory = params.index.factory
+    if factory == "auto":
+        return
+    import faiss  # ~0.3 s; only when a factory is named
+
+    for name, setup in params.setups.items():
+        d = embedding_dim(setup.model.name)
+        try:
+            faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            # FAISS says "Error in <C++ signature> at <file>: Error: '<check>' failed: <reason>"
+            text = re.sub(r"^Error in .*? at \S+:\d+: ", "", " ".join(str(e).split()))
+            reason = text.rsplit("failed: ", 1)[-1]
+            raise ParamsError(
+                f"{path}: index.factory = {factory!r}: FAISS cannot build it for the {d}-d vectors of "
+                f"setup {name!r} ({reason[:200]}); use `auto` or a valid index_factory string"
+            ) from None
+
+
+@cache
+def embedding_dim(model_name: str) -> int:
+    """projection_dim from a local model directory's config.json, else DEFAULT_EMBED_DIM."""
+    config = Path(model_name) / "config.json"
+    try:
+        return int(json.loads(config.read_text())["projection_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_EMBED_DIM
+
+
+def stage_params(argv: list[str], usage: str, variants: tuple[str, ...] = ()) -> tuple[Params, list[str]]:
+    """Validated params and the stage's arguments (a category, then a variant when `variants`)."""
+    if len(argv) != (2 if variants else 1) or (variants and argv[1] not in variants):
+        raise CliprecError(f"usage: {usage}")
+    params = load_params()
+    if argv[0] not in params.categories:
+        raise CliprecError(
+            f"category {argv[0]!r} is not in params.yaml categories: {', '.join(params.categories)}"
+        )
+    return params, argv

@@ -11,6 +11,7 @@ from pathlib import Path
 DATA = Path("data")
 METRICS = Path("metrics")
 VARIANTS = ("zeroshot", "lora")
+ADAPTER_DIR = "adapter"  # data/train/<cat>/adapter/: what the lora variant loads
 
 
 def ingest_dir(category: str) -> Path:
@@ -86,3 +87,22 @@ def model_identity(name: str) -> str:
         h.update(str(f.relative_to(path)).encode())
         h.update(hashlib.sha256(f.read_bytes()).digest())
     return f"{path.as_posix()}@sha256:{h.hexdigest()}"
+
+
+_STAGE_OF = {"ingest": "ingest", "summaries": "summarize", "images": "images", "train": "train"}
+
+
+def rebuild_hint(path: str | Path) -> str:
+    """The command that rebuilds an artefact under data/, e.g. `dvc repro embed_lora@Amazon_Fashion`."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] != DATA.name:
+            continue
+        kind, rest = parts[i + 1], parts[i + 2 :]
+        if kind in _STAGE_OF and rest:
+            return f"dvc repro {_STAGE_OF[kind]}@{rest[0]}"
+        if kind == "embed" and len(rest) >= 2:
+            return f"dvc repro embed_{rest[1]}@{rest[0]}"
+        if kind == "index" and len(rest) >= 2:
+            return f"dvc repro index@{rest[0]}-{rest[1]}"
+    return "dvc repro"

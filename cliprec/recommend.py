@@ -21,13 +21,15 @@ import numpy as np
 import pandas as pd
 
 from cliprec import paths
-from cliprec.index import IndexIntegrityError, IndexNotFoundError, LoadedIndex, load_index, read_ids
-from cliprec.params import load_params
+from cliprec.artifacts import verify_files
+from cliprec.errors import CliprecError
+from cliprec.index import IndexNotFoundError, LoadedIndex, load_index, read_ids
+from cliprec.params import Images, load_params
 
 log = logging.getLogger(__name__)
 
 
-class RecommendError(Exception):
+class RecommendError(CliprecError):
     """A user-facing problem: unknown category/product, unreadable image, pipeline not run, no query."""
 
 
@@ -70,15 +72,15 @@ class Recommender:
                 f"no params.yaml in {self.root.resolve()}: run from the project root or pass --root"
             )
         self.params = load_params(params_path)
-        known = list(self.params.get("categories") or [])
+        known = self.params.categories
         if category not in known:
             raise RecommendError(
                 f"unknown category {category!r} (params.yaml categories: {', '.join(known)})"
             )
         if variant not in paths.VARIANTS:
             raise RecommendError(f"unknown variant {variant!r} (one of {', '.join(paths.VARIANTS)})")
-        self.model_name = str(self.params["model"]["name"])
-        self.text_weight = float(self.params["embed"]["text_weight"])
+        self.model_name = self.params.active.model.name
+        self.text_weight = self.params.embed.text_weight
         self.embed_dir = self.root / paths.embed_dir(category, variant)
         index_dir = self.root / paths.index_dir(category, variant)
         target = f"index@{category}-{variant}"
@@ -87,16 +89,14 @@ class Recommender:
                 index_dir,
                 expect_model=self.model_name,
                 expect_variant=variant,
-                nprobe=self.params["index"].get("nprobe"),
-                ef_search=self.params["index"].get("ef_search"),
-                k_factor=self.params["index"].get("k_factor"),
+                nprobe=self.params.index.nprobe,
+                ef_search=self.params.index.ef_search,
+                k_factor=self.params.index.k_factor,
             )
         except IndexNotFoundError as e:
             raise RecommendError(
                 f"pipeline not run yet: no index in {index_dir}; run `dvc repro {target}`"
             ) from e
-        except IndexIntegrityError as e:
-            raise RecommendError(f"{e}; rebuild with `dvc repro {target}`") from e
         self.position = {pid: i for i, pid in enumerate(self.index.ids)}
         products_path = self.root / paths.products_path(category)
         if not products_path.is_file():
@@ -118,13 +118,14 @@ class Recommender:
                 name = str(self.root / name)
             adapter = None
             if self.variant == "lora":
-                adapter_dir = self.root / paths.train_dir(self.category) / "adapter"
-                if not adapter_dir.is_dir():
+                train_dir = self.root / paths.train_dir(self.category)
+                if not train_dir.is_dir():
                     raise RecommendError(
-                        f"pipeline not run yet: no LoRA adapter in {adapter_dir}; "
+                        f"pipeline not run yet: no LoRA adapter in {train_dir}; "
                         f"run `dvc repro train@{self.category}` (or use --variant zeroshot)"
                     )
-                adapter = str(adapter_dir)
+                verify_files(train_dir)
+                adapter = str(train_dir / paths.ADAPTER_DIR)
             log.info("recommend: loading %s%s", name, f" + {adapter}" if adapter else "")
             try:
                 self._model = load_clip(name, adapter=adapter)
@@ -166,13 +167,13 @@ class Recommender:
                 )
             raise RecommendError(f"unknown product {product!r} in category {self.category}")
         fused_path = self.embed_dir / "fused.npy"
-        ids_path = self.embed_dir / "ids.txt"
-        if not fused_path.is_file() or not ids_path.is_file():
+        if not self.embed_dir.is_dir():
             raise RecommendError(
                 f"pipeline not run yet: no embeddings in {self.embed_dir}; "
                 f"run `dvc repro embed_{self.variant}@{self.category}`"
             )
-        ids = read_ids(ids_path)
+        verify_files(self.embed_dir, ["fused.npy", "ids.txt"])
+        ids = read_ids(self.embed_dir / "ids.txt")
         try:
             row = ids.index(product)
         except ValueError as e:
@@ -194,7 +195,7 @@ class Recommender:
         if not query.text and not query.image:
             raise RecommendError("no query: give --text, --image and/or --product")
         if query.image:  # before the model loads: a bad image fails fast
-            query.image_obj = load_query_image(query.image, self.params.get("images") or {})
+            query.image_obj = load_query_image(query.image, self.params.images)
         vectors = []
         if query.text:
             vectors.append(self.text_vector(query.text))
@@ -222,13 +223,12 @@ class Recommender:
         ]
 
 
-def load_query_image(source: str, images_params: dict[str, Any]) -> Any:
+def load_query_image(source: str, cfg: Images) -> Any:
     """Fetch (URL) or read (path) a query image and prepare it like the catalog's images (PIL RGB)."""
-    from cliprec.images import ImageConfig, decode_jpeg, fetch_image
+    from cliprec.images import decode_jpeg, fetch_image
 
     if "://" not in source and not Path(source).exists():
         raise RecommendError(f"unreadable image {source!r}: no such file")
-    cfg = ImageConfig.from_params(images_params)
     result = fetch_image(source, cfg)
     if result.status != "ok" or result.jpeg is None:
         raise RecommendError(f"unreadable image {source!r}: {result.status} ({result.error})")

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from cliprec import paths
+from cliprec.errors import CliprecError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-class ReportError(RuntimeError):
+class ReportError(CliprecError):
     """The report cannot be made (e.g. --from-exp names no experiment)."""
 
 

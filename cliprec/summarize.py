@@ -11,8 +11,11 @@ that is empty after cleaning). The report's `title_fallbacks` counts summaries e
 
 Resume: products are processed in chunks of `chunk_size`; each finished chunk is written to the
 progress dir as chunk-<i>.parquet (id, summary), atomically. `fingerprint.json` there identifies the
-run (method, every summarize param, the model's identity, sha256 of the ids and texts); when it does not
-match, the progress files are deleted first. A rerun reuses every finished chunk whose ids match.
+run (method, every summarize param, the model's identity, sha256 of the ids and texts, the code and the
+library versions) and says whether it finished. A rerun reuses the finished chunks of an UNFINISHED run
+with the same fingerprint; anything else (other inputs, params, code or versions, or a finished run,
+e.g. under `dvc repro -f`) is deleted first, so a rerun always computes. report.json says how many
+chunks were resumed and with which code and library versions the run went.
 """
 
 from __future__ import annotations
@@ -32,12 +35,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from cliprec.artifacts import write_json
+from cliprec.params import Bart, Summarize
 from cliprec.paths import model_identity
+from cliprec.provenance import code_identity, library_versions
 from cliprec.text import clean_text, extractive_summary, idf_weights
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("extractive", "bart")
+SUMMARIZE_LIBRARIES = ("torch", "transformers", "tokenizers", "numpy")
 FINGERPRINT_FILE = "fingerprint.json"
 SUMMARIES_SCHEMA = pa.schema([("id", pa.string()), ("summary", pa.string())])
 
@@ -84,15 +90,20 @@ def input_hash(ids: Sequence[str], texts: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def fingerprint(params: Mapping[str, Any], ids: Sequence[str], texts: Sequence[str]) -> dict[str, Any]:
-    """What identifies a summarize run: method, all summarize params, model identity, input hash."""
-    method = params.get("method")
+def run_identity() -> dict[str, Any]:
+    """The code (this module's import closure) and library versions a run uses."""
+    return {"code": code_identity(__name__), "versions": library_versions(*SUMMARIZE_LIBRARIES)}
+
+
+def fingerprint(params: Summarize, ids: Sequence[str], texts: Sequence[str]) -> dict[str, Any]:
+    """What identifies a summarize run: all summarize params, model identity, inputs, code, versions."""
     return {
-        "method": method,
-        "params": json.loads(json.dumps(dict(params), sort_keys=True, default=str)),
-        "model": model_identity(params["model"]) if method == "bart" else None,
+        "method": params.method,
+        "params": params.model_dump(),
+        "model": model_identity(params.model) if isinstance(params, Bart) else None,
         "inputs": input_hash(ids, texts),
         "n": len(ids),
+        **run_identity(),
     }
 
 
@@ -101,7 +112,7 @@ def _chunk_path(progress_dir: Path, index: int) -> Path:
 
 
 def prepare_progress_dir(progress_dir: str | Path, fp: Mapping[str, Any]) -> bool:
-    """Make sure progress_dir belongs to this fingerprint; clear its progress files if not.
+    """Keep progress_dir's chunks only for an unfinished run with this fingerprint; else clear them.
 
     Returns True when existing progress was kept.
     """
@@ -112,7 +123,7 @@ def prepare_progress_dir(progress_dir: str | Path, fp: Mapping[str, Any]) -> boo
         old = json.loads(fp_file.read_text())
     except (OSError, ValueError):
         old = None
-    if old == json.loads(json.dumps(fp)):
+    if old == {**json.loads(json.dumps(fp)), "done": False}:
         return True
     stale = [*progress_dir.glob("chunk-*.parquet"), *progress_dir.glob("chunk-*.tmp"), fp_file]
     removed = 0
@@ -121,13 +132,18 @@ def prepare_progress_dir(progress_dir: str | Path, fp: Mapping[str, Any]) -> boo
             f.unlink()
             removed += f.name != FINGERPRINT_FILE
     if removed:
-        logger.info(
-            "summarize: inputs or params changed, cleared %d progress chunks in %s", removed, progress_dir
+        why = (
+            "the last run finished" if old and old.get("done") else "inputs, params, code or versions changed"
         )
-    tmp = fp_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(fp, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, fp_file)
+        logger.info("summarize: %s: cleared %d progress chunks in %s", why, removed, progress_dir)
+    _write_fingerprint(fp_file, fp, done=False)
     return False
+
+
+def _write_fingerprint(fp_file: Path, fp: Mapping[str, Any], done: bool) -> None:
+    tmp = fp_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**fp, "done": done}, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, fp_file)
 
 
 def _read_chunk(path: Path, ids: Sequence[str]) -> list[str] | None:
@@ -233,21 +249,15 @@ def summarize_catalog(
     products: pd.DataFrame,
     out_dir: str | Path,
     progress_dir: str | Path,
-    params: Mapping[str, Any],
+    params: Summarize,
     *,
     on_chunk_done: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Summarise every product (resuming from finished chunks); write summaries.parquet + report.json.
+    """Summarise every product (resuming an unfinished run's chunks); write summaries.parquet + report.json.
 
     `on_chunk_done(i)` is called after chunk i is safely on disk (progress reporting, tests).
     """
-    method = params.get("method")
-    if method not in METHODS:
-        raise ValueError(f"summarize.method must be one of {METHODS}, got {method!r}")
-    max_words = int(params["max_words"])
-    chunk_size = int(params["chunk_size"])
-    if max_words <= 0 or chunk_size <= 0:
-        raise ValueError("summarize.max_words and summarize.chunk_size must be positive")
+    method, max_words, chunk_size = params.method, params.max_words, params.chunk_size
     started = time.perf_counter()
     out_dir, progress_dir = Path(out_dir), Path(progress_dir)
 
@@ -261,16 +271,8 @@ def summarize_catalog(
     fp = fingerprint(params, ids, texts)
     prepare_progress_dir(progress_dir, fp)
 
-    if method == "extractive":
-        idf = idf_weights(texts)
-        model = tokenizer = device = None
-    else:
-        for key in ("model", "max_length", "min_length", "num_beams", "batch_size"):
-            if params.get(key) is None:
-                raise ValueError(f"summarize.method 'bart' needs summarize.{key}")
-        if int(params["min_length"]) > int(params["max_length"]):
-            raise ValueError("summarize.min_length must not exceed summarize.max_length")
-        model = None  # loaded on the first chunk that is not already done
+    model = tokenizer = device = None  # BART is loaded on the first chunk that is not already done
+    idf = idf_weights(texts) if method == "extractive" else None
 
     n_chunks = (len(ids) + chunk_size - 1) // chunk_size
     summaries: list[str] = []
@@ -293,18 +295,18 @@ def summarize_catalog(
                 bar.update(hi - lo)
             else:
                 if model is None:
-                    model, tokenizer, device = load_seq2seq(str(params["model"]))
+                    model, tokenizer, device = load_seq2seq(params.model)
                 todo = [i for i in range(lo, hi) if has_body[i]]
                 generated = generate_summaries(
                     model,
                     tokenizer,
                     [texts[i] for i in todo],
                     device=device,
-                    batch_size=int(params["batch_size"]),
-                    num_beams=int(params["num_beams"]),
-                    max_length=int(params["max_length"]),
-                    min_length=int(params["min_length"]),
-                    max_input_tokens=params.get("max_input_tokens"),
+                    batch_size=params.batch_size,
+                    num_beams=params.num_beams,
+                    max_length=params.max_length,
+                    min_length=params.min_length,
+                    max_input_tokens=params.max_input_tokens,
                     bar=bar,
                 )
                 raw = [""] * (hi - lo)
@@ -326,27 +328,22 @@ def summarize_catalog(
     pq.write_table(
         pa.table({"id": ids, "summary": summaries}, schema=SUMMARIES_SCHEMA), out_dir / "summaries.parquet"
     )
+    # no wall-clock time in the report: the directory is a DVC output, its hash must follow from the inputs
     report = {
         "method": method,
-        "model": params.get("model") if method == "bart" else None,
+        "model": params.model if isinstance(params, Bart) else None,
         "n": len(ids),
         "chunks": n_chunks,
         "resumed_chunks": resumed,
-        "seconds": round(time.perf_counter() - started, 3),
         "mean_words": round(float(np.mean([len(s.split()) for s in summaries])), 3) if summaries else 0.0,
         "title_fallbacks": fallbacks,
+        "code": fp["code"],
+        "versions": fp["versions"],
     }
-    with open(out_dir / "report.json", "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+    write_json(report, out_dir / "report.json")
+    _write_fingerprint(progress_dir / FINGERPRINT_FILE, fp, done=True)
     logger.info(
         "summarize: %d products with %s, %d/%d chunks resumed, mean %.1f words, %d title fallbacks, %.1f s",
-        len(ids),
-        method,
-        resumed,
-        n_chunks,
-        report["mean_words"],
-        fallbacks,
-        report["seconds"],
-    )
+        len(ids), method, resumed, n_chunks, report["mean_words"], fallbacks, time.perf_counter() - started,
+    )  # fmt: skip
     return report

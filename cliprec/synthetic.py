@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZE = 224  # what the images stage stores (params images.size): it then re-encodes without resampling
+IMAGE_SIZE = 224  # what the images stage stores (params images.side): it then re-encodes without resampling
 JPEG_QUALITY = 90
 POOL_MIN_JOBS = 200  # below this, starting worker processes costs more than it saves
 DEFECT_KINDS = ("no_title", "no_image", "duplicate_id", "malformed_line")

@@ -8,9 +8,11 @@ DVCLive and checkpoints. The adapter of the best epoch (by val Recall@5) is what
 Resume: each epoch's end writes `state.pt` to the checkpoint dir (LoRA weights, optimizer, scheduler,
 scaler, every rank's RNG states, history, best so far); a rerun continues after the last finished epoch
 and reaches the same adapter as an uninterrupted run. The state carries a fingerprint of the config, the
-model and the data; a state that does not match (e.g. after `-S amp=true`) is deleted and the run starts
-over. DVCLive's files are rebuilt from the state's history on every start, because `dvc repro` deletes
-a stage's metrics before running it.
+model, the data, the code (the import closure of this module) and the library versions; a state that
+does not match (e.g. after `-S amp=true`, an edit of cliprec/loss.py or a peft upgrade) is deleted and
+the run starts over, and so is the state of a FINISHED run (`dvc repro -f` retrains). summary.json says
+`resumed_from_epoch` (null: from scratch) and the code/library identity. DVCLive's files are rebuilt
+from the state's history on every start, because `dvc repro` deletes a stage's metrics before running it.
 
 DDP (`accelerate launch --multi_gpu --num_processes N stages/train.py <cat>`, CPU or GPU): `batch_size`
 is the global batch; each rank takes its slice of every global batch, features are all-gathered with
@@ -33,7 +35,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +44,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from cliprec.artifacts import write_json, write_manifest
+from cliprec.errors import CliprecError
 from cliprec.images import iter_image_batches
 from cliprec.loss import clip_loss
 from cliprec.metrics import retrieval_metrics
 from cliprec.model import (
-    ADAPTER_DIR,
     MAX_LOGIT_SCALE,
     add_lora,
     clip_module,
@@ -60,12 +62,25 @@ from cliprec.model import (
     text_max_length,
     tokenize,
 )
-from cliprec.paths import model_identity
+from cliprec.params import Params
+from cliprec.paths import ADAPTER_DIR, model_identity
 from cliprec.precision import amp_dtype, autocast, grad_scaler
+from cliprec.provenance import code_identity, library_versions
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+TRAIN_LIBRARIES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "numpy",
+    "pillow",
+)
+LOGGED_DIGITS = 4  # significant digits of the DVCLive figures (see `logged`)
 SUMMARY_FILE = "summary.json"
 ALT_VIEW_PROB = 0.5  # an example shows its "alt" photo instead of MAIN this often: cheap augmentation
 PREP_CHUNK = 64  # images per preprocessing task
@@ -91,31 +106,23 @@ class TrainConfig:
         default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
     )
 
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2 or self.patience < 1:
-            raise ValueError("train: epochs and patience must be >= 1, batch_size >= 2")
-        if not (self.lr > 0 and 0 <= self.warmup_frac < 1 and self.grad_clip > 0):
-            raise ValueError("train: need lr > 0, 0 <= warmup_frac < 1, grad_clip > 0")
-
     @classmethod
-    def from_params(cls, p: Mapping[str, Any]) -> TrainConfig:
-        """From load_params(): shared training keys + the merged `train`, `lora` and `model` blocks."""
-        t = p["train"]
-        if t.get("optimizer", "adamw") != "adamw":
-            raise ValueError(f"train.optimizer: only adamw is implemented, not {t['optimizer']!r}")
+    def from_params(cls, p: Params) -> TrainConfig:
+        """The validated params' shared training keys + the active setup's model and lr_scale."""
+        t = p.train
         return cls(
-            model=str(p["model"]["name"]),
-            epochs=int(p["epochs"]),
-            batch_size=int(p["batch_size"]),
-            lr=float(p["lr"]) * float(t.get("lr_scale", 1.0)),
-            weight_decay=float(t["weight_decay"]),
-            warmup_frac=float(t["warmup_frac"]),
-            grad_clip=float(t["grad_clip"]),
-            patience=int(t["patience"]),
-            train_logit_scale=bool(t["train_logit_scale"]),
-            amp=bool(p["amp"]),
-            seed=int(p["seed"]),
-            lora=dict(p["lora"]),
+            model=p.active.model.name,
+            epochs=p.epochs,
+            batch_size=p.batch_size,
+            lr=p.effective_lr,
+            weight_decay=t.weight_decay,
+            warmup_frac=t.warmup_frac,
+            grad_clip=t.grad_clip,
+            patience=t.patience,
+            train_logit_scale=t.train_logit_scale,
+            amp=p.amp,
+            seed=p.seed,
+            lora=p.lora.model_dump(),
         )
 
 
@@ -351,20 +358,33 @@ def _better(metrics: Mapping[str, float], best: Mapping[str, float] | None) -> b
 # --- checkpoint + DVCLive -------------------------------------------------------------------------------
 
 
-def fingerprint(cfg: TrainConfig, data: Mapping[str, PairData], world_size: int) -> str:
-    """sha256 of what decides the result: config, model files, data, world size (it shards the data)."""
+def run_identity() -> dict[str, Any]:
+    """The code (this module's import closure) and library versions a run uses."""
+    return {"code": code_identity(__name__), "versions": library_versions(*TRAIN_LIBRARIES)}
+
+
+def fingerprint(
+    cfg: TrainConfig, data: Mapping[str, PairData], world_size: int, identity: Mapping[str, Any]
+) -> str:
+    """sha256 of what decides the result: config, model files, data, world size (it shards the data),
+    code and library versions."""
     ident = {
         "config": json.loads(json.dumps(asdict(cfg), sort_keys=True, default=list)),
         "model": model_identity(cfg.model),
         "data": {split: d.digest for split, d in sorted(data.items())},
         "world_size": world_size,
         "alt_view_prob": ALT_VIEW_PROB,
+        "run": dict(identity),
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
 def load_checkpoint(checkpoint_dir: Path, fp: str) -> dict[str, Any] | None:
-    """The saved state if it matches `fp`, else None (a stale or unreadable state is reported)."""
+    """The state of an unfinished run with fingerprint `fp`, else None (the reason is logged).
+
+    A finished run is never resumed: DVC reruns the stage only when something changed or it was
+    forced, and either way the run must happen, not be re-exported from the old state.
+    """
     path = checkpoint_dir / STATE_FILE
     if not path.is_file():
         return None
@@ -374,7 +394,12 @@ def load_checkpoint(checkpoint_dir: Path, fp: str) -> dict[str, Any] | None:
         log.warning("checkpoint %s unreadable (%s: %s); starting over", path, type(e).__name__, e)
         return None
     if state.get("fingerprint") != fp:
-        log.warning("checkpoint %s is from another config/model/data; starting over", path)
+        log.warning(
+            "checkpoint %s is from another config/model/data/code/library version; starting over", path
+        )
+        return None
+    if state.get("done"):
+        log.info("checkpoint %s is of a finished run; training again from scratch", path)
         return None
     return state
 
@@ -388,8 +413,12 @@ def _save_checkpoint(checkpoint_dir: Path, state: Mapping[str, Any]) -> None:
 
 def _open_live(live_dir: Path, params: Mapping[str, Any], history: Sequence[Mapping[str, float]], zeroshot):
     from dvclive import Live  # imported here: only rank 0 needs it, and it is slow to import
+    from scmrepo.exceptions import SCMError
 
-    live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False)  # dvc.yaml declares metrics/plots
+    try:
+        live = Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False)  # dvc.yaml declares metrics/plots
+    except SCMError as e:  # DVCLive reads the git HEAD even when it saves no experiment (dvclive#522)
+        raise CliprecError(f"DVCLive cannot start ({e}): make a first `git commit`, then rerun") from e
     live.log_params(dict(params))
     for record in history:
         _log_epoch(live, record, zeroshot)
@@ -399,10 +428,19 @@ def _open_live(live_dir: Path, params: Mapping[str, Any], history: Sequence[Mapp
 def _log_epoch(live: Any, record: Mapping[str, Any], zeroshot: Mapping[str, float]) -> None:
     live.step = int(record["epoch"]) - 1
     for name in ("train_loss", "val_loss", "val_recall_at_5", "lr"):
-        live.log_metric(name, record[name])
-    live.log_metric("best_val_recall_at_5", record["best_val_recall_at_5"], plot=False)
-    live.log_metric("zeroshot_val_recall_at_5", zeroshot["val_recall_at_5"], plot=False)
+        live.log_metric(name, logged(record[name]))
+    live.log_metric("best_val_recall_at_5", logged(record["best_val_recall_at_5"]), plot=False)
+    live.log_metric("zeroshot_val_recall_at_5", logged(zeroshot["val_recall_at_5"]), plot=False)
     live.next_step()
+
+
+def logged(x: float) -> float:
+    """A training figure as committed to git: 4 significant digits.
+
+    Losses differ across CPU types (AVX2 vs AVX-512 kernels) by ~1e-7 relative; at 4 digits a committed
+    figure changes only when a value falls that close to a rounding boundary.
+    """
+    return float(f"{x:.{LOGGED_DIGITS}g}")
 
 
 def _all_gather(x: torch.Tensor) -> torch.Tensor:
@@ -435,19 +473,20 @@ def train(
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
     rank, world, device, is_main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+        raise CliprecError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
 
     seed_everything(cfg.seed)
     model, processor = load_clip(cfg.model, device=device)
     data = load_pairs(products_path, summaries_path, images_dir, processor, text_max_length(model, processor))
     train_data, val_data = data["train"], data["val"]
     if len(train_data) < 2 * world or len(val_data) == 0:
-        raise ValueError(f"too little data: {len(train_data)} train / {len(val_data)} val pairs")
+        raise CliprecError(f"too little data to train: {len(train_data)} train / {len(val_data)} val pairs")
     batch = min(cfg.batch_size, len(train_data) // world * world)  # a tiny split still gets one step
     local = batch // world
     steps_per_epoch = len(train_data) // batch  # drop_last: equal, full batches on every rank
     total_steps = steps_per_epoch * cfg.epochs
-    fp = fingerprint(cfg, data, world)
+    identity = run_identity()
+    fp = fingerprint(cfg, data, world, identity)
 
     torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
     model = add_lora(model, cfg.lora, cfg.train_logit_scale)
@@ -463,10 +502,11 @@ def train(
         zeroshot = evaluate(model, processor, val_data, batch, device, cfg.amp)
         log.info("zero-shot val: %s", _fmt(zeroshot))
         state = {"fingerprint": fp, "epoch": 0, "done": False, "history": [], "best": None,
-                 "best_weights": None, "bad_epochs": 0, "zeroshot": zeroshot, "seconds": 0.0,
-                 "live_step": 0}  # fmt: skip
+                 "best_weights": None, "bad_epochs": 0, "zeroshot": zeroshot, "live_step": 0}  # fmt: skip
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout masks differ across ranks
+        resumed_from = None
     else:
+        resumed_from = state["epoch"]
         log.info("resuming after epoch %d of %d from %s", state["epoch"], cfg.epochs, checkpoint_dir)
         load_trainable_state(model, state["weights"])
         optimizer.load_state_dict(state["optimizer"])
@@ -477,7 +517,6 @@ def train(
 
     params_log = {**asdict(cfg), "lora": dict(cfg.lora), "world_size": world, "device": device.type}
     live = _open_live(live_dir, params_log, state["history"], state["zeroshot"]) if is_main else None
-    clock = started
     for epoch in range(state["epoch"], cfg.epochs):
         if state["done"]:
             break
@@ -513,8 +552,6 @@ def train(
         if stop:
             log.info("early stop: val Recall@5 has not improved for %d epochs", cfg.patience)
         state.update(epoch=epoch + 1, done=stop or epoch + 1 == cfg.epochs, live_step=epoch + 1)
-        state["seconds"] += time.time() - clock  # wall time of all runs, setup included
-        clock = time.time()
         rngs = _all_ranks(rng_state(), world)  # each rank has its own dropout stream
         if is_main:
             _log_epoch(live, record, state["zeroshot"])
@@ -533,9 +570,15 @@ def train(
         out_dir.mkdir(parents=True, exist_ok=True)
         save_adapter(model, adapter_dir)
         summary = _summary(cfg, state, train_data, val_data, batch, steps_per_epoch, device, world)
-        summary["seconds"] = round(state["seconds"] + time.time() - clock, 1)
-        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        log.info("best epoch %d: %s -> %s", state["best"]["epoch"], _fmt(state["best"]), adapter_dir)
+        # no wall-clock time in it: the directory is a DVC output, its hash must follow from the inputs
+        summary.update(resumed_from_epoch=resumed_from, **identity)
+        write_json(summary, out_dir / SUMMARY_FILE)
+        files = [p.relative_to(out_dir).as_posix() for p in adapter_dir.rglob("*") if p.is_file()]
+        write_manifest(out_dir, [*files, SUMMARY_FILE], {"model": cfg.model})
+        log.info(
+            "best epoch %d: %s -> %s (%.0f s)",
+            state["best"]["epoch"], _fmt(state["best"]), adapter_dir, time.time() - started,
+        )  # fmt: skip
     acc.wait_for_everyone()
     return summary if summary is not None else {"rank": rank}
 
@@ -639,7 +682,6 @@ def _summary(
         "amp": cfg.amp,
         "dtype": str(amp_dtype(device)).removeprefix("torch.") if cfg.amp else "float32",
         "world_size": world,
-        "versions": {pkg: version(pkg) for pkg in ("torch", "transformers", "peft", "accelerate")},
     }
 
 

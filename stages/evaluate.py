@@ -1,38 +1,35 @@
-"""Stage `evaluate`: retrieval metrics of one category and variant on the test split.
+"""Stage `evaluate`: retrieval metrics of one category and variant on the test split -> metrics/<cat>/.
 
-Usage: python stages/evaluate.py <category> <variant>
+Usage: python stages/evaluate.py <category> <zeroshot|lora>
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from cliprec.evaluate import evaluate, write_outputs
-from cliprec.params import load_params
-from cliprec.paths import VARIANTS, embed_dir, index_dir, metrics_path, products_path, recall_plot_path
+from cliprec import paths
+from cliprec.errors import run_stage
+from cliprec.params import stage_params
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the evaluate stage for the category and variant given on the command line."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[1] not in VARIANTS:
-        raise SystemExit(f"usage: python stages/evaluate.py <category> <{'|'.join(VARIANTS)}>")
-    category, variant = args
-    p = load_params()
+def main(argv: list[str]) -> None:
+    """Validate params, then evaluate the category and variant given on the command line."""
+    usage = f"python stages/evaluate.py <category> <{'|'.join(paths.VARIANTS)}>"
+    p, (category, variant) = stage_params(argv, usage, paths.VARIANTS)
+    from cliprec.evaluate import evaluate, write_outputs
+
     metrics, curve = evaluate(
-        products_path(category),
-        embed_dir(category, variant),
-        index_dir(category, variant),
-        ks=tuple(p["evaluate"]["ks"]),
-        text_weight=float(p["embed"]["text_weight"]),
-        nprobe=p["index"].get("nprobe"),
-        ef_search=p["index"].get("ef_search"),
-        k_factor=p["index"].get("k_factor"),
+        paths.products_path(category),
+        paths.embed_dir(category, variant),
+        paths.index_dir(category, variant),
+        ks=tuple(p.evaluate.ks),
+        text_weight=p.embed.text_weight,
+        nprobe=p.index.nprobe,
+        ef_search=p.index.ef_search,
+        k_factor=p.index.k_factor,
     )
-    write_outputs(metrics, curve, metrics_path(category, variant), recall_plot_path(category, variant))
+    write_outputs(
+        metrics, curve, paths.metrics_path(category, variant), paths.recall_plot_path(category, variant)
+    )
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

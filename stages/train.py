@@ -1,4 +1,4 @@
-"""Stage `train`: LoRA fine-tuning of one category -> data/train/<category>/{adapter/, summary.json}.
+"""Stage `train`: LoRA fine-tuning of one category -> data/train/<category>/ (adapter/, summary.json).
 
 Usage: python stages/train.py <category>
   DDP: accelerate launch --multi_gpu --num_processes N stages/train.py <category>  (CPU: gloo, GPU: nccl)
@@ -6,23 +6,18 @@ Usage: python stages/train.py <category>
 
 from __future__ import annotations
 
-import logging
-import sys
-
 from cliprec import paths
-from cliprec.params import load_params
-from cliprec.train import TrainConfig, train
+from cliprec.errors import run_stage
+from cliprec.params import stage_params
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Train the category given on the command line with params.yaml's settings."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python stages/train.py <category>")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    category = args[0]
+def main(argv: list[str]) -> None:
+    """Validate params, then train the category given on the command line."""
+    p, (category,) = stage_params(argv, "python stages/train.py <category>")
+    from cliprec.train import TrainConfig, train  # torch + transformers: seconds, so after validation
+
     train(
-        TrainConfig.from_params(load_params()),
+        TrainConfig.from_params(p),
         paths.products_path(category),
         paths.summaries_dir(category) / "summaries.parquet",
         paths.images_dir(category),
@@ -33,4 +28,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import datasets
@@ -20,6 +21,7 @@ from cliprec.catalog import (
     parse_price,
     sample_ids,
 )
+from cliprec.errors import CliprecError
 
 FIXTURE = Path("tests/fixtures/meta_Amazon_Fashion.jsonl")
 KEPT = ["B0FASH0001", "B0FASH0002", "B0FASH0006", "B0FASH0008", "B0FASH0011", "B0FASH0012"]
@@ -201,7 +203,7 @@ def test_jsonl_schema_problems_are_malformed(tmp_path):
 def test_no_usable_product_writes_report_then_fails(tmp_path):
     src = tmp_path / "meta_X.jsonl"
     src.write_text("{broken\n")
-    with pytest.raises(ValueError, match="no usable product"):
+    with pytest.raises(CliprecError, match="no usable product"):
         build_catalog("X", "jsonl", tmp_path / "out", path=str(src))
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["rows_read"] == 1 and report["dropped"]["malformed_line"] == 1 and report["kept"] == 0
@@ -212,7 +214,7 @@ def test_bad_configuration_errors(tmp_path):
         build_catalog("X", "csv", tmp_path)
     with pytest.raises(ValueError, match="ingest.path"):
         build_catalog("X", "jsonl", tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(CliprecError, match="does not exist"):
         build_catalog("X", "jsonl", tmp_path, path=str(tmp_path / "missing_{category}.jsonl"))
 
 
@@ -330,7 +332,7 @@ def test_amazon_schema_mismatch_is_a_clear_error(tmp_path, monkeypatch):
         "load_dataset",
         lambda path, **kw: real_load(path, **{**kw, "data_files": str(raw), "cache_dir": str(tmp_path)}),
     )
-    with pytest.raises(RuntimeError, match="does not fit cliprec.catalog.FEATURES"):
+    with pytest.raises(CliprecError, match="does not fit cliprec.catalog.FEATURES"):
         build_catalog("Amazon_Fashion", "amazon", tmp_path / "out")
 
 
@@ -344,10 +346,12 @@ def test_ingest_stage_wiring(tmp_path, monkeypatch):
     params["setup"] = "demo"
     params["setups"]["demo"]["ingest"] = {
         "source": "jsonl",
-        "path": str(FIXTURE.resolve()).replace("Amazon_Fashion", "{category}"),
+        "path": "catalog/meta_{category}.jsonl",
         "n_products": 5,
     }
     stage = Path("stages/ingest.py").resolve()
+    (tmp_path / "catalog").mkdir()
+    shutil.copy(FIXTURE, tmp_path / "catalog" / FIXTURE.name)
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(params))
     runpy.run_path(str(stage), run_name="stage")["main"](["Amazon_Fashion"])

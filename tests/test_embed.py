@@ -18,7 +18,19 @@ from cliprec.model import decode_side, load_clip
 
 REPO = Path(__file__).resolve().parents[1]
 CAT = "Tiny"
-MANIFEST_KEYS = {"model", "variant", "adapter", "d", "n", "n_alt", "text_weight", "dtype", "amp", "device"}
+MANIFEST_KEYS = {
+    "model",
+    "variant",
+    "adapter",
+    "d",
+    "n",
+    "n_alt",
+    "text_weight",
+    "dtype",
+    "amp",
+    "device",
+    "files",
+}
 
 
 @pytest.fixture(scope="module")

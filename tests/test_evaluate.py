@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 
 from cliprec import paths
+from cliprec.artifacts import ArtifactError, write_manifest
 from cliprec.embed import fuse
+from cliprec.errors import CliprecError
 from cliprec.evaluate import MODES, evaluate, exact_topk, write_outputs
 from cliprec.index import IndexIntegrityError, build_from_embeddings
 
@@ -60,10 +62,9 @@ def make_fixture(
     np.save(e / "image.npy", image)
     np.save(e / "fused.npy", fuse(text, image, 0.5))
     np.save(e / "alt_image.npy", alt_image)
-    (e / "manifest.json").write_text(
-        json.dumps({"model": model, "variant": "lora", "d": D, "n": len(emb_ids)})
-    )
-    build_from_embeddings(e, root / "index", {"factory": factory, "memory_budget_mb": 64}, variant="lora")
+    files = ["ids.txt", "alt_ids.txt", "text.npy", "image.npy", "fused.npy", "alt_image.npy"]
+    write_manifest(e, files, {"model": model, "variant": "lora", "d": D, "n": len(emb_ids)})
+    build_from_embeddings(e, root / "index", factory=factory, memory_budget_mb=64, variant="lora")
     return {"products": root / "products.parquet", "embed": e, "index": root / "index", "ids": emb_ids}
 
 
@@ -166,7 +167,7 @@ def test_stale_or_foreign_index_is_refused(tmp_path):
 def test_no_test_products_is_a_clear_error(tmp_path):
     fx = make_fixture(tmp_path)
     pd.DataFrame({"id": ["P0000"], "split": ["train"]}).to_parquet(fx["products"])
-    with pytest.raises(ValueError, match="no test product"):
+    with pytest.raises(CliprecError, match="no test product"):
         run(fx)
 
 
@@ -209,8 +210,15 @@ def test_stages_write_the_paths_dvc_expects(tmp_path, monkeypatch):
     assert len(json.loads(paths.recall_plot_path(cat, "lora").read_text())) == 10
     manifest = json.loads((paths.index_dir(cat, "lora") / "manifest.json").read_text())
     assert manifest["factory"]["requested"] == "auto" and manifest["factory"]["resolved"] == "Flat"
-    with pytest.raises(SystemExit, match="usage"):
+    with pytest.raises(CliprecError, match="usage"):
         runpy.run_path(str(REPO / "stages" / "evaluate.py"))["main"]([cat])
+
+
+def test_a_swapped_embedding_file_is_refused(tmp_path):
+    fx = make_fixture(tmp_path, shuffle_images=True)  # so that text.npy and image.npy differ
+    shutil.copy(fx["embed"] / "text.npy", fx["embed"] / "image.npy")
+    with pytest.raises(ArtifactError, match="image.npy does not match its manifest"):
+        run(fx)
 
 
 def test_other_ks(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -147,7 +148,7 @@ def dvc_repo(tmp_path, monkeypatch):
     _git(repo, "init", "-q")
     subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
     (repo / "dvc.yaml").write_text(f"metrics:\n  - {LORA}\n")
-    (repo / "params.yaml").write_text("gate:\n  tolerance: 0.01\nsetup: demo\nsetups:\n  demo: {}\n")
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
     (repo / LORA).parent.mkdir(parents=True)
     (repo / LORA).write_text(json.dumps(METRICS))
     _git(repo, "add", "-A")

@@ -22,8 +22,9 @@ import yaml
 from PIL import Image
 
 import cliprec.images as ci
+from cliprec.artifacts import ArtifactError
+from cliprec.errors import CliprecError
 from cliprec.images import (
-    ImageConfig,
     build_image_shards,
     decode_jpeg,
     fetch_image,
@@ -34,6 +35,7 @@ from cliprec.images import (
     read_image_table,
     read_status,
 )
+from cliprec.params import Images, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -189,8 +191,16 @@ def image_server():
     server.server_close()
 
 
+DEFAULTS = load_params(REPO / "params.yaml").images.model_dump()
+
+
+def images_cfg(**kw) -> Images:
+    """params.yaml's images block with `kw` changed (validated like the file)."""
+    return Images(**{**DEFAULTS, **kw})
+
+
 TEST_CFG = dict(
-    size=224,
+    side=224,
     workers=8,
     timeout_s=0.3,
     retries=2,
@@ -240,7 +250,7 @@ def matrix_run(image_server, tmp_path_factory):
         pid: [p if "://" in p else image_server.url(p) for p, _ in items] for pid, items in EXPECTED.items()
     }
     t0 = time.perf_counter()
-    report = build_image_shards(products_frame(rows), out, ImageConfig(**TEST_CFG), progress=False)
+    report = build_image_shards(products_frame(rows), out, images_cfg(**TEST_CFG), progress=False)
     return out, report, rows, time.perf_counter() - t0
 
 
@@ -331,7 +341,7 @@ def test_matrix_runs_fast(matrix_run):
 
 def test_trickling_body_times_out(image_server):
     t0 = time.perf_counter()
-    res = fetch_image(image_server.url("/trickle.jpg"), ImageConfig(**{**TEST_CFG, "retries": 0}))
+    res = fetch_image(image_server.url("/trickle.jpg"), images_cfg(**{**TEST_CFG, "retries": 0}))
     assert res.status == "timeout" and "body" in res.error
     assert time.perf_counter() - t0 < 2.5
 
@@ -340,10 +350,10 @@ def test_bomb_over_pillows_default_limit_is_a_status_not_a_warning(image_server)
     # 120 Mpx sits between Pillow's default warning (89 Mpx) and error (179 Mpx) limits
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = fetch_image(image_server.url("/hb.png"), ImageConfig(**TEST_CFG))
+        res = fetch_image(image_server.url("/hb.png"), images_cfg(**TEST_CFG))
         local = ci.process_image  # same bytes, straight through the decoder under the stage's limits
         with ci.pillow_limits(TEST_CFG["max_pixels"]), pytest.raises(ci.ImageFailure) as failure:
-            local(header_bomb(12_000, 10_000), ImageConfig(**TEST_CFG))
+            local(header_bomb(12_000, 10_000), images_cfg(**TEST_CFG))
     assert res.status == "too_large" and "bomb" in res.error
     assert failure.value.status == "too_large"
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
@@ -352,7 +362,7 @@ def test_bomb_over_pillows_default_limit_is_a_status_not_a_warning(image_server)
 def test_max_pixels_above_pillows_default_is_honoured():
     # max_pixels 200 Mpx lets the 120 Mpx header past the size check; its 16-byte body then fails to
     # decode. Under Pillow's default limit it would have been refused as a bomb instead.
-    cfg = ImageConfig(**{**TEST_CFG, "max_pixels": 200_000_000})
+    cfg = images_cfg(**{**TEST_CFG, "max_pixels": 200_000_000})
     with ci.pillow_limits(cfg.max_pixels), pytest.raises(ci.ImageFailure) as failure:
         process_image(header_bomb(12_000, 10_000), cfg)
     assert failure.value.status == "decode_error"
@@ -368,7 +378,7 @@ def test_unexpected_exception_is_a_status(image_server, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(ci, "process_image", flaky)
     rows = {"A": [image_server.url("/good2.jpg")], "B": [image_server.url("/good.jpg")]}
-    report = build_image_shards(products_frame(rows), tmp_path, ImageConfig(**TEST_CFG), progress=False)
+    report = build_image_shards(products_frame(rows), tmp_path, images_cfg(**TEST_CFG), progress=False)
     status = read_status(tmp_path)
     assert list(status.status) == ["error", "ok"]
     assert "RuntimeError: boom" in status.error.iloc[0]
@@ -390,7 +400,7 @@ def test_local_paths_share_the_code_path(tmp_path, monkeypatch):
         "trunc": ["imgs/trunc.jpg", "imgs/big.jpg"],
         "remote_file": ["file://otherhost/x.jpg"],
     }
-    report = build_image_shards(products_frame(rows), "out", ImageConfig(**TEST_CFG), progress=False)
+    report = build_image_shards(products_frame(rows), "out", images_cfg(**TEST_CFG), progress=False)
     status = read_status("out")
     assert list(status.status) == [
         "ok",
@@ -410,11 +420,11 @@ def test_local_paths_share_the_code_path(tmp_path, monkeypatch):
 
 def test_center_crop_and_pad_geometry():
     src = encode(bands(300, 100), "PNG")  # red | green | blue, each 100 px wide
-    crop = np.asarray(decode_jpeg(process_image(src, ImageConfig(resize="center_crop")))).astype(int)
+    crop = np.asarray(decode_jpeg(process_image(src, images_cfg(resize="center_crop")))).astype(int)
     assert crop.shape == (224, 224, 3)
     for y, x in [(5, 5), (112, 112), (218, 218), (5, 218)]:  # the centre square is all green
         assert crop[y, x, 1] > 220 and crop[y, x, 0] < 40 and crop[y, x, 2] < 40
-    pad = np.asarray(decode_jpeg(process_image(src, ImageConfig(resize="pad")))).astype(int)
+    pad = np.asarray(decode_jpeg(process_image(src, images_cfg(resize="pad")))).astype(int)
     assert pad.shape == (224, 224, 3)
     # content 224 x 75, letterboxed at rows 74..148 on white
     assert (pad[:70] > 240).all() and (pad[153:] > 240).all()
@@ -426,14 +436,14 @@ def test_center_crop_and_pad_geometry():
 def test_large_jpeg_draft_keeps_geometry():
     arr = np.zeros((2000, 3000, 3), np.uint8)
     arr[:, 1500:] = 255  # left half black, right half white; the centre crop keeps both halves
-    out = np.asarray(decode_jpeg(process_image(encode(Image.fromarray(arr)), ImageConfig())))
+    out = np.asarray(decode_jpeg(process_image(encode(Image.fromarray(arr)), images_cfg())))
     assert out[112, 50].max() < 20 and out[112, 174].min() > 235
 
 
 def test_decode_jpeg_min_side_decodes_at_the_smallest_scale_that_is_big_enough():
     arr = np.zeros((224, 224, 3), np.uint8)
     arr[:, 112:] = 255
-    data = process_image(encode(Image.fromarray(arr)), ImageConfig())
+    data = process_image(encode(Image.fromarray(arr)), images_cfg())
     assert decode_jpeg(data).size == (224, 224) == decode_jpeg(data, 200).size  # 1/2 would be too small
     assert decode_jpeg(data, 64).size == (112, 112)  # 1/4 = 56 < 64
     assert decode_jpeg(data, 28).size == (28, 28)  # 1/8
@@ -453,7 +463,7 @@ def test_decode_jpeg_min_side_decodes_at_the_smallest_scale_that_is_big_enough()
 )
 def test_modes_become_rgb(im):
     fmt = "JPEG" if im.mode == "CMYK" else "PNG"
-    out = decode_jpeg(process_image(encode(im, fmt), ImageConfig()))
+    out = decode_jpeg(process_image(encode(im, fmt), images_cfg()))
     assert out.size == (224, 224) and out.mode == "RGB"
     if im.mode == "LA":
         assert np.asarray(out).min() > 245  # fully transparent -> white
@@ -466,7 +476,7 @@ def test_palette_with_transparency_becomes_white():
     im = Image.new("P", (60, 60), 0)
     im.putpalette([0, 0, 0] + [255, 0, 0] * 255)
     im.info["transparency"] = 0
-    out = np.asarray(decode_jpeg(process_image(encode(im, "PNG"), ImageConfig())))
+    out = np.asarray(decode_jpeg(process_image(encode(im, "PNG"), images_cfg())))
     assert out.min() > 245
 
 
@@ -479,7 +489,7 @@ def test_deterministic_bytes_and_order_despite_completion_order(image_server, tm
         f"D{i}": [image_server.url(f"/delay/{(5 - i) * 60}/good.jpg"), image_server.url("/good2.jpg")]
         for i in range(6)
     }
-    cfg = ImageConfig(**{**TEST_CFG, "timeout_s": 2.0, "shard_size": 5})
+    cfg = images_cfg(**{**TEST_CFG, "timeout_s": 2.0, "shard_size": 5})
     for run in ("a", "b"):
         build_image_shards(products_frame(rows), tmp_path / run, cfg, progress=False)
     shards_a, shards_b = list_shards(tmp_path / "a"), list_shards(tmp_path / "b")
@@ -505,7 +515,7 @@ def sharded(tmp_path, monkeypatch):
     for i in range(7):
         Path(f"{i}.png").write_bytes(encode(Image.new("RGB", (64, 48), (i * 30, 0, 0)), "PNG"))
     rows = {f"S{i}": [f"{i}.png"] for i in range(7)}
-    cfg = ImageConfig(**{**TEST_CFG, "shard_size": 3})
+    cfg = images_cfg(**{**TEST_CFG, "shard_size": 3})
     report = build_image_shards(products_frame(rows), "out", cfg, progress=False)
     return Path("out"), report
 
@@ -528,7 +538,7 @@ def test_shards_split_at_shard_size(sharded):
 def test_rerun_removes_stale_shards(sharded):
     out, _ = sharded
     rows = {"S0": ["0.png"]}
-    build_image_shards(products_frame(rows), out, ImageConfig(**TEST_CFG), progress=False)
+    build_image_shards(products_frame(rows), out, images_cfg(**TEST_CFG), progress=False)
     assert len(list_shards(out)) == 1 and list(read_image_table(out).id) == ["S0"]
 
 
@@ -542,10 +552,29 @@ def test_streaming_readers_cross_shard_boundaries(sharded):
     assert [r["id"] for r in iter_shard_rows(out, columns=["id"])] == [f"S{i}" for i in range(7)]
 
 
-def test_readers_on_empty_dir(tmp_path):
-    assert list(read_image_table(tmp_path).columns) == ["id", "view", "variant", "url", "jpeg"]
-    assert len(read_image_table(tmp_path)) == 0
-    assert list(iter_image_batches(tmp_path, 4)) == []
+def test_readers_refuse_a_dir_without_manifest(tmp_path):
+    images = tmp_path / "data" / "images" / "Cat"
+    images.mkdir(parents=True)
+    with pytest.raises(
+        ArtifactError, match=r"manifest.json is missing: rebuild it with `dvc repro images@Cat`"
+    ):
+        read_image_table(images)
+    with pytest.raises(ArtifactError):
+        list(iter_image_batches(images, 4))
+
+
+def test_a_truncated_or_swapped_shard_is_one_line_naming_the_file(sharded):
+    out, _ = sharded
+    shard = list_shards(out)[0]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match=r"shard-00000.parquet has \d+ bytes, its manifest says"):
+        read_image_table(out)
+    shard.write_bytes(data[::-1])  # same size, other bytes
+    with pytest.raises(ArtifactError, match="sha256 differs"):
+        list(iter_image_batches(out, 4))
+    shard.write_bytes(data)
+    assert len(read_image_table(out)) > 0
 
 
 # --- config, errors, stage wiring -----------------------------------------------------------------------
@@ -553,19 +582,17 @@ def test_readers_on_empty_dir(tmp_path):
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="resize"):
-        ImageConfig(resize="stretch")
-    with pytest.raises(ValueError, match="unknown"):
-        ImageConfig.from_params({"size": 224, "sise": 3})
+        images_cfg(resize="stretch")
+    with pytest.raises(ValueError, match="unknown key 'sise'"):
+        images_cfg(sise=3)
     with pytest.raises(ValueError, match="shard_size"):
-        ImageConfig(shard_size=0)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert ImageConfig.from_params(params["images"]).size == params["images"]["size"]
+        images_cfg(shard_size=0)
 
 
 def test_all_failed_is_a_clear_error_after_writing_the_report(tmp_path):
     rows = {"X": ["nope/a.jpg"], "Y": []}
-    with pytest.raises(RuntimeError, match="no product got an image"):
-        build_image_shards(products_frame(rows), tmp_path, ImageConfig(**TEST_CFG), progress=False)
+    with pytest.raises(CliprecError, match="no product got an image"):
+        build_image_shards(products_frame(rows), tmp_path, images_cfg(**TEST_CFG), progress=False)
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["products_without_image"] == 2 and report["counts"]["not_found"] == 1
     assert list_shards(tmp_path) == []
@@ -574,6 +601,7 @@ def test_all_failed_is_a_clear_error_after_writing_the_report(tmp_path):
 def test_stage_main_wiring(tmp_path, monkeypatch):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["images"]["workers"] = 2
+    params["categories"] = ["Cat"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cat_dir = tmp_path / "data" / "ingest" / "Cat"
     (cat_dir / "raw").mkdir(parents=True)

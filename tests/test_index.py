@@ -9,6 +9,8 @@ import faiss
 import numpy as np
 import pytest
 
+from cliprec.artifacts import ArtifactError, sha256_file, write_manifest
+from cliprec.errors import CliprecError
 from cliprec.index import (
     FLAT_MAX_VECTORS,
     IndexIntegrityError,
@@ -19,7 +21,6 @@ from cliprec.index import (
     choose_factory,
     load_index,
     save_index,
-    sha256_file,
     training_size,
 )
 
@@ -79,7 +80,7 @@ def test_auto_ivf_flat_for_small_vectors_finds_the_neighbours():
 
 
 def test_auto_refuses_an_impossible_budget():
-    with pytest.raises(ValueError, match="memory_budget_mb"):
+    with pytest.raises(CliprecError, match="memory_budget_mb"):
         choose_factory(1_000_000, 512, 1)
 
 
@@ -111,7 +112,8 @@ def test_build_save_load_round_trip(tmp_path, factory, budget, n, resolved, min_
     assert (info.train_size > 0) == ("IVF" in resolved)
     manifest = save_index(index, ids, tmp_path, model="tiny-clip", variant="lora", info=info)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.txt", "index.faiss", "manifest.json"]
-    assert manifest["index_sha256"] == sha256_file(tmp_path / "index.faiss")
+    assert manifest["files"]["index.faiss"]["sha256"] == sha256_file(tmp_path / "index.faiss")
+    assert manifest["files"]["ids.txt"]["bytes"] == (tmp_path / "ids.txt").stat().st_size
     assert manifest["ntotal"] == n and manifest["d"] == 16
     assert manifest["factory"] == {"requested": factory, "resolved": resolved, "reason": info.reason}
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
@@ -193,7 +195,7 @@ def test_factory_typo_is_a_clear_error():
     with pytest.raises(ValueError, match="factory 'HNSWx'"):
         build_index(clustered(50), "HNSWx")
     with pytest.raises(
-        ValueError, match="cannot train on 100 vectors.*at least as large as number of clusters"
+        CliprecError, match="cannot train on 100 vectors.*at least as large as number of clusters"
     ):
         build_index(clustered(100), "IVF1024,PQ4")  # a study-sized factory on a demo-sized catalog
     with pytest.raises(ValueError, match="no vectors"):
@@ -217,6 +219,14 @@ def _edit_manifest(path, **changes):
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _record(path, name, **fields):
+    """Make the manifest's record of `name` say what `fields` (default: the file as it is now) say."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    now = {"bytes": (path / name).stat().st_size, "sha256": sha256_file(path / name)}
+    manifest["files"][name] = {**now, **fields}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_missing_index_is_not_found(tmp_path):
     with pytest.raises(IndexNotFoundError, match="no index"):
         load_index(tmp_path / "nothing")
@@ -226,20 +236,22 @@ def test_corrupted_index_file(saved):
     data = bytearray((saved / "index.faiss").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (saved / "index.faiss").write_bytes(bytes(data))
-    with pytest.raises(IndexIntegrityError, match="sha256.*corrupted"):
+    with pytest.raises(ArtifactError, match="index.faiss does not match its manifest.*corrupted"):
         load_index(saved)
 
 
 def test_wrong_sha_in_manifest(saved):
-    _edit_manifest(saved, index_sha256="0" * 64)
-    with pytest.raises(IndexIntegrityError, match="sha256"):
+    _record(saved, "index.faiss", sha256="0" * 64)
+    with pytest.raises(ArtifactError, match="sha256 differs"):
         load_index(saved)
 
 
-def test_truncated_index_with_matching_sha(saved):
+def test_truncated_index(saved):
     path = saved / "index.faiss"
     path.write_bytes(path.read_bytes()[:100])
-    _edit_manifest(saved, index_sha256=sha256_file(path))
+    with pytest.raises(ArtifactError, match=r"index.faiss has 100 bytes, its manifest says \d+ \(truncated"):
+        load_index(saved)
+    _record(saved, "index.faiss")  # a manifest that agrees with the truncated file
     with pytest.raises(IndexIntegrityError, match="faiss cannot read"):
         load_index(saved)
 
@@ -248,7 +260,7 @@ def test_wrong_dimension(saved):
     with pytest.raises(IndexIntegrityError, match="dimension 16, expected 512"):
         load_index(saved, expect_d=512)
     _edit_manifest(saved, d=32)
-    with pytest.raises(IndexIntegrityError, match="dimension 16 != manifest 32"):
+    with pytest.raises(IndexIntegrityError, match="dimension 16, ids.txt 200, manifest says 200 x 32"):
         load_index(saved)
 
 
@@ -262,19 +274,19 @@ def test_wrong_model_and_variant(saved):
 def test_ids_mismatch(saved):
     ids = (saved / "ids.txt").read_text().splitlines()
     (saved / "ids.txt").write_text("".join(f"{i}\n" for i in ids[:-1]))
-    with pytest.raises(IndexIntegrityError, match="ids.txt: sha256"):
+    with pytest.raises(ArtifactError, match="ids.txt has .* bytes, its manifest says"):
         load_index(saved)
-    _edit_manifest(saved, ids_sha256=sha256_file(saved / "ids.txt"))
-    with pytest.raises(IndexIntegrityError, match="200 vectors, ids.txt 199"):
+    _record(saved, "ids.txt")
+    with pytest.raises(IndexIntegrityError, match="200 vectors of dimension 16, ids.txt 199"):
         load_index(saved)
 
 
 def test_unreadable_or_incomplete_manifest(saved):
     (saved / "manifest.json").write_text("{not json")
-    with pytest.raises(IndexIntegrityError, match="unreadable manifest"):
+    with pytest.raises(ArtifactError, match="manifest.json is unreadable"):
         load_index(saved)
     (saved / "manifest.json").write_text(json.dumps({"index_file": "index.faiss"}))
-    with pytest.raises(IndexIntegrityError, match="lacks"):
+    with pytest.raises(ArtifactError, match="lists no files"):
         load_index(saved)
 
 
@@ -292,8 +304,8 @@ def write_embed_dir(path, x, ids, model="models/demo-clip"):
     path.mkdir(parents=True)
     np.save(path / "fused.npy", x)
     (path / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
-    (path / "manifest.json").write_text(
-        json.dumps({"model": model, "variant": "lora", "adapter": "a", "d": 16})
+    write_manifest(
+        path, ["fused.npy", "ids.txt"], {"model": model, "variant": "lora", "adapter": "a", "d": 16}
     )
 
 
@@ -303,7 +315,8 @@ def test_build_from_embeddings(tmp_path):
     manifest = build_from_embeddings(
         tmp_path / "embed",
         tmp_path / "index",
-        {"factory": "auto", "memory_budget_mb": 64},
+        factory="auto",
+        memory_budget_mb=64,
         seed=0,
         variant="lora",
     )
@@ -314,15 +327,15 @@ def test_build_from_embeddings(tmp_path):
 
 
 def test_build_from_embeddings_rejects_bad_input(tmp_path):
-    with pytest.raises(FileNotFoundError, match="embed stage"):
-        build_from_embeddings(tmp_path / "none", tmp_path / "index", {})
+    with pytest.raises(ArtifactError, match="none/manifest.json is missing"):
+        build_from_embeddings(tmp_path / "none", tmp_path / "index")
     x = clustered(5)
     write_embed_dir(tmp_path / "dup", x, ["a", "b", "c", "d", "a"])
     with pytest.raises(ValueError, match="duplicate"):
-        build_from_embeddings(tmp_path / "dup", tmp_path / "index", {})
+        build_from_embeddings(tmp_path / "dup", tmp_path / "index")
     write_embed_dir(tmp_path / "zs", x, ["a", "b", "c", "d", "e"])
     with pytest.raises(ValueError, match="variant 'lora', not 'zeroshot'"):
-        build_from_embeddings(tmp_path / "zs", tmp_path / "index", {}, variant="zeroshot")
+        build_from_embeddings(tmp_path / "zs", tmp_path / "index", variant="zeroshot")
     write_embed_dir(tmp_path / "short", x, ["a", "b"])
     with pytest.raises(ValueError, match="2 ids but 5"):
-        build_from_embeddings(tmp_path / "short", tmp_path / "index", {})
+        build_from_embeddings(tmp_path / "short", tmp_path / "index")

@@ -123,6 +123,17 @@ def test_adapter_save_load_merge_reproduces_embeddings(clip_dir, images, tmp_pat
             assert torch.allclose(a, b, atol=1e-5), (merge, (a - b).abs().max())
 
 
+def test_saved_adapter_config_does_not_depend_on_the_hash_seed(clip_dir, tmp_path):
+    # PEFT keeps target_modules in a set: its file order changed from process to process, and with it the
+    # DVC hash of data/train/<cat> (so embed_lora reran after every forced train, on the same adapter)
+    modules = ["v_proj", "q_proj", "out_proj", "k_proj"]
+    model, _ = load_clip(clip_dir, device="cpu")
+    save_adapter(add_lora(model, {**LORA, "target_modules": modules}), tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(modules)
+    assert list(config) == sorted(config)
+
+
 def test_trained_logit_scale_is_saved_and_loaded(clip_dir, tmp_path):
     model, _ = load_clip(clip_dir, device="cpu")
     peft_model = add_lora(model, LORA, train_logit_scale=True)

@@ -1,40 +1,159 @@
-"""params.yaml: the two setups, the shared training keys, and the setup merge."""
+"""params.yaml: one validated schema (types, ranges, unknown keys), the two setups, and stage start-up."""
 
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cliprec.params import load_params
+from cliprec.params import DVC_BLIND_KEYS, ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+RAW = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def write(tmp_path: Path, change) -> Path:
+    raw = copy.deepcopy(RAW)
+    change(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def test_training_defaults_are_the_documented_ones():
-    p = load_params()
-    assert (p["batch_size"], p["lr"], p["epochs"], p["amp"]) == (128, 2.0e-5, 10, False)
-    assert isinstance(p["lr"], float)  # PyYAML reads `2e-5` as a string; params.yaml must say 2.0e-5
+    p = load_params(REPO / "params.yaml")
+    assert (p.batch_size, p.lr, p.epochs, p.amp) == (128, 2.0e-5, 10, False)
+    assert p.train.optimizer == "adamw"
 
 
 def test_setups_differ_only_in_their_blocks(tmp_path):
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    raw["setup"] = "study"
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    demo, study = load_params(), load_params(path)
-    assert demo["model"]["name"] == "models/demo-clip"
-    assert study["model"]["name"] == "openai/clip-vit-base-patch32"
-    assert study["ingest"]["source"] == "amazon" and study["ingest"]["n_products"] == 20000
-    assert study["summarize"]["model"] == "facebook/bart-large-cnn"
-    # shared blocks merge with the setup's block; shared scalars are the same in both worlds
-    assert demo["train"]["weight_decay"] == study["train"]["weight_decay"]
-    assert "lr_scale" in demo["train"] and "lr_scale" in study["train"]
-    for key in ("batch_size", "lr", "epochs", "amp", "seed", "lora", "images", "index"):
-        assert demo[key] == study[key]
+    demo = load_params(REPO / "params.yaml")
+    study = load_params(write(tmp_path, lambda r: r.update(setup="study")))
+    assert demo.active.model.name == "models/demo-clip"
+    assert study.active.model.name == "openai/clip-vit-base-patch32"
+    assert study.active.ingest.source == "amazon" and study.active.ingest.n_products == 20000
+    assert (
+        study.active.summarize.method == "bart" and study.active.summarize.model == "facebook/bart-large-cnn"
+    )
+    assert study.effective_lr == study.lr  # lr_scale 1.0: the study trains at exactly lr
+    assert demo.model_dump(exclude={"setup"}) == study.model_dump(exclude={"setup"})
 
 
-def test_unknown_setup_is_a_clear_error(tmp_path):
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    raw["setup"] = "nope"
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ValueError, match="setup 'nope'"):
-        load_params(path)
+def test_no_param_is_named_what_dvcs_run_cache_ignores():
+    # DVC leaves keys named `size`/`nfiles` out of the run-cache key (treeverse/dvc#10296): changing one
+    # would restore an old output ("Stage is cached - skipping run") while dvc.lock records the new value
+    def walk(node, where=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                assert key not in DVC_BLIND_KEYS, f"params.yaml: {where}{key} is invisible to DVC's run-cache"
+                yield from walk(value, f"{where}{key}.")
+        elif isinstance(node, list):
+            for item in node:
+                yield from walk(item, where)
+        yield where
+
+    assert len(list(walk(RAW))) > 50
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(amp="maybe"), "amp = 'maybe': must be true or false"),
+        (
+            lambda r: r.update(amp="false"),
+            "amp = 'false': must be true or false (a YAML boolean, not quoted)",
+        ),
+        (lambda r: r.update(epochs=1.5), "epochs = 1.5: must be an integer"),
+        (lambda r: r.update(lr="abc"), "lr = 'abc': must be a number"),
+        (lambda r: r.update(lr="2e-5"), "lr = '2e-5': must be a number (PyYAML reads 2e-5 as text"),
+        (lambda r: r.update(batch_size=1), "batch_size = 1: input should be greater than or equal to 2"),
+        (
+            lambda r: r["split"].update(test=0.5),
+            "split: train + val + test = 1.4; the fractions must sum to 1",
+        ),
+        (lambda r: r["split"].update(val=0.0, train=0.9), "split.val = 0.0: input should be greater than 0"),
+        (lambda r: r.update(categories=[]), "categories = []: must not be empty"),
+        (lambda r: r.update(categories=["A", "A"]), "each category listed once"),
+        (lambda r: r["evaluate"].update(ks=[0]), "evaluate.ks: [0]: each K must be an integer >= 1"),
+        (lambda r: r["lora"].update(r=0), "lora.r = 0: input should be greater than or equal to 1"),
+        (lambda r: r["images"].update(sise=3), "images: unknown key 'sise' (a typo?); allowed: side, resize"),
+        (lambda r: r["images"].pop("retries"), "images.retries: missing"),
+        (lambda r: r["embed"].update(text_weight=1.5), "embed.text_weight = 1.5: input should be less than"),
+        (lambda r: r.update(setup="nope"), "setup = 'nope': not one of the setups: demo, study"),
+        (
+            lambda r: r["index"].update(factory="IVF64,PQ7"),
+            "index.factory = 'IVF64,PQ7': FAISS cannot build it for the 128-d vectors of setup 'demo'",
+        ),
+        (
+            lambda r: r["setups"]["demo"]["ingest"].update(source="jsonl", path="my/meta_{category}.jsonl"),
+            "setups.demo.ingest: path 'my/meta_{category}.jsonl' must be a file under catalog/",
+        ),
+        (
+            lambda r: r["setups"]["study"]["summarize"].update(min_length=100),
+            "setups.study.summarize: min_length 100 exceeds max_length 77",
+        ),
+    ],
+)
+def test_bad_values_are_one_line_naming_key_value_and_what_is_allowed(tmp_path, change, message):
+    with pytest.raises(ParamsError) as e:
+        load_params(write(tmp_path, change))
+    text = str(e.value)
+    assert "\n" not in text and text.startswith(f"{tmp_path / 'params.yaml'}: ") and message in text, text
+
+
+def test_a_missing_or_broken_file_is_a_params_error(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("a: [1,\n")
+    with pytest.raises(ParamsError, match="cannot read it"):
+        load_params(tmp_path / "params.yaml")
+
+
+def _project(tmp_path: Path, change) -> Path:
+    return write(tmp_path, change).parent
+
+
+@pytest.mark.parametrize("stage", ["train.py Amazon_Fashion", "embed.py Appliances lora", "check_params.py"])
+def test_a_stage_with_bad_params_exits_2_with_one_line_before_any_model_loads(tmp_path, stage):
+    root = _project(tmp_path, lambda r: r.update(amp="maybe"))
+    script, *args = stage.split()
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(REPO / "stages" / script), *args], cwd=root, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - started
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: params.yaml: amp = 'maybe': must be true or false (a YAML boolean, not quoted)"
+    ]
+    assert seconds < 5, f"{seconds:.1f} s: validation must come before torch/transformers are imported"
+
+
+def test_stage_debug_shows_the_traceback(tmp_path):
+    root = _project(tmp_path, lambda r: r.update(amp="maybe"))
+    done = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "check_params.py"), "--debug"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1 and "Traceback" in done.stderr and "ParamsError" in done.stderr
+
+
+def test_a_category_not_in_params_is_refused(tmp_path):
+    root = _project(tmp_path, lambda r: None)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "stages" / "ingest.py"), "Books"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "error: category 'Books' is not in params.yaml categories: Amazon_Fashion, Appliances"
+    )

@@ -17,9 +17,10 @@ from PIL import Image
 from tiny import COLORS, make_catalog, make_clip
 
 from cliprec import paths
+from cliprec.artifacts import ArtifactError, write_manifest
 from cliprec.embed import embed_catalog, encode_images, encode_texts, fuse
 from cliprec.index import build_from_embeddings
-from cliprec.model import ADAPTER_DIR, add_lora, load_clip, save_adapter
+from cliprec.model import add_lora, load_clip, save_adapter
 from cliprec.params import load_params
 from cliprec.recommend import (
     Query,
@@ -41,7 +42,7 @@ def build_project(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     p = load_params(root / "params.yaml")
-    model_name = p["model"]["name"]
+    model_name = p.active.model.name
     make_clip(root / model_name)
     made = make_catalog(root / "scratch", n=32)
     for src, dst in (
@@ -53,14 +54,16 @@ def build_project(root: Path) -> Path:
     shutil.copytree(made["images"], root / paths.images_dir(CAT))
     # a LoRA adapter with random (not zero) B matrices, so that the lora variant differs from zero-shot
     base, _ = load_clip(root / model_name)
-    peft = add_lora(base, p["lora"])
+    peft = add_lora(base, p.lora.model_dump())
     torch.manual_seed(1)
     with torch.no_grad():
         for name, param in peft.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    adapter = root / paths.train_dir(CAT) / ADAPTER_DIR
+    adapter = root / paths.train_dir(CAT) / paths.ADAPTER_DIR
     save_adapter(peft, adapter)
+    adapter_files = [f"{paths.ADAPTER_DIR}/{f.name}" for f in adapter.iterdir()]
+    write_manifest(root / paths.train_dir(CAT), adapter_files, {"model": model_name})  # as train does
     for variant in paths.VARIANTS:
         model, processor = load_clip(root / model_name, adapter=adapter if variant == "lora" else None)
         embed_catalog(
@@ -69,7 +72,7 @@ def build_project(root: Path) -> Path:
             root / paths.images_dir(CAT),
             root / paths.summaries_dir(CAT) / "summaries.parquet",
             root / paths.embed_dir(CAT, variant),
-            text_weight=float(p["embed"]["text_weight"]),
+            text_weight=p.embed.text_weight,
             info={
                 "model": model_name,
                 "variant": variant,
@@ -79,7 +82,8 @@ def build_project(root: Path) -> Path:
         build_from_embeddings(
             root / paths.embed_dir(CAT, variant),
             root / paths.index_dir(CAT, variant),
-            p["index"],
+            factory=p.index.factory,
+            memory_budget_mb=p.index.memory_budget_mb,
             variant=variant,
         )
     return root
@@ -127,7 +131,7 @@ def brute_force(project: Path, variant: str, vector: np.ndarray, k: int, exclude
 @pytest.fixture(scope="module")
 def lora(project):
     """The lora variant's model, loaded independently of the Recommender."""
-    return load_clip(project / "models/demo-clip", adapter=project / paths.train_dir(CAT) / ADAPTER_DIR)
+    return load_clip(project / "models/demo-clip", adapter=project / paths.train_dir(CAT) / paths.ADAPTER_DIR)
 
 
 def assert_same_ranking(hits, want):
@@ -149,7 +153,7 @@ def test_text_query_matches_brute_force(project, rec, lora):
 def test_image_and_text_image_queries(project, rec, lora, tmp_path):
     path = photo_file(tmp_path / "q.jpg")
     model, processor = lora
-    image = load_query_image(str(path), load_params(project / "params.yaml")["images"])
+    image = load_query_image(str(path), load_params(project / "params.yaml").images)
     assert image.size == (224, 224)  # prepared like the catalog's photos
     image_vec = encode_images(model, processor, [image])
     assert_same_ranking(
@@ -269,5 +273,26 @@ def test_broken_adapter_is_a_clear_error(project, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(project, partial, ignore=shutil.ignore_patterns("adapter_config.json"))
     rec = Recommender(CAT, "lora", root=partial)
-    with pytest.raises(RecommendError, match="cannot load model .*not a trained LoRA adapter"):
+    want = r"adapter/adapter_config.json is missing: rebuild it with `dvc repro train@Amazon_Fashion`"
+    with pytest.raises(ArtifactError, match=want):
         rec.recommend(Query(text="a red shirt"))
+
+
+def test_swapped_or_truncated_artefacts_are_refused(project, tmp_path):
+    # `cp text.npy fused.npy` once made --product return another product at score 1.0000
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy)
+    embed = copy / paths.embed_dir(CAT, "lora")
+    shutil.copy(embed / "text.npy", embed / "fused.npy")
+    with pytest.raises(
+        ArtifactError, match=r"fused.npy does not match its manifest.*embed_lora@Amazon_Fashion"
+    ):
+        Recommender(CAT, "lora", root=copy).recommend(Query(product="P0001"))
+    fused = (project / paths.embed_dir(CAT, "lora") / "fused.npy").read_bytes()
+    (embed / "fused.npy").write_bytes(fused[:-64])
+    with pytest.raises(ArtifactError, match="fused.npy has .* bytes, its manifest says"):
+        Recommender(CAT, "lora", root=copy).recommend(Query(product="P0001"))
+    weights = copy / paths.train_dir(CAT) / paths.ADAPTER_DIR / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="adapter_model.safetensors has 100 bytes"):
+        Recommender(CAT, "lora", root=copy).recommend(Query(text="a red shirt"))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from cliprec import summarize
+from cliprec.params import Bart, Extractive
 from cliprec.summarize import cap_words, input_token_limit, load_seq2seq, source_text, summarize_catalog
 from cliprec.text import clean_text
 
@@ -80,23 +81,25 @@ def _products(n: int = 7) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _extractive_params(**kw) -> dict:
-    return {"method": "extractive", "max_words": 20, "chunk_size": 3, **kw}
+def _extractive_params(**kw) -> Extractive:
+    return Extractive(**{"method": "extractive", "max_words": 20, "chunk_size": 3, **kw})
 
 
-def _bart_params(model_path, **kw) -> dict:
-    return {
-        "method": "bart",
-        "model": str(model_path),
-        "max_input_tokens": 1024,
-        "max_length": 8,
-        "min_length": 2,
-        "num_beams": 2,
-        "batch_size": 2,
-        "max_words": 8,
-        "chunk_size": 3,
-        **kw,
-    }
+def _bart_params(model_path, **kw) -> Bart:
+    return Bart(
+        **{
+            "method": "bart",
+            "model": str(model_path),
+            "max_input_tokens": 1024,
+            "max_length": 8,
+            "min_length": 2,
+            "num_beams": 2,
+            "batch_size": 2,
+            "max_words": 8,
+            "chunk_size": 3,
+            **kw,
+        }
+    )
 
 
 def test_extractive_catalog(tmp_path):
@@ -113,7 +116,8 @@ def test_extractive_catalog(tmp_path):
     assert "rare0" in out["summary"][0]  # the rare feature beats the filler description
     assert report == json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["method"] == "extractive" and report["n"] == 7 and report["chunks"] == 3
-    assert report["resumed_chunks"] == 0 and report["seconds"] >= 0
+    assert report["resumed_chunks"] == 0 and "seconds" not in report  # an output's hash follows its inputs
+    assert report["code"] == summarize.run_identity()["code"] and "transformers" in report["versions"]
     assert report["mean_words"] == pytest.approx(out["summary"].str.split().str.len().mean(), abs=1e-3)
     assert report["title_fallbacks"] == 1  # P003 has no features and no description
     assert sorted(p.name for p in (tmp_path / "progress").iterdir()) == [
@@ -218,8 +222,29 @@ def test_resume_after_kill(tmp_path, tiny_bart, monkeypatch, method):
         tmp_path / "ref" / "summaries.parquet"
     ).read_bytes()
 
-    # a rerun with nothing changed reuses everything
-    assert summarize_catalog(products, tmp_path / "out", progress, params)["resumed_chunks"] == 3
+    # a finished run is never reused: DVC reran the stage (forced, or something changed), so it computes
+    done.clear()
+    assert summarize_catalog(products, tmp_path / "out", progress, params)["resumed_chunks"] == 0
+    assert len(done) == (7 if method == "extractive" else 6)
+
+
+def test_a_code_or_library_change_does_not_resume(tmp_path, monkeypatch):
+    products = _products()
+    progress = tmp_path / "progress"
+
+    def kill_after_first_chunk(i):
+        if i == 0:
+            raise Killed
+
+    with pytest.raises(Killed):
+        summarize_catalog(
+            products, tmp_path / "out", progress, _extractive_params(), on_chunk_done=kill_after_first_chunk
+        )
+    real = summarize.run_identity
+    monkeypatch.setattr(summarize, "run_identity", lambda: {**real(), "code": "edited cliprec/text.py"})
+    assert (
+        summarize_catalog(products, tmp_path / "out", progress, _extractive_params())["resumed_chunks"] == 0
+    )
 
 
 def test_fingerprint_mismatch_clears_progress(tmp_path):
@@ -246,19 +271,28 @@ def test_fingerprint_mismatch_clears_progress(tmp_path):
     assert report["resumed_chunks"] == 0
     assert pd.read_parquet(tmp_path / "out" / "summaries.parquet")["summary"][5].startswith("Renamed product")
 
-    # the same inputs and params again: resumed
+    # the same inputs and params again, after a finished run: computed again, not resumed
     assert (
         summarize_catalog(changed, tmp_path / "out", progress, _extractive_params(max_words=5))[
             "resumed_chunks"
         ]
-        == 3
+        == 0
     )
 
 
 def test_corrupt_chunk_is_recomputed(tmp_path):
     products = _products()
     progress = tmp_path / "progress"
-    summarize_catalog(products, tmp_path / "ref", progress, _extractive_params())
+    summarize_catalog(products, tmp_path / "ref", tmp_path / "ref-progress", _extractive_params())
+
+    def kill_after_last_chunk(i):
+        if i == 2:
+            raise Killed  # every chunk on disk, but the run did not finish
+
+    with pytest.raises(Killed):
+        summarize_catalog(
+            products, tmp_path / "out", progress, _extractive_params(), on_chunk_done=kill_after_last_chunk
+        )
     (progress / "chunk-00001.parquet").write_bytes(b"truncated")
     report = summarize_catalog(products, tmp_path / "out", progress, _extractive_params())
     assert report["resumed_chunks"] == 2
@@ -267,13 +301,9 @@ def test_corrupt_chunk_is_recomputed(tmp_path):
     ).read_bytes()
 
 
-def test_bad_params(tmp_path, tiny_bart):
-    with pytest.raises(ValueError, match="summarize.method"):
-        summarize_catalog(
-            _products(), tmp_path, tmp_path / "p", {"method": "t5", "max_words": 5, "chunk_size": 2}
-        )
-    with pytest.raises(ValueError, match="min_length"):
-        summarize_catalog(_products(), tmp_path, tmp_path / "p", _bart_params(tiny_bart, min_length=50))
+def test_bad_params(tiny_bart):
+    with pytest.raises(ValueError, match="min_length 50 exceeds max_length 8"):
+        _bart_params(tiny_bart, min_length=50)
 
 
 def test_source_text():

@@ -15,8 +15,11 @@ from tiny import make_catalog, make_clip
 
 import cliprec.train as tr
 from cliprec import precision
+from cliprec.artifacts import verify_files
 from cliprec.loss import clip_loss
+from cliprec.params import load_params
 
+REPO = Path(__file__).resolve().parents[1]
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
 
 
@@ -41,8 +44,9 @@ def _adapter(root: Path) -> dict[str, torch.Tensor]:
     return load_file(root / "out" / "adapter" / "adapter_model.safetensors")
 
 
-def _without_time(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if k != "seconds"}
+def _same_run(summary: dict) -> dict:
+    """What must not depend on whether the run was resumed."""
+    return {k: v for k, v in summary.items() if k != "resumed_from_epoch"}
 
 
 # --- the loss --------------------------------------------------------------------------------------------
@@ -91,12 +95,10 @@ def test_warmup_cosine_schedule():
 
 
 def test_config_from_params_applies_lr_scale():
-    p = {"model": {"name": "m"}, "epochs": 3, "batch_size": 8, "lr": 2e-5, "amp": False, "seed": 1,
-         "lora": LORA, "train": {"optimizer": "adamw", "weight_decay": 0.1, "warmup_frac": 0.1,
-         "grad_clip": 1.0, "patience": 3, "train_logit_scale": False, "lr_scale": 50}}  # fmt: skip
-    assert tr.TrainConfig.from_params(p).lr == pytest.approx(1e-3)
-    with pytest.raises(ValueError, match="adamw"):
-        tr.TrainConfig.from_params({**p, "train": {**p["train"], "optimizer": "sgd"}})
+    p = load_params(REPO / "params.yaml")
+    cfg = tr.TrainConfig.from_params(p)
+    assert cfg.lr == pytest.approx(p.lr * p.active.train.lr_scale) and cfg.lr != p.lr
+    assert cfg.model == p.active.model.name and cfg.lora == p.lora.model_dump() and cfg.amp is p.amp
 
 
 # --- training runs -----------------------------------------------------------------------------------------
@@ -119,6 +121,12 @@ def test_training_learns_and_resumes_after_a_kill_to_the_same_adapter(tiny, tmp_
     assert len(val_loss) == 2 + 2 * 2  # header + (step, value) per epoch
     assert float(val_loss[3]) < whole["zeroshot"]["val_loss"]  # one LoRA epoch already lowers the val loss
     assert json.loads((tmp_path / "whole" / "out" / "summary.json").read_text()) == whole
+    assert whole["resumed_from_epoch"] is None and whole["code"] == tr.run_identity()["code"]
+    assert {"torch", "transformers", "peft", "python"} <= set(whole["versions"])
+    assert "seconds" not in whole  # the directory is a DVC output: no wall-clock figures in it
+    assert verify_files(tmp_path / "whole" / "out")["files"].keys() >= {
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "summary.json"
+    }  # fmt: skip
 
     # killed in the middle of epoch 2 (2 steps per epoch): only epoch 1's checkpoint is on disk
     calls = {"n": 0}
@@ -136,16 +144,45 @@ def test_training_learns_and_resumes_after_a_kill_to_the_same_adapter(tiny, tmp_
     monkeypatch.setattr(tr, "_train_step", step)
     assert torch.load(tmp_path / "killed" / "ckpt" / tr.STATE_FILE, weights_only=True)["epoch"] == 1
     resumed = _run(tiny, tmp_path / "killed", cfg)
+    assert resumed["resumed_from_epoch"] == 1
     want, got = _adapter(tmp_path / "whole"), _adapter(tmp_path / "killed")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    assert _without_time(resumed) == _without_time(whole)
+    assert _same_run(resumed) == _same_run(whole)
     for f in ("metrics.json", "plots/metrics/train_loss.tsv", "plots/metrics/val_recall_at_5.tsv"):
         assert (tmp_path / "killed" / "live" / f).read_text() == (live / f).read_text(), f
 
-    # a finished run re-exports without training
+    # a finished run is never re-exported: a forced rerun (`dvc repro -f`) trains again
+    calls["n"] = 0
     monkeypatch.setattr(tr, "_train_step", dying_step)
-    again = _run(tiny, tmp_path / "killed", cfg)
-    assert _without_time(again) == _without_time(whole)
+    with pytest.raises(Killed):
+        _run(tiny, tmp_path / "killed", cfg)
+    assert calls["n"] == 4
+
+
+def test_a_code_or_library_change_does_not_resume(tiny, tmp_path, monkeypatch, caplog):
+    # what cliprec/loss.py edited, or peft upgraded, between a killed run and its rerun looks like
+    cfg = _cfg(tiny, epochs=2)
+    step = tr._train_step
+    calls = {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise Killed
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "_train_step", dying_step)
+    with pytest.raises(Killed):
+        _run(tiny, tmp_path, cfg)
+    monkeypatch.setattr(tr, "_train_step", step)
+    real = tr.run_identity
+    monkeypatch.setattr(
+        tr, "run_identity", lambda: {**real(), "versions": {**real()["versions"], "peft": "9"}}
+    )
+    with caplog.at_level(logging.INFO):
+        summary = _run(tiny, tmp_path, cfg)
+    assert summary["resumed_from_epoch"] is None and summary["versions"]["peft"] == "9"
+    assert any("code/library version; starting over" in r.getMessage() for r in caplog.records)
 
 
 def test_changed_config_discards_the_checkpoint_and_amp_runs_on_cpu(tiny, tmp_path, monkeypatch, caplog):

@@ -21,6 +21,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.models.clip import CLIPImageProcessorPil
 
+from cliprec.artifacts import write_manifest
 from cliprec.images import SHARD_SCHEMA
 
 COLORS = {
@@ -112,7 +113,10 @@ def make_catalog(
         (p if p.suffix == "" else p.parent).mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(paths["products"], index=False)
     pd.DataFrame(summaries).to_parquet(paths["summaries"], index=False)
+    shards = []
     for k in range(0, len(shard_rows), shard_size):
         table = pa.Table.from_pylist(shard_rows[k : k + shard_size], schema=SHARD_SCHEMA)
-        pq.write_table(table, paths["images"] / f"shard-{k // shard_size:05d}.parquet")
+        shards.append(f"shard-{k // shard_size:05d}.parquet")
+        pq.write_table(table, paths["images"] / shards[-1])
+    write_manifest(paths["images"], shards, {})  # what the images stage writes last: readers verify it
     return paths

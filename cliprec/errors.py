@@ -1,0 +1,47 @@
+"""User errors are one line; programming errors keep their traceback.
+
+A `CliprecError` is a problem the user can fix: bad params, a missing or corrupt artefact, bad input
+data, a bad query. Stages and the `cliprec` command print it as `error: <message>` and exit 2; with
+`--debug` or `CLIPREC_DEBUG=1` they re-raise it for the full traceback. Any other exception is a bug
+and propagates untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+USER_ERROR_EXIT = 2
+
+
+class CliprecError(Exception):
+    """A problem the user can fix; its message is one line that says what and how."""
+
+
+def debug_enabled() -> bool:
+    """True when CLIPREC_DEBUG is set to anything but empty or 0."""
+    return os.environ.get("CLIPREC_DEBUG", "") not in ("", "0")
+
+
+def one_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's text (library errors can span dozens)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def run_stage(main: Callable[[list[str]], None], argv: list[str] | None = None) -> None:
+    """Run a stage's main(argv) with INFO logging; a CliprecError ends it with one line and exit 2."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--debug" in args:
+        args = [a for a in args if a != "--debug"]
+        os.environ["CLIPREC_DEBUG"] = "1"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        main(args)
+    except CliprecError as e:
+        if debug_enabled():
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)

@@ -1,0 +1,90 @@
+"""Which code and which libraries a run used: for resume fingerprints, run summaries and dvc.yaml deps.
+
+`import_closure` follows the import statements of project files (read with `ast`, so an import inside a
+function counts too) through every module of the `cliprec` package they reach. `code_identity` hashes
+that closure; a resumable stage resumes only a run with the same code identity and the same
+`library_versions`, so editing `cliprec/loss.py` or upgrading peft retrains instead of re-exporting an
+old adapter. tests/test_provenance.py uses the same closure to check that dvc.yaml lists every module a
+stage imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+PACKAGE = "cliprec"
+ROOT = Path(__file__).resolve().parents[1]  # the project root: cliprec/ and stages/ live here
+
+
+def module_file(name: str, root: Path = ROOT) -> Path | None:
+    """The project file of a dotted module name (`cliprec.train` -> cliprec/train.py), None if not ours."""
+    if name != PACKAGE and not name.startswith(PACKAGE + "."):
+        return None
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """Dotted names a file imports (`from cliprec import paths` -> cliprec, cliprec.paths)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _has_code(path: Path) -> bool:
+    body = ast.parse(path.read_text()).body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant):
+        body = body[1:]  # the docstring
+    return bool(body)
+
+
+def import_closure(*entries: str | Path, root: Path = ROOT) -> list[Path]:
+    """Project files reachable from entry files or module names, sorted, relative to `root`.
+
+    A package `__init__.py` that holds only a docstring is left out: it cannot change a result.
+    """
+    todo = [Path(e) if str(e).endswith(".py") else module_file(str(e), root) for e in entries]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path is None:
+            continue
+        path = (root / path).resolve() if not path.is_absolute() else path.resolve()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo.extend(module_file(name, root) for name in _imports(path))
+    keep = [p for p in seen if p.name != "__init__.py" or _has_code(p)]
+    return sorted(p.relative_to(root) for p in keep)
+
+
+def code_identity(*entries: str, root: Path = ROOT) -> str:
+    """sha256 over the import closure of `entries` (file names and contents)."""
+    h = hashlib.sha256()
+    for rel in import_closure(*entries, root=root):
+        h.update(rel.as_posix().encode() + b"\0")
+        h.update(hashlib.sha256((root / rel).read_bytes()).digest())
+    return h.hexdigest()
+
+
+def library_versions(*packages: str) -> dict[str, str]:
+    """Installed versions of `packages`, plus the Python version ("absent" for a missing package)."""
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
