@@ -38,6 +38,7 @@ def run_stage(main: Callable[[list[str]], None], argv: list[str] | None = None) 
         args = [a for a in args if a != "--debug"]
         os.environ["CLIPREC_DEBUG"] = "1"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it tried: noise
     try:
         main(args)
     except CliprecError as e:
