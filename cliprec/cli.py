@@ -39,14 +39,28 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
     rec.add_argument("--grid", metavar="OUT.png", help="also write a picture of the query and the results")
 
-    rep = sub.add_parser("report", help="Markdown table: category x zero-shot / LoRA / LoRA+AMP")
+    rep = sub.add_parser(
+        "report", help="metrics with 95% CIs and paired differences: zero-shot / LoRA / LoRA+AMP"
+    )
     rep.add_argument("--from-exp", metavar="NAME", help="take the third row from this DVC experiment")
     rep.add_argument("--category", action="append", help="only these categories (repeatable)")
+    rep.add_argument("--json", action="store_true", help="the numbers as JSON: value, CI, paired differences")
 
-    gate = sub.add_parser("gate", help="fail when a relevance metric dropped vs a git revision")
+    gate = sub.add_parser(
+        "gate", help="fail when retrieval significantly dropped vs a git revision (or its test set changed)"
+    )
     gate.add_argument("--rev", default="HEAD", help="git revision to compare with (default HEAD)")
     gate.add_argument(
-        "--tolerance", type=float, help="allowed absolute drop (default: params gate.tolerance)"
+        "--tolerance", type=float, help="a smaller drop never fails (default: params gate.tolerance)"
+    )
+    gate.add_argument("--alpha", type=float, help="significance level (default: params gate.alpha)")
+    gate.add_argument(
+        "--allow-new-test-set", action="store_true", help="do not fail on a changed test set (not compared)"
+    )
+    gate.add_argument(
+        "--reproduce",
+        action="store_true",
+        help="instead: require every per-query rank and metric to equal the revision's (CI's repro check)",
     )
     return parser
 
@@ -74,20 +88,30 @@ def _recommend(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cliprec.report import build_report
+    from cliprec.report import build_report, build_report_json
 
-    print(build_report(args.root, categories=args.category, from_exp=args.from_exp), end="")
+    build = build_report_json if args.json else build_report
+    print(build(args.root, categories=args.category, from_exp=args.from_exp), end="")
     return 0
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from cliprec.gate import run_gate
+    from cliprec.gate import reproduce, run_gate
     from cliprec.params import load_params
 
-    tolerance = args.tolerance
-    if tolerance is None:
-        tolerance = load_params(Path(args.root) / "params.yaml").gate.tolerance
-    passed, table = run_gate(args.rev, tolerance, root=args.root)
+    if args.reproduce:
+        passed, table = reproduce(args.rev, root=args.root)
+    else:
+        p = load_params(Path(args.root) / "params.yaml")
+        passed, table = run_gate(
+            args.rev,
+            p.gate.tolerance if args.tolerance is None else args.tolerance,
+            p.gate.alpha if args.alpha is None else args.alpha,
+            root=args.root,
+            allow_new_test_set=args.allow_new_test_set,
+            resamples=p.evaluate.resamples,
+            seed=p.seed,
+        )
     print(table, end="")
     return 0 if passed else 1
 

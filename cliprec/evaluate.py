@@ -14,17 +14,24 @@ Query modes (query -> gallery):
 Products without an alt image cannot be queried in the last two modes without leaking the gallery's
 own main image, so they are skipped and counted (`skipped_no_alt`); they stay in the gallery.
 
+Every relevance metric gets a 95 % bootstrap CI over the queries (`ci95`, cliprec.stats), and the
+per-query ranks of every mode go to a file of their own (`<variant>.ranks.json`, with the test set's
+id digest), from which the `compare` stage and the CI gate make paired comparisons.
+
 Also reported, for comparison with the seed project:
-- avg_mean_similarity_at_5: for each test product's fused vector, the mean inner product of its top-5
-  hits among ALL catalog fused vectors (the product itself included, as in the seed), averaged. It
-  measures how tight the neighbourhoods are, not whether they are relevant: collapsed embeddings
-  score 1.0. Computed by exact search (equal to the seed's number, which used a Flat index).
+- avg_mean_similarity_at_5: for each test product's fused vector, the mean inner product of its 5
+  nearest OTHER products among all catalog fused vectors, averaged. It measures how tight the
+  neighbourhoods are, not whether they are relevant: collapsed embeddings score 1.0. The seed counted
+  the product itself (cosine 1.0) among its own top 5; that number, for comparing with the seed's
+  tables, is `avg_mean_similarity_at_5_with_self`. Both by exact search.
 - ann_recall_at_10: the built FAISS index's recall@10 against exact search on the same queries.
   Tie-aware: an index hit counts when its exact score reaches the exact 10th-best score.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -32,10 +39,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cliprec.artifacts import verify_files, write_json
+from cliprec.artifacts import atomic_write_bytes, verify_files, write_json
 from cliprec.errors import CliprecError
 from cliprec.index import LoadedIndex, fuse, load_index, read_ids
-from cliprec.metrics import metrics_from_ranks, target_ranks
+from cliprec.metrics import per_query, target_ranks
+from cliprec.stats import bootstrap_ci
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +125,22 @@ def ann_recall(
 
 
 def _mode_metrics(
-    queries: np.ndarray, gallery: np.ndarray, targets: np.ndarray, ks: tuple[int, ...]
+    ranks: np.ndarray, ks: tuple[int, ...], resamples: int, confidence: float, seed: int
 ) -> tuple[dict[str, Any], list[float]]:
-    """Metrics dict + recall@1..10 curve of one query mode."""
-    if len(queries) == 0:
-        return {**{f"recall_at_{k}": 0.0 for k in ks}, "mrr": 0.0, "ndcg_at_10": 0.0}, [0.0] * len(CURVE_KS)
-    ranks = target_ranks(queries, gallery, targets)
-    out: dict[str, Any] = metrics_from_ranks(ranks, ks)
+    """Metrics dict (with `ci95`) + recall@1..10 curve of one query mode, from its target ranks."""
+    values = per_query(ranks, ks)
+    out: dict[str, Any] = {name: float(np.mean(v)) if len(v) else 0.0 for name, v in values.items()}
+    if len(ranks):
+        low, high = bootstrap_ci(np.stack(list(values.values())), resamples, confidence, seed)
+        out["ci95"] = {name: {"low": float(lo), "high": float(hi)} for name, lo, hi in zip(values, low, high)}
     hit = ranks > 0
-    curve = [float(np.mean(hit & (ranks <= k))) for k in CURVE_KS]
+    curve = [float(np.mean(hit & (ranks <= k))) if len(ranks) else 0.0 for k in CURVE_KS]
     return out, curve
+
+
+def gallery_digest(ids: list[str]) -> str:
+    """sha256 of the gallery ids in order: two evaluations are paired only when their digests agree."""
+    return hashlib.sha256("".join(f"{i}\n" for i in ids).encode()).hexdigest()
 
 
 def evaluate(
@@ -138,8 +152,11 @@ def evaluate(
     nprobe: int | None = None,
     ef_search: int | None = None,
     k_factor: float | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """All metrics of one category/variant and the recall@k curve (see the module doc)."""
+    resamples: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """(metrics, recall@k curve, per-query ranks) of one category/variant (see the module doc)."""
     emb = Embeddings(embed_dir)
     products = pd.read_parquet(products_path, columns=["id", "split"])
     test_ids = products.loc[products["split"] == "test", "id"].astype(str).tolist()
@@ -176,21 +193,35 @@ def evaluate(
     }
     metrics: dict[str, Any] = {}
     curves: dict[str, list[float]] = {}
+    per_mode_ranks: dict[str, list[int | None]] = {}
     for mode, (queries, gallery, targets) in runs.items():
-        m, curves[mode] = _mode_metrics(queries, gallery, targets.astype(np.int64), ks)
+        ranks = target_ranks(queries, gallery, targets.astype(np.int64)) if len(queries) else np.zeros(0, int)
+        m, curves[mode] = _mode_metrics(ranks, ks, resamples, confidence, seed)
         m["gallery_size"] = n_g
         m["queries"] = int(len(queries))
         if mode in ("multimodal", "image_to_image"):
             m["skipped_no_alt"] = int(skipped)
         metrics[mode] = m
+        by_position: list[int | None] = [None] * n_g
+        for pos, rank in zip(targets.tolist(), ranks.tolist()):
+            by_position[pos] = int(rank)
+        per_mode_ranks[mode] = by_position
         log.info(
             "evaluate: %s MRR %.4f nDCG@10 %.4f (%d queries)", mode, m["mrr"], m["ndcg_at_10"], len(queries)
         )
 
     # the seed's metric and ANN recall: test products' fused vectors against the whole catalog
-    k_exact = min(max(ANN_K, SEED_K), len(emb.ids))
-    _, exact_scores = exact_topk(fused, emb.fused, k_exact)
-    metrics["avg_mean_similarity_at_5"] = float(np.mean(exact_scores[:, : min(SEED_K, k_exact)]))
+    k_top = min(max(ANN_K, SEED_K) + 1, len(emb.ids))  # + 1: the product itself is among its neighbours
+    top_i, top_s = exact_topk(fused, emb.fused, k_top)
+    is_self = top_i == gallery_rows[:, None]
+    others_first = np.argsort(is_self, axis=1, kind="stable")  # drops the product, keeps the order
+    without_self = np.take_along_axis(top_s, others_first, axis=1)[:, : min(SEED_K, k_top - 1)]
+    seed_values = without_self.mean(axis=1)
+    metrics["avg_mean_similarity_at_5"] = float(seed_values.mean())
+    low, high = bootstrap_ci(seed_values[None], resamples, confidence, seed)
+    metrics["avg_mean_similarity_at_5_ci95"] = {"low": float(low[0]), "high": float(high[0])}
+    # the seed project's own definition, for its tables: the product itself (cosine 1) among the top 5
+    metrics["avg_mean_similarity_at_5_with_self"] = float(np.mean(top_s[:, :SEED_K]))
     index = load_index(
         index_dir,
         expect_model=emb.manifest.get("model"),
@@ -204,14 +235,21 @@ def evaluate(
         raise ValueError(
             f"evaluate: {index_dir} was built from other embeddings than {embed_dir}; rerun `dvc repro index`"
         )
-    metrics["ann_recall_at_10"] = ann_recall(index, fused, emb.fused, exact_scores, min(ANN_K, k_exact))
+    k_ann = min(ANN_K, len(emb.ids))
+    metrics["ann_recall_at_10"] = ann_recall(index, fused, emb.fused, top_s[:, :k_ann], k_ann)
     metrics["catalog"] = {
         "products": len(emb.ids),
         "test_products": len(test_ids),
         "test_without_embedding": int(missing),
     }
     curve = [{"k": k, **{mode: _round(curves[mode][i]) for mode in MODES}} for i, k in enumerate(CURVE_KS)]
-    return _round(metrics), curve
+    ranks_doc = {
+        "test_set": {"ids_sha256": gallery_digest(g_ids), "gallery_size": n_g},
+        "ks": list(ks),
+        "ids": g_ids,
+        "ranks": per_mode_ranks,
+    }
+    return _round(metrics), curve, ranks_doc
 
 
 def _round(value: Any, digits: int = 6) -> Any:
@@ -232,10 +270,16 @@ def _check_keys(value: Any, where: str = "") -> None:
 
 
 def write_outputs(
-    metrics: dict[str, Any], curve: list[dict[str, Any]], metrics_path: str | Path, plot_path: str | Path
+    metrics: dict[str, Any],
+    curve: list[dict[str, Any]],
+    ranks: dict[str, Any],
+    metrics_path: str | Path,
+    plot_path: str | Path,
+    ranks_path: str | Path,
 ) -> None:
-    """Write metrics/<cat>/<variant>.json and the recall@k plot file."""
+    """Write metrics/<cat>/<variant>.json, its per-query ranks and the recall@k plot file."""
     _check_keys(metrics)
     write_json(metrics, metrics_path)
     write_json(curve, plot_path)
-    log.info("evaluate: wrote %s and %s", metrics_path, plot_path)
+    atomic_write_bytes(ranks_path, (json.dumps(ranks, separators=(",", ":")) + "\n").encode())
+    log.info("evaluate: wrote %s, %s and %s", metrics_path, ranks_path, plot_path)

@@ -1,12 +1,20 @@
-"""`cliprec gate`: fail CI when a relevance metric regressed against a git revision.
+"""`cliprec gate`: fail CI when retrieval really got worse than at a git revision, or cannot be compared.
 
-Runs `dvc metrics diff --json <rev>` (which always exits 0 and has no threshold) and decides:
-- a relevance metric (leaf key recall_at_<k>, mrr, ndcg_at_<k>) that dropped by more than `tolerance`
-  (absolute) fails, and so does one that disappeared or became non-numeric/NaN;
-- everything else (gallery sizes, query counts, the seed's avg_mean_similarity_at_5, ann_recall_at_10)
-  is shown but never fails;
-- DVCLive training curves under metrics/train/ are shown but not gated: the held-out test metrics are
-  the contract, and validation numbers move with every training change.
+The gate compares the workspace's per-query ranks (`metrics/<cat>/<variant>.ranks.json`, one per
+evaluation) with the same files at revision R (`git show`), query by query (cliprec.compare):
+
+- `missing`: a ranks file, a query mode or a metric that R has is gone -> FAIL;
+- `new test set`: the gallery size, a mode's query count or the test ids' digest differ -> FAIL, unless
+  `--allow-new-test-set`; then it says so loudly and compares nothing on that file (unpaired queries
+  cannot show a paired effect, and a shrunk test set must never pass as "improved");
+- `regression`: a relevance metric (recall@k, MRR, nDCG@10) dropped by more than `gate.tolerance`
+  AND the drop is significant (one-sided paired permutation p < `gate.alpha`) -> FAIL;
+- `improved`: the mirror image, reported; `within noise`: any other change, shown with its 95 % CI.
+
+`cliprec gate --reproduce --rev HEAD` is CI's other check, that this commit reproduces the numbers it
+committed: every per-query rank equal, every metric file equal. Only figures that do not derive from
+ranks may differ, and only by what another CPU's float kernels explain: the seed's similarity and ANN
+recall (1e-5 absolute) and DVCLive's training figures (1e-3 relative: they are rounded to 4 digits).
 """
 
 from __future__ import annotations
@@ -14,155 +22,251 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cliprec.compare import compare_ranks, unpaired_reason
 from cliprec.errors import CliprecError
+from cliprec.paths import METRICS
+from cliprec.stats import Comparison
 
 log = logging.getLogger(__name__)
 
-RELEVANCE = re.compile(r"^(recall_at_\d+|mrr|ndcg_at_\d+)$")
-UNGATED_PREFIXES = ("metrics/train/",)
-EPS = 1e-9  # 0.50 - 0.49 is 0.010000000000000009 in floats: a drop of exactly `tolerance` passes
+RANKS_GLOB = "*/*.ranks.json"
+FLOAT_ABS_TOL = 1e-5  # seed similarity, ANN recall: float sums over vectors that other CPUs round otherwise
+TRAIN_REL_TOL = 1e-3  # DVCLive figures: 4 significant digits
 
 
 class GateError(CliprecError):
-    """DVC could not produce the diff (unknown revision, not a DVC repo, ...)."""
+    """The comparison cannot be made (unknown revision, not a git repository, ...)."""
 
 
 @dataclass(frozen=True)
-class Row:
-    """One metric of the diff with its verdict."""
+class Verdict:
+    """One line of the gate's table."""
 
     path: str
+    mode: str
     metric: str
-    old: Any
-    new: Any
-    status: str  # regression | missing | improved | unchanged | new | within_tolerance | info
+    # missing | new_test_set | new_test_set_allowed | regression | improved | within_noise | unchanged | new
+    status: str
+    detail: str = ""
+    comparison: Comparison | None = None
 
     @property
     def failed(self) -> bool:
-        """True when this row fails the gate."""
-        return self.status in ("regression", "missing")
-
-    @property
-    def change(self) -> float | None:
-        """new - old where both are numbers."""
-        if _is_number(self.old) and _is_number(self.new):
-            return float(self.new) - float(self.old)
-        return None
+        """True when this line fails the gate."""
+        return self.status in ("missing", "new_test_set", "regression")
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
+# --- reading a revision ---------------------------------------------------------------------------------
 
 
-def is_relevance(metric: str) -> bool:
-    """True for recall_at_<k>, mrr and ndcg_at_<k> (matched on the last component of a dotted key)."""
-    return bool(RELEVANCE.match(metric.rsplit(".", 1)[-1]))
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
+    except FileNotFoundError as e:
+        raise GateError("git is not installed") from e
 
 
-def is_gated(path: str, metric: str) -> bool:
-    """True when a drop of this metric can fail the gate."""
-    return is_relevance(metric) and not any(path.replace("\\", "/").startswith(p) for p in UNGATED_PREFIXES)
+def revision_files(rev: str, root: Path, pattern: str = RANKS_GLOB) -> dict[str, str]:
+    """{path: text} of the files under metrics/ matching `pattern` at git revision `rev`."""
+    if _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").returncode != 0:
+        raise GateError(f"unknown git revision {rev!r} in {root}")
+    listed = _git(root, "ls-tree", "-r", "--name-only", rev, "--", METRICS.as_posix())
+    if listed.returncode != 0:
+        raise GateError(f"git ls-tree {rev} failed: {listed.stderr.strip()}")
+    out = {}
+    for name in listed.stdout.splitlines():
+        if Path(name).match(pattern):
+            shown = _git(root, "show", f"{rev}:{name}")
+            if shown.returncode != 0:
+                raise GateError(f"git show {rev}:{name} failed: {shown.stderr.strip()}")
+            out[name] = shown.stdout
+    return out
 
 
-def decide(diff: dict[str, dict[str, dict[str, Any]]], tolerance: float) -> list[Row]:
-    """Verdict for every metric of a parsed `dvc metrics diff --json` result, sorted by path and name."""
-    rows = []
-    for path in sorted(diff):
-        for metric in sorted(diff[path]):
-            entry = diff[path][metric] or {}
-            old, new = entry.get("old"), entry.get("new")
-            rows.append(Row(path, metric, old, new, _status(path, metric, old, new, tolerance)))
-    return rows
+def workspace_files(root: Path, pattern: str = RANKS_GLOB) -> dict[str, str]:
+    """{path: text} of the workspace files under metrics/ matching `pattern`."""
+    return {p.relative_to(root).as_posix(): p.read_text() for p in sorted((root / METRICS).glob(pattern))}
 
 
-def _status(path: str, metric: str, old: Any, new: Any, tolerance: float) -> str:
-    gated = is_gated(path, metric)
-    if not _is_number(old):
-        return "new" if _is_number(new) else "info"
-    if not _is_number(new) or not math.isfinite(float(new)):
-        return "missing" if gated else "info"
-    if not gated:
-        return "info"
-    drop = float(old) - float(new)
-    if drop > tolerance + EPS:
+# --- the noise-aware gate -------------------------------------------------------------------------------
+
+
+def decide(
+    new: dict[str, dict[str, Any]],
+    old: dict[str, dict[str, Any]],
+    tolerance: float,
+    alpha: float,
+    allow_new_test_set: bool = False,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> list[Verdict]:
+    """Verdicts for every ranks file, mode and gated metric of `old` (parsed ranks files by path)."""
+    out: list[Verdict] = []
+    for path in sorted(set(old) | set(new)):
+        if path not in new:
+            out.append(Verdict(path, "—", "—", "missing", "this evaluation is gone"))
+            continue
+        if path not in old:
+            out.append(Verdict(path, "—", "—", "new", "not at the revision: nothing to compare"))
+            continue
+        reason = unpaired_reason(new[path], old[path])
+        if reason:
+            status = "new_test_set_allowed" if allow_new_test_set else "new_test_set"
+            out.append(Verdict(path, "—", "—", status, reason))
+            continue
+        out.extend(_compare_file(path, new[path], old[path], tolerance, alpha, resamples, seed))
+    return out
+
+
+def _compare_file(
+    path: str, new: dict, old: dict, tolerance: float, alpha: float, resamples: int, seed: int
+) -> Iterator[Verdict]:
+    comparisons = compare_ranks(new, old, resamples, seed=seed)  # the test sets are the same: checked
+    for mode in old["ranks"]:
+        if mode not in new["ranks"]:
+            yield Verdict(path, mode, "—", "missing", "query mode gone")
+            continue
+        for metric in (*(f"recall_at_{k}" for k in old["ks"]), "mrr", "ndcg_at_10"):
+            c = comparisons[mode].get(metric)
+            if c is None:
+                yield Verdict(path, mode, metric, "missing", f"{metric} no longer computed (evaluate.ks)")
+                continue
+            yield Verdict(path, mode, metric, _status(c, tolerance, alpha), comparison=c)
+
+
+def _status(c: Comparison, tolerance: float, alpha: float) -> str:
+    if c.better == 0 and c.worse == 0:
+        return "unchanged"
+    if c.value < -tolerance and c.p_drop < alpha:
         return "regression"
-    if drop > EPS:
-        return "within_tolerance"
-    return "improved" if drop < -EPS else "unchanged"
-
-
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "—"
-    if _is_number(x):
-        return f"{x:.4f}" if isinstance(x, float) else str(x)
-    return str(x)
+    if c.value > tolerance and c.p_gain < alpha:
+        return "improved"
+    return "within_noise"
 
 
 _MARK = {
-    "regression": "❌ regression",
     "missing": "❌ missing",
-    "within_tolerance": "⚠️ within tolerance",
+    "new_test_set": "❌ NEW TEST SET",
+    "new_test_set_allowed": "⚠️ NEW TEST SET (allowed)",
+    "regression": "❌ regression",
     "improved": "✅ improved",
+    "within_noise": "within noise",
     "unchanged": "unchanged",
     "new": "new",
-    "info": "not gated",
 }
 
 
-def markdown(rows: list[Row], rev: str, tolerance: float) -> str:
-    """The verdict line and a Markdown table of the changed metrics."""
-    failed = [r for r in rows if r.failed]
+def markdown(verdicts: list[Verdict], rev: str, tolerance: float, alpha: float) -> str:
+    """The verdict line and a Markdown table of everything that is not unchanged."""
+    failed = [v for v in verdicts if v.failed]
+    rule = f"a drop > {tolerance} with one-sided paired p < {alpha}"
     head = (
-        f"**cliprec gate: FAIL** — {len(failed)} relevance metric(s) dropped by more than {tolerance} "
-        f"or disappeared (vs `{rev}`)"
+        f"**cliprec gate: FAIL** — {len(failed)} problem(s) vs `{rev}` (a regression is {rule})"
         if failed
-        else f"**cliprec gate: PASS** — no relevance metric dropped by more than {tolerance} (vs `{rev}`)"
+        else f"**cliprec gate: PASS** — no significant regression vs `{rev}` (a regression is {rule})"
     )
-    if not rows:
-        return head + "\n\nNo metric changed.\n"
-    lines = [
-        head,
-        "",
-        f"| Path | Metric | {rev} | workspace | Change | Verdict |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in sorted(rows, key=lambda r: (not r.failed, r.path, r.metric)):
-        change = r.change
+    lines = [head]
+    for v in (v for v in verdicts if v.status == "new_test_set_allowed"):
+        lines += ["", f"> ⚠️ **NEW TEST SET** in `{v.path}` ({v.detail}): allowed by --allow-new-test-set; "
+                  "its metrics are NOT compared with the revision's."]  # fmt: skip
+    shown = [v for v in verdicts if v.status != "unchanged"]
+    if not shown:
+        return "\n".join([*lines, "", "Every per-query rank is unchanged."]) + "\n"
+    lines += ["", f"| Path | Mode | Metric | {rev} | workspace | Change [95% CI] | p (one-sided) | Verdict |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for v in sorted(shown, key=lambda v: (not v.failed, v.path, v.mode, v.metric)):
+        c = v.comparison
+        if c is None:
+            lines.append(f"| {v.path} | {v.mode} | {v.metric} | | | {v.detail} | | {_MARK[v.status]} |")
+            continue
+        p = c.p_drop if c.value < 0 else c.p_gain
         lines.append(
-            f"| {r.path} | {r.metric} | {_fmt(r.old)} | {_fmt(r.new)} | "
-            f"{'—' if change is None else f'{change:+.4f}'} | {_MARK[r.status]} |"
+            f"| {v.path} | {v.mode} | {v.metric} | {c.old_mean:.4f} | {c.new_mean:.4f} | {c.value:+.4f} "
+            f"[{c.ci_low:+.4f}, {c.ci_high:+.4f}] ({c.better} better, {c.worse} worse of {c.queries}) "
+            f"| {p:.4f} | {_MARK[v.status]} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def metrics_diff(rev: str, root: str | Path = ".") -> dict[str, dict[str, dict[str, Any]]]:
-    """Parsed `dvc metrics diff --json <rev>` run in `root`; raises GateError when DVC fails."""
-    cmd = ["dvc", "metrics", "diff", "--json", rev]
-    try:
-        proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=False)
-    except FileNotFoundError as e:
-        raise GateError("dvc is not installed (pip install -r requirements.txt)") from e
-    if proc.returncode != 0:
-        message = next((ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")), proc.stderr.strip())
-        raise GateError(f"`{' '.join(cmd)}` failed: {message or f'exit code {proc.returncode}'}")
-    if proc.stderr.strip():
-        log.warning("dvc: %s", proc.stderr.strip())
-    try:
-        return json.loads(proc.stdout or "{}")
-    except json.JSONDecodeError as e:
-        raise GateError(f"`{' '.join(cmd)}` printed no JSON: {proc.stdout[:200]!r}") from e
+def run_gate(
+    rev: str = "HEAD",
+    tolerance: float = 0.01,
+    alpha: float = 0.05,
+    root: str | Path = ".",
+    allow_new_test_set: bool = False,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> tuple[bool, str]:
+    """(passed, Markdown report) for the workspace's evaluations against revision `rev`."""
+    root = Path(root)
+    old = {p: json.loads(t) for p, t in revision_files(rev, root).items()}
+    new = {p: json.loads(t) for p, t in workspace_files(root).items()}
+    if not old and not new:
+        raise GateError(f"no {METRICS}/{RANKS_GLOB} at {rev} nor in the workspace: run `dvc repro` first")
+    verdicts = decide(new, old, tolerance, alpha, allow_new_test_set, resamples, seed)
+    passed = not any(v.failed for v in verdicts)
+    log.info("gate: %s (%d verdicts vs %s)", "pass" if passed else "FAIL", len(verdicts), rev)
+    return passed, markdown(verdicts, rev, tolerance, alpha)
 
 
-def run_gate(rev: str = "HEAD", tolerance: float = 0.01, root: str | Path = ".") -> tuple[bool, str]:
-    """(passed, Markdown report) for the workspace metrics against `rev`."""
-    rows = decide(metrics_diff(rev, root), tolerance)
-    passed = not any(r.failed for r in rows)
-    log.info("gate: %s (%d metrics changed vs %s)", "pass" if passed else "FAIL", len(rows), rev)
-    return passed, markdown(rows, rev, tolerance)
+# --- reproduction check ---------------------------------------------------------------------------------
+
+
+def reproduce(rev: str = "HEAD", root: str | Path = ".") -> tuple[bool, str]:
+    """(passed, report): do the workspace's metric files equal the ones committed at `rev`?"""
+    root = Path(root)
+    old = revision_files(rev, root, "*.json") | revision_files(rev, root, "*.tsv")
+    new = workspace_files(root, "**/*.json") | workspace_files(root, "**/*.tsv")
+    problems = []
+    for path in sorted(set(old) | set(new)):
+        if path not in new or path not in old:
+            problems.append(f"{path}: {'missing in the workspace' if path not in new else 'not committed'}")
+            continue
+        rel = TRAIN_REL_TOL if path.startswith(f"{METRICS.as_posix()}/train/") else 0.0
+        problems += [
+            f"{path}: {d}" for d in _differences(_parse(path, old[path]), _parse(path, new[path]), rel)
+        ]
+    head = (
+        f"**cliprec reproduce: FAIL** — {len(problems)} difference(s) from the metrics committed at `{rev}`"
+        if problems
+        else f"**cliprec reproduce: PASS** — every per-query rank and metric equals `{rev}`'s"
+    )
+    return not problems, "\n".join([head, *(f"- {p}" for p in problems[:50])]) + "\n"
+
+
+def _parse(path: str, text: str) -> Any:
+    if path.endswith(".tsv"):
+        return [line.split("\t") for line in text.splitlines()]
+    return json.loads(text)
+
+
+def _differences(old: Any, new: Any, rel: float, where: str = "") -> Iterator[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if key not in old or key not in new:
+                yield f"{where}{key}: {'gone' if key not in new else 'new'}"
+            else:
+                yield from _differences(old[key], new[key], rel, f"{where}{key}.")
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            yield from _differences(a, b, rel, f"{where}{i}.")
+    elif old != new and not _close(old, new, rel, where):
+        yield f"{where.rstrip('.')}: {old!r} -> {new!r}"
+
+
+def _close(old: Any, new: Any, rel: float, where: str) -> bool:
+    try:
+        a, b = float(old), float(new)
+    except (TypeError, ValueError):
+        return False
+    if isinstance(old, bool) or isinstance(new, bool) or not (math.isfinite(a) and math.isfinite(b)):
+        return False
+    if rel:
+        return abs(a - b) <= rel * max(abs(a), abs(b))
+    return ("avg_mean_similarity" in where or "ann_recall" in where) and abs(a - b) <= FLOAT_ABS_TOL

@@ -275,6 +275,7 @@ def apply_search_params(
 def _atomic_write_index(index: faiss.Index, path: Path) -> None:
     # faiss writes the file itself (no second in-memory copy of a multi-GB index), to a temp name first
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600
     os.close(fd)
     try:
         faiss.write_index(index, tmp)

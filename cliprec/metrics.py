@@ -37,16 +37,25 @@ def ranks_from_scores(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(present, ranks, 0)
 
 
-def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@k, MRR and nDCG@10 from target ranks (0 = target absent, which counts as a miss)."""
+def per_query(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, np.ndarray]:
+    """Each query's hit@k, reciprocal rank and nDCG@10 from target ranks (0 = target absent: a miss).
+
+    Every metric of this module is the mean of one of these arrays, which is what makes bootstrap CIs
+    and paired per-query comparisons (cliprec.stats) possible.
+    """
     ranks = np.asarray(ranks, dtype=np.float64)
     hit = ranks > 0
     safe = np.where(hit, ranks, np.inf)
-    out = {f"recall_at_{k}": float(np.mean(hit & (ranks <= k))) for k in ks}
-    out["mrr"] = float(np.mean(np.where(hit, 1.0 / safe, 0.0)))
+    out = {f"recall_at_{k}": (hit & (ranks <= k)).astype(np.float64) for k in ks}
+    out["mrr"] = np.where(hit, 1.0 / safe, 0.0)
     # one relevant item per query, so the ideal DCG is 1 and nDCG@10 = 1 / log2(rank + 1) inside the top 10
-    out["ndcg_at_10"] = float(np.mean(np.where(hit & (ranks <= 10), 1.0 / np.log2(safe + 1.0), 0.0)))
+    out["ndcg_at_10"] = np.where(hit & (ranks <= 10), 1.0 / np.log2(safe + 1.0), 0.0)
     return out
+
+
+def metrics_from_ranks(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k, MRR and nDCG@10 from target ranks (0 = target absent, which counts as a miss)."""
+    return {name: float(np.mean(values)) for name, values in per_query(ranks, ks).items()}
 
 
 def retrieval_metrics(

@@ -123,9 +123,11 @@ class Index(_Block):
 
 
 class Evaluate(_Block):
-    """`evaluate:` the K of Recall@K."""
+    """`evaluate:` the K of Recall@K, and the bootstrap behind every confidence interval."""
 
     ks: list[int] = Field(min_length=1)
+    resamples: int = Field(ge=1000)
+    confidence: float = Field(gt=0, lt=1)
 
     @field_validator("ks")
     @classmethod
@@ -136,9 +138,10 @@ class Evaluate(_Block):
 
 
 class Gate(_Block):
-    """`gate:` what the CI gate tolerates."""
+    """`gate:` when a drop fails CI: significant (one-sided paired p < alpha) AND larger than tolerance."""
 
     tolerance: float = Field(ge=0)
+    alpha: float = Field(gt=0, lt=1)
 
 
 # --- per-setup blocks --------------------------------------------------------------------------------------

@@ -69,6 +69,16 @@ def metrics_path(category: str, variant: str) -> Path:
     return METRICS / category / f"{variant}.json"
 
 
+def ranks_path(category: str, variant: str) -> Path:
+    """Per-query ranks of every mode and the test set's digest (committed to git): what comparisons pair."""
+    return METRICS / category / f"{variant}.ranks.json"
+
+
+def compare_path(category: str) -> Path:
+    """LoRA minus zero-shot, paired, with CIs and p-values: a DVC metrics file (committed to git)."""
+    return METRICS / category / "compare.json"
+
+
 def recall_plot_path(category: str, variant: str) -> Path:
     """Recall@K for K=1..10 per query mode, for `dvc plots show` (committed to git)."""
     return METRICS / category / "plots" / f"recall_at_k_{variant}.json"

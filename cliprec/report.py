@@ -1,10 +1,16 @@
-"""`cliprec report`: one Markdown table, category x {zero-shot, LoRA, LoRA+AMP}.
+"""`cliprec report`: every metric with its 95 % CI, and paired differences, zero-shot / LoRA / LoRA+AMP.
 
-Zero-shot and LoRA come from the workspace metric files (metrics/<cat>/<variant>.json, what the last
-`dvc repro` or `dvc exp run` wrote). LoRA+AMP comes from DVC experiments (`dvc exp show --json`): the
-newest experiment, derived from the current commit, whose params have `amp: true` and that finished,
-or the experiment named by `--from-exp`, which may be derived from an earlier commit (the report then
-names that commit: its code and params may differ from the workspace's).
+Zero-shot and LoRA come from the workspace (metrics/<cat>/<variant>.json and .ranks.json: what the last
+`dvc repro` or `dvc exp run` wrote). LoRA+AMP comes from a DVC experiment (`dvc exp show --json`): the
+newest experiment derived from the current commit whose params have `amp: true`, or the one named by
+`--from-exp`, which may derive from an earlier commit (the report then names that commit: its code and
+params may differ). Its per-query ranks are read from the experiment's git commit.
+
+Differences are paired over the test queries (cliprec.compare): LoRA - zero-shot, and LoRA+AMP - LoRA
+when the experiment used the same test set; a difference is marked significant when its two-sided
+permutation p-value is below `gate.alpha`. `--json` prints
+`{category: {mode: {metric: {"zeroshot": {value, ci_low, ci_high}, "lora": {...},
+"lora_minus_zeroshot": {value, ci_low, ci_high, p_value}, ...}}}}`.
 """
 
 from __future__ import annotations
@@ -17,27 +23,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cliprec import paths
+from cliprec.compare import UnpairedTestSets, compare_ranks, comparison_doc
 from cliprec.errors import CliprecError
+from cliprec.params import load_params
 
 log = logging.getLogger(__name__)
 
 AMP_HINT = "—, run `dvc exp run -S amp=true`"
 PARAMS_FILE = "params.yaml"
 
-# (column header, path of keys into a metrics file)
-COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("avg sim@5 (seed)", ("avg_mean_similarity_at_5",)),
-    ("T→I R@1", ("text_to_image", "recall_at_1")),
-    ("T→I R@5", ("text_to_image", "recall_at_5")),
-    ("T→I R@10", ("text_to_image", "recall_at_10")),
-    ("T→I MRR", ("text_to_image", "mrr")),
-    ("T→I nDCG@10", ("text_to_image", "ndcg_at_10")),
-    ("I→I R@5", ("image_to_image", "recall_at_5")),
-    ("T+I→fused R@5", ("multimodal", "recall_at_5")),
-    ("gallery", ("text_to_image", "gallery_size")),
+METRICS = ("recall_at_1", "recall_at_5", "recall_at_10", "mrr", "ndcg_at_10")
+MODES = {"text_to_image": "T→I", "image_to_text": "I→T", "image_to_image": "I→I", "multimodal": "T+I→fused"}
+LABELS = {"zeroshot": "zero-shot", "lora": "LoRA", "lora_amp": "LoRA+AMP"}
+SHORT = {
+    "recall_at_1": "R@1",
+    "recall_at_5": "R@5",
+    "recall_at_10": "R@10",
+    "mrr": "MRR",
+    "ndcg_at_10": "nDCG@10",
+}
+# (key in the report, new variant, old variant, label)
+COMPARISONS = (
+    ("lora_minus_zeroshot", "lora", "zeroshot", "LoRA − zero-shot"),
+    ("lora_amp_minus_lora", "lora_amp", "lora", "LoRA+AMP − LoRA"),
+)
+# the value table: (column header, mode or None for a top-level metric, metric)
+COLUMNS = (
+    *((f"T→I {SHORT[m]}", "text_to_image", m) for m in METRICS),
+    ("I→T R@5", "image_to_text", "recall_at_5"),
+    ("I→I R@5", "image_to_image", "recall_at_5"),
+    ("T+I→fused R@5", "multimodal", "recall_at_5"),
+    ("sim@5 (seed, w/o self)", None, "avg_mean_similarity_at_5"),
 )
 
 
@@ -162,24 +179,120 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+def _git_show(root: Path, rev: str, path: Path) -> dict[str, Any] | None:
+    """A JSON file at git commit `rev` (an experiment's commit), or None."""
+    done = subprocess.run(
+        ["git", "-C", str(root), "show", f"{rev}:{path.as_posix()}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return json.loads(done.stdout) if done.returncode == 0 else None
 
 
-def _row(category: str, label: str, metrics: dict[str, Any] | None, missing: str) -> str:
+def _value(metrics: dict[str, Any] | None, mode: str | None, metric: str) -> dict[str, Any] | None:
+    """{value, ci_low, ci_high} of one metric of a metrics file (CI missing in old files: None)."""
     if metrics is None:
-        cells = [missing] + ["—"] * (len(COLUMNS) - 1)
+        return None
+    block = metrics if mode is None else metrics.get(mode)
+    if not isinstance(block, dict) or metric not in block:
+        return None
+    ci = (block.get(f"{metric}_ci95") if mode is None else (block.get("ci95") or {}).get(metric)) or {}
+    return {"value": block[metric], "ci_low": ci.get("low"), "ci_high": ci.get("high")}
+
+
+@dataclass
+class Sources:
+    """Where one category's numbers come from: metrics files and per-query ranks per variant."""
+
+    metrics: dict[str, dict[str, Any] | None]
+    ranks: dict[str, dict[str, Any] | None]
+
+
+def _sources(root: Path, cat: str, exp: Experiment | None) -> Sources:
+    metrics = {v: _read_json(root / paths.metrics_path(cat, v)) for v in ("zeroshot", "lora")}
+    ranks = {v: _read_json(root / paths.ranks_path(cat, v)) for v in ("zeroshot", "lora")}
+    if exp is not None:
+        metrics["lora_amp"] = exp.metrics.get(paths.metrics_path(cat, "lora").as_posix()) or None
+        ranks["lora_amp"] = _git_show(root, exp.rev, paths.ranks_path(cat, "lora")) if exp.rev else None
+    return Sources(metrics, ranks)
+
+
+def _differences(src: Sources, resamples: int, seed: int) -> dict[str, dict[str, dict[str, Any]] | str]:
+    """{"lora_minus_zeroshot": {mode: {metric: ...}}, "lora_amp_minus_lora": ...}, or why not."""
+    out: dict[str, dict[str, dict[str, Any]] | str] = {}
+    for key, new, old, _ in COMPARISONS:
+        if old not in src.ranks or new not in src.ranks:
+            continue
+        if src.ranks[new] is None or src.ranks[old] is None:
+            out[key] = "per-query ranks missing (run `dvc repro`)"
+            continue
+        try:
+            out[key] = comparison_doc(compare_ranks(src.ranks[new], src.ranks[old], resamples, seed=seed))
+        except UnpairedTestSets as e:
+            out[key] = str(e)
+    return out
+
+
+def report_data(
+    root: str | Path = ".",
+    categories: list[str] | None = None,
+    from_exp: str | None = None,
+    exp_show: Callable[..., list[dict[str, Any]]] = dvc_exp_show,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the --json report, notes for the Markdown: experiment, baseline, alpha, unpaired reasons)."""
+    root = Path(root)
+    p = load_params(root / PARAMS_FILE)
+    categories = categories or p.categories
+    experiments = parse_experiments(exp_show(root))
+    other_baseline = None
+    if from_exp:
+        exp, other_baseline = _find_anywhere(root, experiments, from_exp, exp_show)
     else:
-        cells = [_cell(_dig(metrics, keys)) for _, keys in COLUMNS]
-    return f"| {category} | {label} | " + " | ".join(cells) + " |"
+        exp = newest_amp_experiment(experiments)
+    report: dict[str, Any] = {}
+    unpaired: dict[tuple[str, str], str] = {}
+    sources = {cat: _sources(root, cat, exp) for cat in categories}
+    for cat, src in sources.items():
+        diffs = _differences(src, p.evaluate.resamples, p.seed)
+        per_mode: dict[str, Any] = {}
+        for mode in MODES:
+            per_metric: dict[str, Any] = {}
+            for metric in METRICS:
+                entry: dict[str, Any] = {}
+                for variant, metrics in src.metrics.items():
+                    value = _value(metrics, mode, metric)
+                    if value is not None:
+                        entry[variant] = value
+                for key, doc in diffs.items():
+                    if isinstance(doc, dict) and metric in doc.get(mode, {}):
+                        c = doc[mode][metric]
+                        entry[key] = {k: c[k] for k in ("value", "ci_low", "ci_high", "p_value")}
+                        entry[key]["significant"] = c["p_value"] < p.gate.alpha
+                if entry:
+                    per_metric[metric] = entry
+            if per_metric:
+                per_mode[mode] = per_metric
+        report[cat] = per_mode
+        unpaired.update({(cat, k): v for k, v in diffs.items() if isinstance(v, str)})
+    notes = {"exp": exp, "other_baseline": other_baseline, "alpha": p.gate.alpha, "unpaired": unpaired,
+             "amp": p.amp, "sources": sources}  # fmt: skip
+    return report, notes
+
+
+def _ci_cell(v: dict[str, Any] | None) -> str:
+    if v is None or v.get("value") is None:
+        return "—"
+    if v.get("ci_low") is None:
+        return f"{v['value']:.3f}"
+    return f"{v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+
+
+def _diff_cell(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "—"
+    mark = (" ▲" if d["value"] > 0 else " ▼") if d["significant"] else ""
+    return f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] p={d['p_value']:.3g}{mark}"
 
 
 def build_report(
@@ -189,50 +302,64 @@ def build_report(
     exp_show: Callable[..., list[dict[str, Any]]] = dvc_exp_show,
 ) -> str:
     """The Markdown report (see the module doc)."""
-    root = Path(root)
-    params = yaml.safe_load((root / PARAMS_FILE).read_text()) if (root / PARAMS_FILE).is_file() else {}
-    params = params or {}
-    if categories is None:
-        categories = list(params.get("categories") or [])
-    if not categories:
-        categories = sorted(
-            p.name for p in (root / paths.METRICS).glob("*") if p.is_dir() and p.name != "train"
-        )
-    experiments = parse_experiments(exp_show(root))
-    other_baseline = None
-    if from_exp:
-        exp, other_baseline = _find_anywhere(root, experiments, from_exp, exp_show)
-        exp_label = f"exp `{exp.name}`" + (" (LoRA+AMP)" if exp.params.get("amp") is True else "")
-    else:
-        exp = newest_amp_experiment(experiments)
-        exp_label = f"LoRA+AMP (exp `{exp.name}`)" if exp else "LoRA+AMP"
-
-    header = "| Category | Variant | " + " | ".join(name for name, _ in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
-    for cat in categories:
-        for variant, label in (("zeroshot", "zero-shot"), ("lora", "LoRA")):
-            metrics = _read_json(root / paths.metrics_path(cat, variant))
-            lines.append(_row(cat, label, metrics, "— (run `dvc repro`)"))
-        key = paths.metrics_path(cat, "lora").as_posix()
-        exp_metrics = exp.metrics.get(key) if exp else None
-        lines.append(_row(cat, exp_label, exp_metrics or None, AMP_HINT if exp is None else "— (not in exp)"))
-
-    notes = [
+    report, notes = report_data(root, categories, from_exp, exp_show)
+    exp = notes["exp"]
+    variants = ["zeroshot", "lora"] + (["lora_amp"] if exp is not None else [])
+    lines = ["Values on the test split, with 95 % bootstrap CIs over the queries:", ""]
+    lines += ["| Category | Variant | " + " | ".join(c[0] for c in COLUMNS) + " | gallery |"]
+    lines += ["|" + "---|" * (len(COLUMNS) + 3)]
+    for cat, src in notes["sources"].items():
+        for variant in (*variants, *(() if exp else ("amp",))):
+            if variant == "amp":
+                lines.append(f"| {cat} | LoRA+AMP | {AMP_HINT} |" + " — |" * len(COLUMNS))
+                continue
+            metrics = src.metrics.get(variant)
+            label = LABELS[variant] + (f" (exp `{exp.name}`)" if variant == "lora_amp" else "")
+            if metrics is None:
+                lines.append(f"| {cat} | {label} | — (run `dvc repro`) |" + " — |" * len(COLUMNS))
+                continue
+            cells = [_ci_cell(_value(metrics, mode, metric)) for _, mode, metric in COLUMNS]
+            gallery = (metrics.get("text_to_image") or {}).get("gallery_size", "—")
+            lines.append(f"| {cat} | {label} | " + " | ".join(cells) + f" | {gallery} |")
+    lines += ["", f"Paired differences over the same test queries: value [95 % CI], two-sided permutation "
+              f"p-value; ▲/▼ = significant at p < {notes['alpha']}:", ""]  # fmt: skip
+    lines += ["| Category | Difference | Mode | " + " | ".join(SHORT[m] for m in METRICS) + " |"]
+    lines += ["|" + "---|" * (len(METRICS) + 3)]
+    for cat, modes in report.items():
+        for key, _, _, label in COMPARISONS:
+            if (cat, key) in notes["unpaired"]:
+                why = notes["unpaired"][(cat, key)]
+                lines.append(f"| {cat} | {label} | — | {why} |" + " |" * (len(METRICS) - 1))
+                continue
+            for mode, short in MODES.items():
+                cells = [_diff_cell(modes.get(mode, {}).get(m, {}).get(key)) for m in METRICS]
+                if any(c != "—" for c in cells):
+                    lines.append(f"| {cat} | {label} | {short} | " + " | ".join(cells) + " |")
+    lines += [
         "",
-        "avg sim@5 is the seed project's metric (mean cosine of the top-5 neighbours, the product itself "
-        "included): it measures tightness, not relevance. The other columns are exact-search retrieval "
-        "metrics on the test split; T→I = summary text → main image, I→I = second image → main image, "
-        "T+I→fused = text + second image → fused product vectors.",
+        "T→I = summary text → main image, I→T = main image → summary, I→I = second image → main image, "
+        "T+I→fused = text + second image → fused product vectors. sim@5 is the seed project's metric (mean "
+        "cosine of the 5 nearest other products): it measures tightness, not relevance.",
     ]
-    if params.get("amp") is True:
-        notes.append(
+    if notes["amp"]:
+        lines.append(
             "Note: the workspace params have `amp: true`, so the workspace LoRA row is itself an AMP run."
         )
     if exp is not None:
-        notes.append(f"LoRA+AMP row: experiment `{exp.name}` ({exp.rev[:7]}, {exp.timestamp}).")
-    if other_baseline is not None:
-        notes.append(
-            f"That experiment derives from commit {other_baseline}, not the checked-out one: its code and "
-            "params may differ from the rows above."
+        lines.append(f"LoRA+AMP: experiment `{exp.name}` ({exp.rev[:7]}, {exp.timestamp}).")
+    if notes["other_baseline"] is not None:
+        lines.append(
+            f"That experiment derives from commit {notes['other_baseline']}, not the checked-out one: its "
+            "code and params may differ from the rows above."
         )
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def build_report_json(
+    root: str | Path = ".",
+    categories: list[str] | None = None,
+    from_exp: str | None = None,
+    exp_show: Callable[..., list[dict[str, Any]]] = dvc_exp_show,
+) -> str:
+    """`cliprec report --json`: the report's numbers (see the module doc)."""
+    return json.dumps(report_data(root, categories, from_exp, exp_show)[0], indent=2) + "\n"

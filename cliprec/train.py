@@ -3,7 +3,9 @@
 One run: the train and val splits are read once (tokens + uint8 pixels held in memory, so no epoch
 decodes a JPEG), the val Recall@5 of the untouched model is measured (LoRA starts as the identity), then
 each epoch trains with the symmetric InfoNCE loss, validates (val loss, text->image Recall@5), logs to
-DVCLive and checkpoints. The adapter of the best epoch (by val Recall@5) is what gets written.
+DVCLive and checkpoints. The adapter of the best candidate (by val Recall@5, ties by val loss) is what
+gets written, and zero-shot is a candidate: if no epoch beats the untouched model on val, the saved
+adapter is the identity (B = 0) and summary.json says `adapter_is_identity: true`.
 
 Resume: each epoch's end writes `state.pt` to the checkpoint dir (LoRA weights, optimizer, scheduler,
 scaler, every rank's RNG states, history, best so far); a rerun continues after the last finished epoch
@@ -347,10 +349,8 @@ def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.
     return input_ids[:, :length], attention_mask[:, :length]
 
 
-def _better(metrics: Mapping[str, float], best: Mapping[str, float] | None) -> bool:
+def _better(metrics: Mapping[str, float], best: Mapping[str, float]) -> bool:
     # Higher val Recall@5 wins; on a tie (frequent on a small val set) the lower val loss does.
-    if best is None:
-        return True
     r, b = metrics["val_recall_at_5"], best["val_recall_at_5"]
     return r > b or (r == b and metrics["val_loss"] < best["val_loss"])
 
@@ -501,8 +501,10 @@ def train(
             shutil.rmtree(checkpoint_dir)
         zeroshot = evaluate(model, processor, val_data, batch, device, cfg.amp)
         log.info("zero-shot val: %s", _fmt(zeroshot))
-        state = {"fingerprint": fp, "epoch": 0, "done": False, "history": [], "best": None,
-                 "best_weights": None, "bad_epochs": 0, "zeroshot": zeroshot, "live_step": 0}  # fmt: skip
+        # the untrained adapter (B = 0: the identity) is the first candidate: an epoch must beat it
+        state = {"fingerprint": fp, "epoch": 0, "done": False, "history": [], "zeroshot": zeroshot,
+                 "best": {"epoch": 0, **zeroshot}, "best_weights": trainable_state(model), "bad_epochs": 0,
+                 "live_step": 0}  # fmt: skip
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout masks differ across ranks
         resumed_from = None
     else:
@@ -575,6 +577,8 @@ def train(
         write_json(summary, out_dir / SUMMARY_FILE)
         files = [p.relative_to(out_dir).as_posix() for p in adapter_dir.rglob("*") if p.is_file()]
         write_manifest(out_dir, [*files, SUMMARY_FILE], {"model": cfg.model})
+        if summary["adapter_is_identity"]:
+            log.warning("no epoch beat zero-shot on val: the saved adapter is the identity (B = 0)")
         log.info(
             "best epoch %d: %s -> %s (%.0f s)",
             state["best"]["epoch"], _fmt(state["best"]), adapter_dir, time.time() - started,
@@ -667,7 +671,8 @@ def _summary(
     best = dict(state["best"])
     return {
         "model": cfg.model,
-        "best_epoch": best.pop("epoch"),
+        "best_epoch": best["epoch"],
+        "adapter_is_identity": best.pop("epoch") == 0,  # no epoch beat zero-shot on val
         "best": best,
         "zeroshot": dict(state["zeroshot"]),
         "epochs_run": state["epoch"],

@@ -16,7 +16,7 @@ def main(argv: list[str]) -> None:
     p, (category, variant) = stage_params(argv, usage, paths.VARIANTS)
     from cliprec.evaluate import evaluate, write_outputs
 
-    metrics, curve = evaluate(
+    metrics, curve, ranks = evaluate(
         paths.products_path(category),
         paths.embed_dir(category, variant),
         paths.index_dir(category, variant),
@@ -25,9 +25,17 @@ def main(argv: list[str]) -> None:
         nprobe=p.index.nprobe,
         ef_search=p.index.ef_search,
         k_factor=p.index.k_factor,
+        resamples=p.evaluate.resamples,
+        confidence=p.evaluate.confidence,
+        seed=p.seed,
     )
     write_outputs(
-        metrics, curve, paths.metrics_path(category, variant), paths.recall_plot_path(category, variant)
+        metrics,
+        curve,
+        ranks,
+        paths.metrics_path(category, variant),
+        paths.recall_plot_path(category, variant),
+        paths.ranks_path(category, variant),
     )
 
 

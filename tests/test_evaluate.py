@@ -15,8 +15,9 @@ from cliprec import paths
 from cliprec.artifacts import ArtifactError, write_manifest
 from cliprec.embed import fuse
 from cliprec.errors import CliprecError
-from cliprec.evaluate import MODES, evaluate, exact_topk, write_outputs
+from cliprec.evaluate import MODES, evaluate, exact_topk, gallery_digest, write_outputs
 from cliprec.index import IndexIntegrityError, build_from_embeddings
+from cliprec.metrics import metrics_from_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 D = 16
@@ -74,7 +75,7 @@ def run(fx, **kw):
 
 def test_identical_queries_and_gallery_are_perfect(tmp_path):
     fx = make_fixture(tmp_path)
-    metrics, curve = run(fx)
+    metrics, curve, _ = run(fx)
     n_test = len([i for i in range(120) if i % 3 == 2])  # 40
     for mode in MODES:
         m = metrics[mode]
@@ -89,11 +90,28 @@ def test_identical_queries_and_gallery_are_perfect(tmp_path):
     assert metrics["ann_recall_at_10"] == 1.0
     assert [row["k"] for row in curve] == list(range(1, 11))
     assert all(row[mode] == 1.0 for row in curve for mode in MODES)
+    assert metrics["text_to_image"]["ci95"]["recall_at_5"] == {"low": 1.0, "high": 1.0}
+
+
+def test_per_query_ranks_and_cis(tmp_path):
+    fx = make_fixture(tmp_path, shuffle_images=True)
+    metrics, _, ranks = run(fx)
+    products = pd.read_parquet(fx["products"])
+    test_ids = sorted(set(products.loc[products["split"] == "test", "id"]) & set(fx["ids"]))
+    assert ranks["ids"] == test_ids and ranks["test_set"]["gallery_size"] == len(test_ids)
+    assert ranks["test_set"]["ids_sha256"] == gallery_digest(test_ids) and ranks["ks"] == [1, 5, 10]
+    for mode in MODES:
+        queried = [r for r in ranks["ranks"][mode] if r is not None]
+        assert len(queried) == metrics[mode]["queries"] and all(r >= 1 for r in queried)
+        assert metrics_from_ranks(queried)["mrr"] == pytest.approx(metrics[mode]["mrr"], abs=1e-6)
+        for name, ci in metrics[mode]["ci95"].items():
+            assert ci["low"] <= metrics[mode][name] <= ci["high"], (mode, name)
+    assert ranks["ranks"]["image_to_image"][1] is None  # every other product has no second photo
 
 
 def test_shuffled_images_score_near_chance(tmp_path):
     fx = make_fixture(tmp_path, shuffle_images=True)
-    metrics, curve = run(fx)
+    metrics, curve, _ = run(fx)
     t2i = metrics["text_to_image"]
     assert t2i["recall_at_1"] <= 0.1 and t2i["recall_at_10"] < 0.6
     assert metrics["image_to_text"]["mrr"] < 0.3
@@ -108,7 +126,7 @@ def test_shuffled_images_score_near_chance(tmp_path):
 
 def test_alt_image_noise_lowers_image_to_image_only(tmp_path):
     fx = make_fixture(tmp_path, alt_noise=2.0)
-    metrics, _ = run(fx)
+    metrics, _, _ = run(fx)
     assert metrics["text_to_image"]["recall_at_1"] == 1.0
     assert metrics["image_to_image"]["recall_at_1"] < 0.9
     # the text half of the multimodal query is exact, so it beats image-only retrieval
@@ -117,26 +135,32 @@ def test_alt_image_noise_lowers_image_to_image_only(tmp_path):
 
 def test_seed_metric_matches_brute_force(tmp_path):
     fx = make_fixture(tmp_path, shuffle_images=True)
-    metrics, _ = run(fx)
+    metrics, _, _ = run(fx)
     fused = np.load(fx["embed"] / "fused.npy")
     products = pd.read_parquet(fx["products"])
     test = set(products.loc[products["split"] == "test", "id"])
-    want = []
+    want, with_self = [], []
     for i, pid in enumerate(fx["ids"]):
         if pid in test:
-            sims = sorted((float(fused[i] @ fused[j]) for j in range(len(fused))), reverse=True)
-            want.append(sum(sims[:5]) / 5)
+            others = sorted((float(fused[i] @ fused[j]) for j in range(len(fused)) if j != i), reverse=True)
+            want.append(sum(others[:5]) / 5)
+            with_self.append((1.0 + sum(others[:4])) / 5)  # the seed's: the product itself first
     assert metrics["avg_mean_similarity_at_5"] == pytest.approx(sum(want) / len(want), abs=1e-5)
+    assert metrics["avg_mean_similarity_at_5_with_self"] == pytest.approx(
+        sum(with_self) / len(want), abs=1e-5
+    )
+    ci = metrics["avg_mean_similarity_at_5_ci95"]
+    assert ci["low"] < metrics["avg_mean_similarity_at_5"] < ci["high"]
 
 
 def test_ann_recall_of_an_approximate_index(tmp_path):
     fx = make_fixture(tmp_path, n=600, factory="IVF8,PQ4x4")
-    metrics, _ = run(fx, nprobe=1)
+    metrics, _, _ = run(fx, nprobe=1)
     assert 0.0 < metrics["ann_recall_at_10"] < 1.0
     # relevance metrics come from exact search: the same as with a Flat index
     (tmp_path / "flat").mkdir()
     flat = make_fixture(tmp_path / "flat", n=600, factory="Flat")
-    flat_metrics, _ = run(flat)
+    flat_metrics, _, _ = run(flat)
     assert flat_metrics["ann_recall_at_10"] == 1.0
     for mode in MODES:
         assert metrics[mode] == flat_metrics[mode]
@@ -173,8 +197,16 @@ def test_no_test_products_is_a_clear_error(tmp_path):
 
 def test_outputs_are_dvc_friendly(tmp_path):
     fx = make_fixture(tmp_path)
-    metrics, curve = run(fx)
-    write_outputs(metrics, curve, tmp_path / "m" / "lora.json", tmp_path / "m" / "plots" / "r.json")
+    metrics, curve, ranks = run(fx)
+    write_outputs(
+        metrics,
+        curve,
+        ranks,
+        tmp_path / "m" / "lora.json",
+        tmp_path / "m" / "plots" / "r.json",
+        tmp_path / "r",
+    )
+    assert json.loads((tmp_path / "r").read_text()) == ranks
     saved = json.loads((tmp_path / "m" / "lora.json").read_text())
     assert saved == metrics
 
@@ -190,7 +222,7 @@ def test_outputs_are_dvc_friendly(tmp_path):
     plot = json.loads((tmp_path / "m" / "plots" / "r.json").read_text())
     assert plot == curve and set(plot[0]) == {"k", *MODES}
     with pytest.raises(ValueError, match="dot"):
-        write_outputs({"a.b": 1}, [], tmp_path / "x.json", tmp_path / "y.json")
+        write_outputs({"a.b": 1}, [], {}, tmp_path / "x.json", tmp_path / "y.json", tmp_path / "z.json")
 
 
 def test_stages_write_the_paths_dvc_expects(tmp_path, monkeypatch):
@@ -223,6 +255,6 @@ def test_a_swapped_embedding_file_is_refused(tmp_path):
 
 def test_other_ks(tmp_path):
     fx = make_fixture(tmp_path)
-    metrics, curve = evaluate(fx["products"], fx["embed"], fx["index"], ks=(1, 3))
+    metrics, curve, _ = evaluate(fx["products"], fx["embed"], fx["index"], ks=(1, 3))
     assert {k for k in metrics["image_to_text"] if k.startswith("recall")} == {"recall_at_1", "recall_at_3"}
     assert len(curve) == 10  # the plot always covers k = 1..10

@@ -1,137 +1,106 @@
-"""cliprec.gate: the decision on parsed `dvc metrics diff --json` output, then once for real with DVC."""
+"""cliprec.gate: paired, noise-aware verdicts on per-query ranks; then end to end against a git revision."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from test_compare import ranks_doc
 
 from cliprec.cli import main
-from cliprec.gate import decide, is_gated, markdown
+from cliprec.gate import decide, markdown
 
-LORA = "metrics/Amazon_Fashion/lora.json"
+REPO = Path(__file__).resolve().parents[1]
+LORA = "metrics/Amazon_Fashion/lora.ranks.json"
+N = 200
 
 
-def entry(old, new):
-    """One metric as DVC prints it (`diff` only when both sides are numbers)."""
-    out = {"old": old, "new": new}
-    if old is not None and new is not None:
-        out["diff"] = new - old
+def baseline() -> dict:
+    """200 test queries, 60 of them in the top 5 (R@5 0.30), alt photos for half of the products."""
+    t2i = [1 if i < 30 else 3 if i < 60 else 20 for i in range(N)]
+    alt = [2 if i % 2 == 0 else None for i in range(N)]
+    return ranks_doc(t2i, alt)
+
+
+def with_t2i(doc: dict, changes: dict[int, int]) -> dict:
+    out = copy.deepcopy(doc)
+    for i, rank in changes.items():
+        out["ranks"]["text_to_image"][i] = rank
     return out
 
 
-def verdicts(diff, tolerance=0.01):
-    return {(r.path, r.metric): r.status for r in decide(diff, tolerance)}
+def verdicts(new, old=None, **kw) -> dict[tuple[str, str], str]:
+    kw = {"tolerance": 0.01, "alpha": 0.05, "resamples": 2000} | kw
+    got = decide({LORA: new}, {LORA: old or baseline()}, **kw)
+    return {(v.mode, v.metric): v.status for v in got}
 
 
-def failed(diff, tolerance=0.01):
-    return any(r.failed for r in decide(diff, tolerance))
+def failed(new, old=None, **kw) -> bool:
+    kw = {"tolerance": 0.01, "alpha": 0.05, "resamples": 2000} | kw
+    return any(v.failed for v in decide({LORA: new}, {LORA: old or baseline()}, **kw))
 
 
-def test_relevance_names():
-    assert is_gated(LORA, "text_to_image.recall_at_5")
-    assert is_gated(LORA, "multimodal.mrr")
-    assert is_gated(LORA, "image_to_text.ndcg_at_10")
-    assert not is_gated(LORA, "ann_recall_at_10")  # index quality, not relevance
-    assert not is_gated(LORA, "avg_mean_similarity_at_5")  # the seed's metric
-    assert not is_gated(LORA, "text_to_image.gallery_size")
-    assert not is_gated(LORA, "multimodal.skipped_no_alt")
-    assert not is_gated("metrics/train/Amazon_Fashion/metrics.json", "val.recall_at_5")
+def test_unchanged_ranks_pass():
+    assert set(verdicts(baseline()).values()) == {"unchanged"}
+    assert not failed(baseline())
 
 
-def test_planted_regression_fails():
-    diff = {LORA: {"text_to_image.recall_at_5": entry(0.50, 0.45), "text_to_image.mrr": entry(0.3, 0.31)}}
-    got = verdicts(diff)
-    assert got[(LORA, "text_to_image.recall_at_5")] == "regression"
-    assert got[(LORA, "text_to_image.mrr")] == "improved"
-    assert failed(diff)
-    assert not failed(diff, tolerance=0.06)  # the same drop within a looser tolerance
+def test_a_two_query_wobble_is_noise_not_a_regression():
+    # 0.30 -> 0.29 and back: what the old absolute 0.01 tolerance failed on
+    new = with_t2i(baseline(), {59: 20, 61: 3, 40: 20})
+    got = verdicts(new)
+    assert got[("text_to_image", "recall_at_5")] == "within_noise" and not failed(new)
 
 
-def test_equal_metrics_pass():
-    # `dvc metrics diff --all` lists unchanged metrics too, with diff 0
-    diff = {LORA: {"text_to_image.recall_at_1": entry(0.2, 0.2), "mrr": entry(0.3, 0.3)}}
-    assert set(verdicts(diff).values()) == {"unchanged"}
-    assert not failed(diff)
-    assert not failed({})  # nothing changed at all
+def test_a_significant_drop_fails_and_a_significant_gain_is_reported():
+    dropped = with_t2i(baseline(), {i: 20 for i in range(30, 60)})  # 30 queries lose their top-5 hit
+    got = verdicts(dropped)
+    assert got[("text_to_image", "recall_at_5")] == "regression" and failed(dropped)
+    assert got[("text_to_image", "recall_at_1")] == "unchanged"
+    assert not failed(dropped, tolerance=0.2)  # significant, but smaller than a looser tolerance
+    gained = with_t2i(baseline(), {i: 2 for i in range(60, 90)})
+    assert verdicts(gained)[("text_to_image", "recall_at_5")] == "improved" and not failed(gained)
 
 
-def test_improvement_passes():
-    assert not failed({LORA: {"image_to_image.recall_at_10": entry(0.40, 0.90)}})
+def test_a_shrunk_test_set_fails_unless_allowed_and_then_says_so_loudly():
+    shrunk = ranks_doc([1] * 10)  # 10 products, every one found: R@5 1.0
+    assert verdicts(shrunk) == {("—", "—"): "new_test_set"} and failed(shrunk)
+    kw = {"tolerance": 0.01, "alpha": 0.05, "resamples": 2000}
+    allowed = decide({LORA: shrunk}, {LORA: baseline()}, allow_new_test_set=True, **kw)
+    assert [v.status for v in allowed] == ["new_test_set_allowed"] and not any(v.failed for v in allowed)
+    report = markdown(allowed, "HEAD", 0.01, 0.05)
+    assert "PASS" in report and "NEW TEST SET" in report and "NOT compared" in report
+    assert "improved" not in report
 
 
-def test_drop_of_exactly_the_tolerance_passes():
-    diff = {LORA: {"text_to_image.recall_at_5": entry(0.50, 0.49)}}  # 0.010000000000000009 in floats
-    assert verdicts(diff)[(LORA, "text_to_image.recall_at_5")] == "within_tolerance"
-    assert not failed(diff)
+def test_a_missing_evaluation_mode_or_metric_fails():
+    kw = {"tolerance": 0.01, "alpha": 0.05, "resamples": 2000}
+    gone = decide({}, {LORA: baseline()}, **kw)
+    assert [(v.status, v.failed) for v in gone] == [("missing", True)]
+    no_alt = copy.deepcopy(baseline())
+    del no_alt["ranks"]["image_to_image"]
+    assert verdicts(no_alt)[("image_to_image", "—")] == "missing" and failed(no_alt)
+    fewer_ks = copy.deepcopy(baseline())
+    fewer_ks["ks"] = [5]
+    got = verdicts(fewer_ks)
+    assert got[("text_to_image", "recall_at_1")] == "missing" and failed(fewer_ks)
 
 
-def test_missing_metric_fails():
-    diff = {LORA: {"text_to_image.ndcg_at_10": entry(0.4, None)}}
-    assert verdicts(diff)[(LORA, "text_to_image.ndcg_at_10")] == "missing"
-    assert failed(diff)
+def test_markdown_lists_changes_with_ci_and_p():
+    dropped = with_t2i(baseline(), {i: 20 for i in range(30, 60)})
+    kw = {"tolerance": 0.01, "alpha": 0.05, "resamples": 2000}
+    report = markdown(decide({LORA: dropped}, {LORA: baseline()}, **kw), "main", 0.01, 0.05)
+    assert report.startswith("**cliprec gate: FAIL**")
+    row = next(line for line in report.splitlines() if "| text_to_image | recall_at_5 |" in line)
+    assert "| 0.3000 | 0.1500 | -0.1500 [" in row and "(0 better, 30 worse of 200)" in row
+    assert "❌ regression" in row
 
 
-def test_nan_counts_as_missing():
-    assert failed({LORA: {"text_to_image.mrr": entry(0.4, float("nan"))}})
-
-
-def test_non_relevance_changes_never_fail():
-    diff = {
-        LORA: {
-            "avg_mean_similarity_at_5": entry(0.9, 0.1),
-            "ann_recall_at_10": entry(1.0, 0.5),
-            "text_to_image.gallery_size": entry(250, 10),
-            "catalog.products": entry(2500, None),
-        },
-        "metrics/train/Amazon_Fashion/metrics.json": {"val.recall_at_5": entry(0.9, 0.1)},
-    }
-    assert set(verdicts(diff).values()) == {"info"}
-    assert not failed(diff)
-
-
-def test_new_metric_passes():
-    assert verdicts({LORA: {"multimodal.recall_at_5": entry(None, 0.3)}}) == {
-        (LORA, "multimodal.recall_at_5"): "new"
-    }
-
-
-def test_markdown_table():
-    diff = {
-        LORA: {
-            "text_to_image.recall_at_5": entry(0.5, 0.4),
-            "text_to_image.gallery_size": entry(250, 251),
-            "mrr": entry(0.3, 0.35),
-        }
-    }
-    text = markdown(decide(diff, 0.01), "origin/main", 0.01)
-    lines = text.splitlines()
-    assert lines[0].startswith("**cliprec gate: FAIL** — 1 relevance metric")
-    assert lines[2] == "| Path | Metric | origin/main | workspace | Change | Verdict |"
-    assert lines[4] == f"| {LORA} | text_to_image.recall_at_5 | 0.5000 | 0.4000 | -0.1000 | ❌ regression |"
-    assert f"| {LORA} | text_to_image.gallery_size | 250 | 251 | +1.0000 | not gated |" in lines
-    assert "PASS" in markdown([], "HEAD", 0.01) and "No metric changed" in markdown([], "HEAD", 0.01)
-
-
-# --- with DVC -----------------------------------------------------------------------------------------
-
-needs_dvc = pytest.mark.skipif(
-    shutil.which("dvc") is None or shutil.which("git") is None, reason="needs dvc+git"
-)
-
-METRICS = {
-    "text_to_image": {
-        "recall_at_1": 0.2,
-        "recall_at_5": 0.5,
-        "mrr": 0.3,
-        "gallery_size": 250,
-        "queries": 250,
-    },
-    "avg_mean_similarity_at_5": 0.9,
-}
+# --- end to end: a git repository with committed ranks ----------------------------------------------------
 
 
 def _git(repo, *args):
@@ -141,41 +110,51 @@ def _git(repo, *args):
 
 
 @pytest.fixture
-def dvc_repo(tmp_path, monkeypatch):
-    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+def repo(tmp_path):
     repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    subprocess.run(["dvc", "init", "-q"], cwd=repo, check=True)
-    (repo / "dvc.yaml").write_text(f"metrics:\n  - {LORA}\n")
-    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", repo / "params.yaml")
     (repo / LORA).parent.mkdir(parents=True)
-    (repo / LORA).write_text(json.dumps(METRICS))
+    _git(repo, "init", "-q")
+    shutil.copy(REPO / "params.yaml", repo / "params.yaml")
+    (repo / LORA).write_text(json.dumps(baseline()))
+    (repo / LORA.replace(".ranks", "")).write_text(json.dumps({"text_to_image": {"recall_at_5": 0.3}}))
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "metrics")
     return repo
 
 
-def _write(repo, **t2i):
-    metrics = json.loads(json.dumps(METRICS))
-    metrics["text_to_image"].update(t2i)
-    for key in [k for k, v in t2i.items() if v is None]:
-        del metrics["text_to_image"][key]
-    (repo / LORA).write_text(json.dumps(metrics))
+needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 
 
-@needs_dvc
-def test_gate_end_to_end(dvc_repo, capsys):
-    _write(dvc_repo, recall_at_5=0.40, gallery_size=240)  # planted regression
-    assert main(["--root", str(dvc_repo), "gate", "--rev", "HEAD"]) == 1
-    out = capsys.readouterr().out
-    assert (
-        "FAIL" in out and "| text_to_image.recall_at_5 | 0.5000 | 0.4000 | -0.1000 | ❌ regression |" in out
-    )
+@needs_git
+def test_gate_end_to_end(repo, capsys):
+    assert main(["--root", str(repo), "gate", "--rev", "HEAD"]) == 0
+    assert "Every per-query rank is unchanged" in capsys.readouterr().out
 
-    _write(dvc_repo, recall_at_5=0.60)  # better relevance only
-    assert main(["--root", str(dvc_repo), "gate"]) == 0  # tolerance from params.yaml, rev HEAD
+    (repo / LORA).write_text(json.dumps(with_t2i(baseline(), {i: 20 for i in range(30, 60)})))
+    assert main(["--root", str(repo), "gate"]) == 1
+    assert "❌ regression" in capsys.readouterr().out
+
+    (repo / LORA).write_text(json.dumps(ranks_doc([1] * 10)))  # a hand-shrunk, "perfect" test set
+    assert main(["--root", str(repo), "gate"]) == 1
+    assert "NEW TEST SET" in capsys.readouterr().out
+    assert main(["--root", str(repo), "gate", "--allow-new-test-set"]) == 0
+    assert "NOT compared" in capsys.readouterr().out
+
+    assert main(["--root", str(repo), "gate", "--rev", "no-such-rev"]) == 2
+    assert "unknown git revision 'no-such-rev'" in capsys.readouterr().err
+
+
+@needs_git
+def test_reproduce_requires_equal_ranks_and_metrics(repo, capsys):
+    assert main(["--root", str(repo), "gate", "--reproduce"]) == 0
     assert "PASS" in capsys.readouterr().out
-
-    assert main(["--root", str(dvc_repo), "gate", "--rev", "no-such-rev"]) == 2
-    assert "unknown Git revision" in capsys.readouterr().err
+    metrics = repo / LORA.replace(".ranks", "")
+    metrics.write_text(json.dumps({"text_to_image": {"recall_at_5": 0.3}, "avg_mean_similarity_at_5": 1e-6}))
+    assert main(["--root", str(repo), "gate", "--reproduce"]) == 1  # a new key
+    metrics.write_text(json.dumps({"text_to_image": {"recall_at_5": 0.305}}))
+    assert main(["--root", str(repo), "gate", "--reproduce"]) == 1
+    assert "text_to_image.recall_at_5: 0.3 -> 0.305" in capsys.readouterr().out
+    metrics.write_text(json.dumps({"text_to_image": {"recall_at_5": 0.3}}))
+    (repo / LORA).write_text(json.dumps(with_t2i(baseline(), {199: 19})))  # one rank moved
+    assert main(["--root", str(repo), "gate", "--reproduce"]) == 1
+    assert "ranks.text_to_image.199: 20 -> 19" in capsys.readouterr().out

@@ -45,7 +45,9 @@ def test_stage_outputs_match_paths():
         assert {Path(_fill(o, cat, variant)) for o in _outs("evaluate")} == {
             paths.metrics_path(cat, variant),
             paths.recall_plot_path(cat, variant),
+            paths.ranks_path(cat, variant),
         }
+    assert {Path(_fill(o, cat)) for o in _outs("compare")} == {paths.compare_path(cat)}
 
 
 def test_every_stage_script_exists():

@@ -1,11 +1,14 @@
-"""cliprec.report: the comparison table, with `dvc exp show --json` stubbed by a captured answer."""
+"""cliprec.report: values with CIs, paired differences; `dvc exp show --json` stubbed by a captured answer."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
+from test_compare import ranks_doc
 
 from cliprec import report
 from cliprec.cli import main
@@ -102,36 +105,72 @@ EXP_SHOW_JSON = (
 )
 
 
+REPO = Path(__file__).resolve().parents[1]
+AMP_REV = "f4d9d7bc7e3d5565a9f5afc246897d672964587d"  # experiment `amp-lr` in EXP_SHOW_JSON
+N = 100
+
+
 def metrics_file(r1: float, sim: float = 0.9) -> dict:
-    """A workspace metrics file as the evaluate stage writes it."""
-    mode = {"recall_at_1": r1, "recall_at_5": r1 + 0.2, "recall_at_10": r1 + 0.3, "mrr": r1 + 0.1,
-            "ndcg_at_10": r1 + 0.15, "gallery_size": 250, "queries": 250}  # fmt: skip
+    """A workspace metrics file as the evaluate stage writes it, CIs included."""
+    values = {"recall_at_1": r1, "recall_at_5": r1 + 0.2, "recall_at_10": r1 + 0.3, "mrr": r1 + 0.1,
+              "ndcg_at_10": r1 + 0.15}  # fmt: skip
+    ci = {k: {"low": round(v - 0.05, 6), "high": round(v + 0.05, 6)} for k, v in values.items()}
+    mode = {**values, "gallery_size": N, "queries": N, "ci95": ci}
     return {
         "text_to_image": mode,
         "image_to_text": mode,
-        "multimodal": {**mode, "recall_at_5": r1 + 0.3, "skipped_no_alt": 90},
-        "image_to_image": {**mode, "recall_at_5": r1 + 0.25, "skipped_no_alt": 90},
+        "multimodal": {**mode, "skipped_no_alt": 0},
+        "image_to_image": {**mode, "skipped_no_alt": 0},
         "avg_mean_similarity_at_5": sim,
+        "avg_mean_similarity_at_5_ci95": {"low": sim - 0.01, "high": sim + 0.01},
         "ann_recall_at_10": 1.0,
     }
 
 
+def ranks(top5: int) -> dict:
+    """N queries, `top5` of them ranked 2 (in the top 5), the rest 50."""
+    t2i = [2 if i < top5 else 50 for i in range(N)]
+    doc = ranks_doc(t2i, alt=list(t2i))
+    doc["ranks"]["image_to_text"] = doc["ranks"]["multimodal"] = list(t2i)
+    return doc
+
+
 @pytest.fixture
 def project(tmp_path):
-    (tmp_path / "params.yaml").write_text("categories:\n  - Amazon_Fashion\n  - Appliances\namp: false\n")
+    """params.yaml + metrics and ranks of both categories; LoRA finds 30 more queries than zero-shot."""
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     for cat, base in (("Amazon_Fashion", 0.1), ("Appliances", 0.15)):
         (tmp_path / "metrics" / cat).mkdir(parents=True)
-        for variant, extra in (("zeroshot", 0.0), ("lora", 0.2)):
-            path = tmp_path / "metrics" / cat / f"{variant}.json"
-            path.write_text(json.dumps(metrics_file(base + extra, 0.91 - extra / 2)))
+        for variant, extra, top5 in (("zeroshot", 0.0, 20), ("lora", 0.2, 50)):
+            (tmp_path / "metrics" / cat / f"{variant}.json").write_text(
+                json.dumps(metrics_file(base + extra, 0.91 - extra / 2))
+            )
+            (tmp_path / "metrics" / cat / f"{variant}.ranks.json").write_text(json.dumps(ranks(top5)))
     return tmp_path
 
 
+def commit_amp_ranks(project: Path, top5: int = 52) -> str:
+    """Commit ranks as an AMP experiment would have them; returns the commit (stands in for AMP_REV)."""
+    git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    for cat in ("Amazon_Fashion", "Appliances"):
+        (project / "metrics" / cat / "lora.ranks.json").write_text(json.dumps(ranks(top5)))
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "amp"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    for cat in ("Amazon_Fashion", "Appliances"):  # the workspace's own LoRA ranks again
+        (project / "metrics" / cat / "lora.ranks.json").write_text(json.dumps(ranks(50)))
+    return head.stdout.strip()
+
+
 def stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON, returncode=0, stderr=""):
-    """Replace only the subprocess call: `dvc exp show --json` answers with `stdout`."""
+    """Replace only the `dvc` calls: `dvc exp show --json` answers with `stdout`; git runs for real."""
     calls = []
+    real = subprocess.run
 
     def fake_run(cmd, **kwargs):
+        if cmd[0] == "git":
+            return real(cmd, **kwargs)
         calls.append((cmd, kwargs.get("cwd")))
         return subprocess.CompletedProcess(cmd, returncode, stdout=stdout, stderr=stderr)
 
@@ -141,10 +180,19 @@ def stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON, returncode=0, stderr=""):
 
 def table_rows(text: str) -> dict[tuple[str, str], list[str]]:
     rows = {}
-    for line in text.splitlines():
+    for line in text.split("Paired differences")[0].splitlines():
         if line.startswith("| ") and not line.startswith("| Category"):
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows[(cells[0], cells[1])] = cells[2:]
+    return rows
+
+
+def diff_rows(text: str) -> dict[tuple[str, str, str], list[str]]:
+    rows = {}
+    for line in text.split("Paired differences")[1].splitlines():
+        if line.startswith("| ") and not line.startswith("| Category"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[(cells[0], cells[1], cells[2])] = cells[3:]
     return rows
 
 
@@ -158,37 +206,42 @@ def test_parse_captured_exp_show():
     assert report.find_experiment(exps, newest.rev[:7]) is newest
     with pytest.raises(report.ReportError, match="no finished experiment named 'nope'"):
         report.find_experiment(exps, "nope")
-    assert report.newest_amp_experiment([e for e in exps if e.params["amp"] is False]) is None
 
 
-def test_report_table(project, monkeypatch):
-    calls = stub_dvc(monkeypatch)
+def test_report_json_has_values_cis_and_paired_differences(project, monkeypatch):
+    amp_rev = commit_amp_ranks(project)
+    stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON.replace(AMP_REV, amp_rev))
+    data = json.loads(report.build_report_json(project))
+    r5 = data["Appliances"]["text_to_image"]["recall_at_5"]
+    assert r5["zeroshot"] == {"value": 0.35, "ci_low": 0.3, "ci_high": 0.4}
+    assert r5["lora"]["value"] == 0.55 and r5["lora_amp"]["value"] == 0.57  # the experiment's metrics file
+    d = r5["lora_minus_zeroshot"]
+    assert d["value"] == pytest.approx(0.3) and d["ci_low"] > 0 and d["p_value"] < 0.001 and d["significant"]
+    amp = r5["lora_amp_minus_lora"]  # 2 more queries in the top 5: not significant
+    assert amp["value"] == pytest.approx(0.02) and amp["p_value"] > 0.05 and not amp["significant"]
+    assert set(data) == {"Amazon_Fashion", "Appliances"}
+    assert set(data["Appliances"]) == set(report.MODES)
+
+
+def test_report_markdown(project, monkeypatch):
+    calls = stub_dvc(monkeypatch, stdout="[]")
     text = report.build_report(project)
     assert calls == [(["dvc", "exp", "show", "--json"], project)]
-    header = text.splitlines()[0]
-    assert header.startswith("| Category | Variant | avg sim@5 (seed) | T→I R@1 | T→I R@5 | T→I R@10 |")
     rows = table_rows(text)
-    assert list(rows) == [
-        ("Amazon_Fashion", "zero-shot"),
-        ("Amazon_Fashion", "LoRA"),
-        ("Amazon_Fashion", "LoRA+AMP (exp `amp-lr`)"),
-        ("Appliances", "zero-shot"),
-        ("Appliances", "LoRA"),
-        ("Appliances", "LoRA+AMP (exp `amp-lr`)"),
-    ]
-    # columns: seed sim, R@1, R@5, R@10, MRR, nDCG@10, I->I R@5, multimodal R@5, gallery
-    assert rows[("Appliances", "LoRA")] == ["0.8100", "0.3500", "0.5500", "0.6500", "0.4500", "0.5000",
-                                            "0.6000", "0.6500", "250"]  # fmt: skip
-    # from the experiment (lr 3e-5 + amp): 0.15 + 0.2 + 0.01 + 0.01
-    assert rows[("Appliances", "LoRA+AMP (exp `amp-lr`)")][:3] == ["0.8100", "0.3700", "0.5700"]
-    assert "experiment `amp-lr`" in text
+    assert rows[("Appliances", "LoRA")][:2] == ["0.350 [0.300, 0.400]", "0.550 [0.500, 0.600]"]
+    assert rows[("Appliances", "LoRA+AMP")][0] == "—, run `dvc exp run -S amp=true`"
+    diffs = diff_rows(text)
+    r5 = diffs[("Appliances", "LoRA − zero-shot", "T→I")][1]
+    assert r5.startswith("+0.300 [") and r5.endswith("▲")
+    assert diffs[("Appliances", "LoRA − zero-shot", "T→I")][0].startswith("+0.000")  # R@1: nobody ranks 1
 
 
-def test_no_amp_experiment_says_how_to_make_one(project, monkeypatch):
-    stub_dvc(monkeypatch, stdout="[]")
-    rows = table_rows(report.build_report(project))
-    assert rows[("Amazon_Fashion", "LoRA+AMP")][0] == "—, run `dvc exp run -S amp=true`"
-    assert rows[("Amazon_Fashion", "LoRA+AMP")][1:] == ["—"] * 8
+def test_unpaired_experiment_is_said_not_compared(project, monkeypatch):
+    amp_rev = commit_amp_ranks(project)
+    (project / "metrics" / "Appliances" / "lora.ranks.json").write_text(json.dumps(ranks_doc([2] * 50)))
+    stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON.replace(AMP_REV, amp_rev))
+    text = report.build_report(project)
+    assert "not the same test set: gallery of 100 products, was 50" in text
 
 
 def test_dvc_failure_degrades_to_no_experiments(project, monkeypatch, caplog):
@@ -198,19 +251,11 @@ def test_dvc_failure_degrades_to_no_experiments(project, monkeypatch, caplog):
     assert "not inside of a DVC repository" in caplog.text
 
 
-def test_from_exp(project, monkeypatch):
-    stub_dvc(monkeypatch)
-    rows = table_rows(report.build_report(project, from_exp="lr-up"))
-    assert rows[("Appliances", "exp `lr-up`")][1] == "0.3550"  # lr 2.5e-5, no amp
-    rows = table_rows(report.build_report(project, from_exp="amp-on"))
-    assert rows[("Amazon_Fashion", "exp `amp-on` (LoRA+AMP)")][1] == "0.3100"
-    with pytest.raises(report.ReportError, match="nope"):
-        report.build_report(project, from_exp="nope")
-
-
 def test_from_exp_of_an_earlier_commit(project, monkeypatch):
     # none on the checked-out commit; `dvc exp list -A` places amp-on on an earlier one
     def fake_run(cmd, **kwargs):
+        if cmd[0] == "git":
+            return subprocess.CompletedProcess(cmd, 128, stdout="", stderr="not a git repository")
         if cmd[:3] == ["dvc", "exp", "list"]:
             out = "0f1e2d3:\n\t9a8b7c6 [amp-on]\n\t5a5a5a5 [lr-up]\n"
         else:
@@ -220,26 +265,26 @@ def test_from_exp_of_an_earlier_commit(project, monkeypatch):
     monkeypatch.setattr(report.subprocess, "run", fake_run)
     assert table_rows(report.build_report(project))[("Appliances", "LoRA+AMP")][0].startswith("—, run")
     text = report.build_report(project, from_exp="amp-on")
-    assert table_rows(text)[("Amazon_Fashion", "exp `amp-on` (LoRA+AMP)")][1] == "0.3100"
+    assert table_rows(text)[("Amazon_Fashion", "LoRA+AMP (exp `amp-on`)")][0] == "0.310"  # a file without CIs
     assert "derives from commit 0f1e2d3, not the checked-out one" in text
+    assert "per-query ranks missing" in text  # its ranks could not be read: no paired difference
     with pytest.raises(report.ReportError, match="nope"):
         report.build_report(project, from_exp="nope")
 
 
-def test_missing_workspace_metrics_and_amp_workspace(project, monkeypatch):
-    stub_dvc(monkeypatch)
+def test_missing_workspace_metrics(project, monkeypatch):
+    stub_dvc(monkeypatch, stdout="[]")
     (project / "metrics" / "Appliances" / "lora.json").unlink()
-    (project / "params.yaml").write_text("categories:\n  - Amazon_Fashion\n  - Appliances\namp: true\n")
     text = report.build_report(project)
     assert table_rows(text)[("Appliances", "LoRA")][0] == "— (run `dvc repro`)"
-    assert "workspace params have `amp: true`" in text
 
 
 def test_cli_report(project, monkeypatch, capsys):
-    stub_dvc(monkeypatch)
+    stub_dvc(monkeypatch, stdout="[]")
     assert main(["--root", str(project), "report", "--category", "Appliances"]) == 0
     out = capsys.readouterr().out
-    assert ("Appliances", "LoRA+AMP (exp `amp-lr`)") in table_rows(out)
     assert not any(cat == "Amazon_Fashion" for cat, _ in table_rows(out))
+    assert main(["--root", str(project), "report", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["Amazon_Fashion"]["multimodal"]["mrr"]["lora"]["value"] == 0.4
     assert main(["--root", str(project), "report", "--from-exp", "nope"]) == 2
     assert "no finished experiment named 'nope'" in capsys.readouterr().err

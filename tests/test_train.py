@@ -239,3 +239,20 @@ def test_two_process_ddp_matches_one_process(tiny, tmp_path):
     for k in want:
         assert torch.allclose(want[k], got[k], atol=1e-5), (k, (want[k] - got[k]).abs().max())
     assert any(want[k].abs().max() > 1e-3 for k in want if "lora_B" in k)  # it did train
+
+
+def test_zero_shot_is_a_candidate_and_can_win(tiny, tmp_path, monkeypatch):
+    # an adapter worse than none on val must not ship: rig val so the untouched model scores best
+    real, calls = tr.evaluate, {"n": 0}
+
+    def rigged(*args, **kwargs):
+        calls["n"] += 1
+        return {**real(*args, **kwargs), "val_recall_at_5": 1.0 if calls["n"] == 1 else 0.5}
+
+    monkeypatch.setattr(tr, "evaluate", rigged)
+    summary = _run(tiny, tmp_path, _cfg(tiny, epochs=2))
+    assert calls["n"] == 3 and summary["epochs_run"] == 2
+    assert summary["best_epoch"] == 0 and summary["adapter_is_identity"] is True
+    assert summary["best"]["val_recall_at_5"] == summary["zeroshot"]["val_recall_at_5"] == 1.0
+    b_matrices = [v for k, v in _adapter(tmp_path).items() if "lora_B" in k]
+    assert b_matrices and all(torch.count_nonzero(b) == 0 for b in b_matrices)  # the identity adapter

@@ -1,0 +1,29 @@
+"""Stage `compare`: LoRA minus zero-shot on one category's test queries, paired -> metrics/<cat>/compare.json.
+
+Usage: python stages/compare.py <category>
+"""
+
+from __future__ import annotations
+
+from cliprec import paths
+from cliprec.errors import run_stage
+from cliprec.params import stage_params
+
+
+def main(argv: list[str]) -> None:
+    """Validate params, then compare the two variants of the category given on the command line."""
+    p, (category,) = stage_params(argv, "python stages/compare.py <category>")
+    from cliprec.compare import write_comparison
+
+    write_comparison(
+        paths.ranks_path(category, "lora"),
+        paths.ranks_path(category, "zeroshot"),
+        paths.compare_path(category),
+        resamples=p.evaluate.resamples,
+        confidence=p.evaluate.confidence,
+        seed=p.seed,
+    )
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,60 @@
+"""cliprec.compare: pairing two evaluations' per-query ranks, refusing unpaired test sets."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from cliprec.compare import UnpairedTestSets, compare_ranks, unpaired_reason, write_comparison
+from cliprec.evaluate import gallery_digest
+from cliprec.metrics import metrics_from_ranks
+
+
+def ranks_doc(t2i: list[int], alt: list[int | None] | None = None, ids: list[str] | None = None) -> dict:
+    """A ranks file as the evaluate stage writes it (two modes are enough here)."""
+    ids = ids or [f"P{i:03d}" for i in range(len(t2i))]
+    alt = alt if alt is not None else [None] * len(t2i)
+    return {
+        "test_set": {"ids_sha256": gallery_digest(ids), "gallery_size": len(ids)},
+        "ks": [1, 5, 10],
+        "ids": ids,
+        "ranks": {"text_to_image": t2i, "image_to_image": alt},
+    }
+
+
+def test_same_test_set():
+    a = ranks_doc([1, 2, 3, 4])
+    assert unpaired_reason(a, copy.deepcopy(a)) is None
+    assert "gallery of 3 products, was 4" in unpaired_reason(ranks_doc([1, 2, 3]), a)
+    other_ids = ranks_doc([1, 2, 3, 4], ids=["A", "B", "C", "D"])
+    assert "other test products" in unpaired_reason(other_ids, a)
+    fewer_alt = ranks_doc([1, 2, 3, 4], alt=[1, None, None, None])
+    assert "image_to_image: 1 queries, was 0" in unpaired_reason(fewer_alt, a)
+    with pytest.raises(UnpairedTestSets, match="not the same test set"):
+        compare_ranks(other_ids, a, resamples=1000)
+
+
+def test_comparison_pairs_queries_and_means_match_the_metrics():
+    old = ranks_doc([1, 7, 3, 12, 2, 6, 1, 30], alt=[2, None, 1, 8, None, 3, 1, 1])
+    new = ranks_doc([1, 2, 1, 4, 2, 9, 1, 1], alt=[1, None, 1, 1, None, 2, 1, 1])
+    out = compare_ranks(new, old, resamples=2000)
+    assert set(out) == {"text_to_image", "image_to_image"}
+    t2i = out["text_to_image"]["recall_at_5"]
+    assert t2i.queries == 8 and (t2i.better, t2i.worse) == (3, 0)  # P001, P003, P007 now in the top 5
+    assert t2i.new_mean == metrics_from_ranks([1, 2, 1, 4, 2, 9, 1, 1])["recall_at_5"]
+    assert t2i.value == pytest.approx(t2i.new_mean - t2i.old_mean)
+    assert out["image_to_image"]["mrr"].queries == 6  # only the queries both evaluations made
+
+
+def test_write_comparison(tmp_path):
+    (tmp_path / "lora.ranks.json").write_text(json.dumps(ranks_doc([1, 1, 2, 3] * 20)))
+    (tmp_path / "zeroshot.ranks.json").write_text(json.dumps(ranks_doc([4, 9, 2, 30] * 20)))
+    doc = write_comparison(
+        tmp_path / "lora.ranks.json", tmp_path / "zeroshot.ranks.json", tmp_path / "compare.json", 2000
+    )
+    assert json.loads((tmp_path / "compare.json").read_text()) == doc
+    r5 = doc["lora_minus_zeroshot"]["text_to_image"]["recall_at_5"]
+    assert r5["value"] == 0.5 and r5["p_value"] < 0.001 and r5["ci_low"] > 0
+    assert set(r5) >= {"value", "ci_low", "ci_high", "p_value", "better", "worse", "min_detectable"}
