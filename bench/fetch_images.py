@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{args.n} products x 2 = {2 * args.n} images, {stats['unique_images']} distinct, "
             f"{stats['px_min']}-{stats['px_max']} px, {stats['kb_min']}-{stats['kb_max']} kB "
-            f"(median {stats['kb_median']}); resize to {base_cfg.size} ({base_cfg.resize}); {cores} cores"
+            f"(median {stats['kb_median']}); resize to {base_cfg.side} ({base_cfg.resize}); {cores} cores"
         )
         ceiling = process_only(pool, base_cfg, args.repeats)
         rows = []
