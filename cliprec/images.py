@@ -1,8 +1,11 @@
 """The `images` stage: fetch product images, decode them safely, resize, re-encode, store in parquet shards.
 
 One code path handles every URL form the catalog may hold: http(s)://, file:// and plain local paths
-(relative to the working directory, i.e. the repo root under `dvc repro`). Every URL ends in exactly one
-status; a bad item never stops the stage and is never replaced by a placeholder image.
+(relative to the working directory, i.e. the repo root under `dvc repro`). Each image comes with its
+candidate URLs in preference order (hi_res -> large -> thumb, see cliprec.catalog.choose_images); they are
+tried in that order for the same image until one gives a usable picture, so a dead hi_res URL does not
+cost the product its MAIN photo. Every image ends in exactly one status (that of the URL used, or of the
+last one tried); a bad item never stops the stage and is never replaced by a placeholder image.
 
 Statuses (status.parquet `status`, report.json `counts`):
     ok                stored (or usable: see `view`)
@@ -95,15 +98,20 @@ SHARD_SCHEMA = pa.schema(
         ("jpeg", pa.binary()),
     ]
 )
+TRY_TYPE = pa.struct(
+    [("url", pa.string()), ("status", pa.string()), ("error", pa.string()), ("attempts", pa.int32())]
+)
 STATUS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
-        ("url", pa.string()),
+        ("url", pa.string()),  # the URL used (status ok), else the last one tried
         ("view", pa.string()),  # view stored in the shards; null if not stored
-        ("status", pa.string()),
+        ("status", pa.string()),  # the image's final status: that of `url`
         ("error", pa.string()),
-        ("position", pa.int32()),  # index in the product's image_urls
-        ("attempts", pa.int32()),
+        ("position", pa.int32()),  # index of the image in the product's image_urls
+        ("attempts", pa.int32()),  # requests over all candidates tried
+        ("candidate", pa.int32()),  # index of `url` among the image's candidates (0: hi_res if any)
+        ("tried", pa.list_(TRY_TYPE)),  # every candidate tried, in order; the last one is `url`
     ]
 )
 
@@ -177,7 +185,11 @@ class ImageFailure(Exception):
 
 @dataclass
 class ImageResult:
-    """Outcome of one URL: `jpeg` is set iff status == "ok"."""
+    """Outcome of one image: `jpeg` is set iff status == "ok"; `url` is the URL used (else the last tried).
+
+    For an image with several candidate URLs, `candidate` is the index of `url` among them, `attempts`
+    counts the requests over all of them and `tried` holds (url, status, error, attempts) per candidate.
+    """
 
     url: str
     status: str
@@ -185,6 +197,8 @@ class ImageResult:
     jpeg: bytes | None = None
     attempts: int = 0
     seconds: float = field(default=0.0, repr=False)
+    candidate: int = 0
+    tried: list[tuple[str, str, str, int]] = field(default_factory=list, repr=False)
 
 
 def _to_rgb_or_rgba(im: Image.Image) -> Image.Image:
@@ -481,6 +495,25 @@ class Fetcher:
             log.warning("unexpected failure on %s", url, exc_info=True)
             result = ImageResult(url, "error", f"{type(e).__name__}: {e}", None, attempts)
         result.seconds = time.perf_counter() - t0
+        result.tried = [(result.url, result.status, result.error, result.attempts)]
+        return result
+
+    def fetch_first(self, candidates: Sequence[str]) -> ImageResult:
+        """Try one image's candidate URLs in order until one is ok; never raises.
+
+        Any failure moves on to the next candidate: a smaller size of the same photo may well work where
+        the larger one was missing, refused or too big.
+        """
+        results: list[ImageResult] = []
+        for url in candidates or [""]:  # no URL at all: bad_url, as an empty one
+            results.append(self.fetch(url))
+            if results[-1].status == "ok":
+                break
+        result = results[-1]
+        result.candidate = len(results) - 1
+        result.attempts = sum(r.attempts for r in results)
+        result.seconds = sum(r.seconds for r in results)
+        result.tried = [t for r in results for t in r.tried]
         return result
 
     def close(self) -> None:
@@ -510,6 +543,14 @@ def _as_list(value: Any) -> list:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return []
     return list(value)
+
+
+def image_candidates(image: Any) -> list[str]:
+    """One image's candidate URLs from an `image_urls` entry: a list of URLs, or a single URL string."""
+    # A plain string is the one-URL-per-image layout of older products tables (and of hand-made frames).
+    if isinstance(image, str):
+        return [image]
+    return [str(u) if u is not None else "" for u in _as_list(image)]
 
 
 class _ShardWriter:
@@ -548,11 +589,16 @@ def build_image_shards(
 ) -> dict[str, Any]:
     """Fetch the first max_images images of every product into out_dir; return (and write) the report.
 
-    products needs columns id, image_urls (list, MAIN first) and optionally image_variants. Writes
-    shard-NNNNN.parquet, status.parquet and report.json (stale shards of an earlier run are removed).
-    At most two images per product are stored (main, alt); with max_images > 2 the later URLs are
-    fallbacks, and a surplus success stays `ok` in status.parquet with a null view. Raises RuntimeError
-    (after writing status and report) when products had URLs but none got an image.
+    products needs columns id, image_urls (one entry per image, MAIN first; each entry the image's
+    candidate URLs in preference order, or a single URL) and optionally image_variants. Each image's
+    candidates are tried in order (`Fetcher.fetch_first`). Writes shard-NNNNN.parquet (the `url` used),
+    status.parquet (one row per image) and report.json (stale shards of an earlier run are removed).
+    At most two images per product are stored (main, alt); with max_images > 2 the later images are
+    fallbacks, and a surplus success stays `ok` in status.parquet with a null view. In the report, `urls`
+    and `counts` count images (one final status each), `urls_tried` the candidate URLs requested and
+    `ok_via_fallback` the images got from a candidate after the first, `fallen_back_from` the statuses
+    of the candidates given up for a later one. Raises RuntimeError (after writing status and report)
+    when products had URLs but none got an image.
     """
     missing = {"id", "image_urls"} - set(products.columns)
     if missing:
@@ -566,8 +612,7 @@ def build_image_shards(
 
     ids = [str(x) for x in products["id"]]
     url_lists = [
-        [str(u) if u is not None else "" for u in _as_list(v)][: cfg.max_images]
-        for v in products["image_urls"]
+        [image_candidates(img) for img in _as_list(v)][: cfg.max_images] for v in products["image_urls"]
     ]
     variant_lists = (
         [[str(x) for x in _as_list(v)] for v in products["image_variants"]]
@@ -575,12 +620,13 @@ def build_image_shards(
         else [[] for _ in ids]
     )
     n_urls = sum(len(u) for u in url_lists)
-    log.info("images: %d products, %d urls, %d workers -> %s", len(ids), n_urls, cfg.workers, out_dir)
+    log.info("images: %d products, %d images, %d workers -> %s", len(ids), n_urls, cfg.workers, out_dir)
 
     writer = _ShardWriter(out_dir, cfg.shard_size)
     status_rows: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
     counts: Counter[str] = Counter()
-    with_image = with_alt = 0
+    fallen_back_from: Counter[str] = Counter()  # statuses of candidates that a later one replaced
+    with_image = with_alt = urls_tried = via_fallback = 0
     # Products in flight: enough to keep every worker busy past a slow head-of-line product, few enough
     # that the encoded JPEGs waiting to be written in order stay small (~20 KB each).
     window = max(64, cfg.workers * 64)
@@ -593,21 +639,24 @@ def build_image_shards(
             bar.update(1)
 
     def collect(i: int, futures: list[Future]) -> None:
-        nonlocal with_image, with_alt
+        nonlocal with_image, with_alt, urls_tried, via_fallback
         results: list[ImageResult] = [f.result() for f in futures]
         variants = variant_lists[i]
         stored = 0
         for pos, res in enumerate(results):
             counts[res.status] += 1
+            urls_tried += len(res.tried)
+            fallen_back_from.update(t[1] for t in res.tried[:-1])
+            via_fallback += res.status == "ok" and res.candidate > 0
             view = None
             if res.status == "ok" and stored < len(VIEWS):
                 view = VIEWS[stored]
                 stored += 1
                 variant = variants[pos] if pos < len(variants) else ""
                 writer.add(ids[i], view, variant, res.url, res.jpeg)
-            for name, value in zip(
-                STATUS_SCHEMA.names, (ids[i], res.url, view, res.status, res.error, pos, res.attempts)
-            ):
+            tried = [dict(zip(TRY_TYPE.names, t)) for t in res.tried]
+            row = (ids[i], res.url, view, res.status, res.error, pos, res.attempts, res.candidate, tried)
+            for name, value in zip(STATUS_SCHEMA.names, row, strict=True):
                 status_rows[name].append(value)
         with_image += stored > 0
         with_alt += stored > 1
@@ -617,8 +666,8 @@ def build_image_shards(
     try:
         with pillow_limits(cfg.max_pixels), Fetcher(cfg) as fetcher:
             pending: deque[tuple[int, list[Future]]] = deque()
-            for i, urls in enumerate(url_lists):
-                futures = [pool.submit(fetcher.fetch, u) for u in urls]
+            for i, images in enumerate(url_lists):
+                futures = [pool.submit(fetcher.fetch_first, c) for c in images]
                 for f in futures:
                     f.add_done_callback(tick)
                 pending.append((i, futures))
@@ -646,6 +695,9 @@ def build_image_shards(
         "products_without_image": len(ids) - with_image,
         "products_with_alt": with_alt,
         "urls": n_urls,
+        "urls_tried": urls_tried,
+        "ok_via_fallback": via_fallback,
+        "fallen_back_from": dict(sorted(fallen_back_from.items())),
         "images": writer.n_rows,
         "counts": all_counts,
         "success_rate": round(n_ok / n_urls, 6) if n_urls else 0.0,
@@ -659,11 +711,12 @@ def build_image_shards(
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     failed = {s: c for s, c in all_counts.items() if c and s != "ok"}
     log.info(
-        "images: %d/%d urls ok (%.1f%%) in %.1f s (%.1f img/s); products: %d with image, %d without, "
-        "%d with alt%s",
+        "images: %d/%d ok (%.1f%%, %d through a fallback URL) in %.1f s (%.1f img/s); products: %d with "
+        "image, %d without, %d with alt%s",
         n_ok,
         n_urls,
         100 * report["success_rate"],
+        via_fallback,
         seconds,
         report["images_per_s"],
         with_image,
@@ -673,7 +726,7 @@ def build_image_shards(
     )
     if ids and not with_image:
         raise RuntimeError(
-            f"images: no product got an image ({failed}); see {out_dir / STATUS_FILE} for each url's error"
+            f"images: no product got an image ({failed}); see {out_dir / STATUS_FILE} for each image's error"
         )
     return report
 
@@ -746,5 +799,5 @@ def iter_shard_rows(images_dir: str | Path, columns: Sequence[str] | None = None
 
 
 def read_status(images_dir: str | Path) -> pd.DataFrame:
-    """status.parquet: one row per attempted URL (id, url, view, status, error, position, attempts)."""
+    """status.parquet: one row per image (columns of STATUS_SCHEMA: the URL used, its status, tries)."""
     return pd.read_parquet(Path(images_dir) / STATUS_FILE)

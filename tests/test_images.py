@@ -326,6 +326,56 @@ def test_matrix_runs_fast(matrix_run):
     assert matrix_run[3] < 8
 
 
+# --- one image, several candidate URLs ------------------------------------------------------------------
+
+
+def test_main_photo_falls_back_to_a_smaller_url_of_the_same_photo(image_server, tmp_path):
+    # image_urls as cliprec.catalog writes it: per image, its URLs hi_res -> large -> thumb
+    hi_res, large, thumb = (
+        image_server.url(f"{p}?fb=main") for p in ("/missing.jpg", "/good.jpg", "/alpha.png")
+    )
+    alt = image_server.url("/good2.jpg?fb=alt")
+    dead = [image_server.url(p + "?fb=dead") for p in ("/missing.jpg", "/notimage.jpg")]
+    products = pd.DataFrame(
+        {
+            "id": ["P", "Q"],
+            "image_urls": [[[hi_res, large, thumb], [alt]], [dead]],
+            "image_variants": [["MAIN", "PT01"], ["MAIN"]],
+        }
+    )
+    report = build_image_shards(products, tmp_path, ImageConfig(**TEST_CFG), progress=False)
+
+    table = read_image_table(tmp_path)
+    main = table[(table.id == "P") & (table.view == "main")].iloc[0]
+    assert (main.variant, main.url) == ("MAIN", large)  # the same photo, not the product's second one
+    assert main.jpeg == process_image(GOOD_JPEG, ImageConfig(**TEST_CFG))
+    assert list(table[table.id == "P"].view) == ["main", "alt"]
+    assert image_server.hits["/alpha.png?fb=main"] == 0  # nothing tried after the first success
+
+    status = read_status(tmp_path).set_index(["id", "position"])
+    used = status.loc[("P", 0)]
+    assert (used.url, used.status, used.view, used.candidate, used.attempts) == (large, "ok", "main", 1, 2)
+    assert [(t["url"], t["status"]) for t in used.tried] == [(hi_res, "http_404"), (large, "ok")]
+    assert status.loc[("P", 1)].candidate == 0 and len(status.loc[("P", 1)].tried) == 1
+    failed = status.loc[("Q", 0)]  # every candidate failed: the last one's status, all of them listed
+    assert (failed.url, failed.status, failed.candidate) == (dead[1], "not_image", 1) and pd.isna(failed.view)
+    assert [t["status"] for t in failed.tried] == ["http_404", "not_image"]
+    assert report["urls"] == 3 and report["urls_tried"] == 5 and report["ok_via_fallback"] == 1
+    assert report["counts"]["ok"] == 2 and report["counts"]["not_image"] == 1
+    assert "http_404" not in report["counts"]  # counts are final statuses, one per image
+    assert report["fallen_back_from"] == {"http_404": 2}  # the candidates given up for a later one
+    assert report["products_with_image"] == 1 and report["products_with_alt"] == 1
+
+
+def test_a_single_url_per_image_still_reads(image_server, tmp_path):
+    # older products tables (and hand-made frames) hold one URL string per image
+    rows = {"A": [image_server.url("/good.jpg?single")]}
+    build_image_shards(products_frame(rows), tmp_path, ImageConfig(**TEST_CFG), progress=False)
+    status = read_status(tmp_path)
+    assert list(status.status) == ["ok"] and list(status.candidate) == [0]
+    assert list(read_image_table(tmp_path).url) == rows["A"]
+
+
 # --- single-item paths ----------------------------------------------------------------------------------
 
 
