@@ -17,7 +17,8 @@ Statuses (status.parquet `status`, report.json `counts`):
     read_error        local file exists but cannot be read (permissions, ...)
     bad_url           empty URL, unsupported scheme, file:// on another host, malformed URL
     not_image         bytes are not an image in an accepted format (HTML error page, empty body, EPS...)
-    too_large         more than max_bytes, or more than max_pixels pixels (decompression bomb)
+    too_large         more than max_bytes, or more than max_pixels pixels (decompression bomb); the
+                      error quotes the configured limit
     decode_error      recognised image that does not decode: truncated, corrupt, unconvertible mode
     error             anything unexpected (a bug): logged with its traceback, error text kept
 
@@ -36,6 +37,7 @@ import json
 import logging
 import math
 import os
+import re
 import struct
 import threading
 import time
@@ -264,13 +266,23 @@ def _open_formats() -> tuple[str, ...]:
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError)
 
 
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
 def _check_pixels(w: int, h: int, max_pixels: int) -> None:
     if w < 1 or h < 1:
         raise ImageFailure("decode_error", f"empty image {w}x{h}")
     if w * h > max_pixels:
         raise ImageFailure(
-            "too_large", f"{w}x{h} = {w * h} px > max_pixels {max_pixels} (decompression bomb?)"
+            "too_large", f"{w}x{h} = {w * h:,} px > max_pixels {max_pixels:,} (decompression bomb?)"
         )
+
+
+def _bomb_failure(e: Exception, max_pixels: int) -> ImageFailure:
+    """too_large for Pillow's own bomb check, quoting our limit: Pillow's error quotes 2 x max_pixels."""
+    m = _BOMB_PIXELS.search(str(e))
+    size = f"{int(m.group(1)):,} px" if m else "image"
+    return ImageFailure("too_large", f"{size} > max_pixels {max_pixels:,} (decompression bomb?)")
 
 
 def process_image(data: bytes, cfg: ImageConfig) -> bytes:
@@ -283,7 +295,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> bytes:
     except UnidentifiedImageError as e:
         raise ImageFailure("not_image", f"not an image in {'/'.join(_open_formats())} ({len(data)} B)") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageFailure("too_large", f"decompression bomb: {e}") from e
+        raise _bomb_failure(e, cfg.max_pixels) from e
     except _DECODE_ERRORS as e:
         raise ImageFailure("decode_error", f"{type(e).__name__}: {e}") from e
     with im:
@@ -293,7 +305,7 @@ def process_image(data: bytes, cfg: ImageConfig) -> bytes:
             im.draft(None, _draft_size(*im.size, cfg.size, cfg.resize))
             im.load()  # LOAD_TRUNCATED_IMAGES is False: a truncated file raises here
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageFailure("too_large", f"decompression bomb: {e}") from e
+            raise _bomb_failure(e, cfg.max_pixels) from e
         except _DECODE_ERRORS as e:
             raise ImageFailure("decode_error", f"{type(e).__name__}: {e}") from e
         fmt = im.format
@@ -369,14 +381,14 @@ def _read_local(path: Path, max_bytes: int) -> bytes:
         with open(path, "rb") as f:
             n = os.fstat(f.fileno()).st_size
             if n > max_bytes:
-                raise ImageFailure("too_large", f"{n} B > max_bytes {max_bytes}")
+                raise ImageFailure("too_large", f"{n:,} B > max_bytes {max_bytes:,}")
             data = f.read(max_bytes + 1)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         raise ImageFailure("not_found", f"{type(e).__name__}: {path}") from e
     except OSError as e:
         raise ImageFailure("read_error", f"{type(e).__name__}: {e}") from e
-    if len(data) > max_bytes:
-        raise ImageFailure("too_large", f"> max_bytes {max_bytes}")
+    if len(data) > max_bytes:  # the file grew after fstat
+        raise ImageFailure("too_large", f"more than max_bytes {max_bytes:,} B")
     return data
 
 
@@ -400,14 +412,16 @@ def _read_http(session: requests.Session, url: str, cfg: ImageConfig) -> bytes:
                 )
             length = resp.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > cfg.max_bytes:
-                raise ImageFailure("too_large", f"Content-Length {length} > max_bytes {cfg.max_bytes}")
+                raise ImageFailure(
+                    "too_large", f"Content-Length {int(length):,} B > max_bytes {cfg.max_bytes:,}"
+                )
             buf = bytearray()
             # read1 returns whatever arrived (iter_content would block until a whole chunk is in, so a
             # trickling server would beat the deadline); decode_content counts gzip-decoded bytes.
             while chunk := resp.raw.read1(65536, decode_content=True):
                 buf += chunk
                 if len(buf) > cfg.max_bytes:
-                    raise ImageFailure("too_large", f"body > max_bytes {cfg.max_bytes}")
+                    raise ImageFailure("too_large", f"body over max_bytes {cfg.max_bytes:,} B")
                 if time.monotonic() > deadline:
                     raise ImageFailure(
                         "timeout", f"body not done within {BODY_DEADLINE_FACTOR * cfg.timeout_s:g} s", True

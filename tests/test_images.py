@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import io
 import json
@@ -103,6 +104,8 @@ class LoopbackImages:
             "/hb.png": header_bomb(12_000, 10_000),
             "/big.jpg": GOOD_JPEG + b"\0" * 300_000,
         }
+        # 5 MB of zeros in ~5 kB: only the decoded bytes may count against max_bytes
+        self.gzip_bomb = gzip.compress(b"\0" * 5_000_000)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -115,9 +118,18 @@ def _handler(state: LoopbackImages):
         def log_message(self, *args) -> None:  # keep pytest output clean
             pass
 
-        def send_body(self, body: bytes, code: int = 200, ctype: str = "image/jpeg", length: bool = True):
+        def send_body(
+            self,
+            body: bytes,
+            code: int = 200,
+            ctype: str = "image/jpeg",
+            length: bool = True,
+            headers: dict[str, str] | None = None,
+        ):
             self.send_response(code)
             self.send_header("Content-Type", ctype)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             if length:
                 self.send_header("Content-Length", str(len(body)))
             else:
@@ -148,6 +160,8 @@ def _handler(state: LoopbackImages):
             elif path == "/slow.jpg":
                 state.stop.wait(2.0)
                 self.send_body(GOOD_JPEG)
+            elif path == "/gzip-bomb.jpg":
+                self.send_body(state.gzip_bomb, headers={"Content-Encoding": "gzip"})
             elif path == "/big-nolen.jpg":  # no Content-Length: the streamed count must stop it
                 self.send_body(GOOD_JPEG + b"\0" * 300_000, length=False)
             elif path == "/trickle.jpg":  # each read within the timeout, the whole body not
@@ -397,6 +411,35 @@ def test_bomb_over_pillows_default_limit_is_a_status_not_a_warning(image_server)
     assert res.status == "too_large" and "bomb" in res.error
     assert failure.value.status == "too_large"
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [(10_000, 9_000), (8_000, 6_000)],  # 90 Mpx: over 2 x the limit (Pillow's error); 48 Mpx: its warning
+    ids=["over-twice", "over-once"],
+)
+def test_bomb_error_quotes_the_configured_max_pixels(width, height):
+    # Pillow's own error quotes 2 x MAX_IMAGE_PIXELS (80,000,000 here): the message must quote params
+    cfg = ImageConfig(max_pixels=40_000_000)
+    with ci.pillow_limits(cfg.max_pixels), pytest.raises(ci.ImageFailure) as failure:
+        process_image(header_bomb(width, height), cfg)
+    message = str(failure.value)
+    assert failure.value.status == "too_large"
+    assert "max_pixels 40,000,000" in message and f"{width * height:,} px" in message
+    assert "80,000,000" not in message and "80000000" not in message
+
+
+def test_max_bytes_errors_quote_the_configured_limit(matrix_run, image_server, tmp_path):
+    out, _, rows, _ = matrix_run
+    errors = dict(zip(read_status(out).url, read_status(out).error, strict=True))
+    assert "max_bytes 200,000" in errors[rows["P_big"][0]]  # Content-Length
+    assert "max_bytes 200,000" in errors[rows["P_bignolen"][0]]  # streamed body
+    assert "max_pixels 1,000,000" in errors[rows["P_bomb"][0]]
+    gz = fetch_image(image_server.url("/gzip-bomb.jpg"), ImageConfig(**TEST_CFG))
+    assert gz.status == "too_large" and "max_bytes 200,000" in gz.error  # decoded bytes count
+    (tmp_path / "big.jpg").write_bytes(GOOD_JPEG + b"\0" * 300_000)
+    local = fetch_image(str(tmp_path / "big.jpg"), ImageConfig(**TEST_CFG))
+    assert local.status == "too_large" and "max_bytes 200,000" in local.error
 
 
 def test_max_pixels_above_pillows_default_is_honoured():
