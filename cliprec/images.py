@@ -22,6 +22,11 @@ Statuses (status.parquet `status`, report.json `counts`):
     decode_error      recognised image that does not decode: truncated, corrupt, unconvertible mode
     error             anything unexpected (a bug): logged with its traceback, error text kept
 
+Retries (per URL, `retries` times): exponential backoff from `backoff_s` with jitter (x0.5..1.5), so
+threads that failed together do not come back together; on 429 and 503 a `Retry-After` (seconds or an
+HTTP date) is waited out first. A Retry-After over MAX_RETRY_AFTER_S is not waited for: the URL fails
+with its status at once (coming back sooner than asked would not honour it).
+
 Images: RGB (alpha flattened onto white), EXIF orientation applied, then `center_crop` (short side scaled
 to `size`, centre square kept) or `pad` (long side scaled to `size`, letterboxed on white, the usual
 product-photo background), JPEG at `jpeg_quality`. Shards hold rows in product order, then view order,
@@ -31,12 +36,15 @@ whatever order the threads finish in, so two runs over the same answers give ide
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.utils
 import functools
 import io
 import json
 import logging
 import math
 import os
+import random
 import re
 import struct
 import threading
@@ -84,7 +92,8 @@ STATUSES = (
 # decoders facing untrusted bytes.
 ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 BODY_DEADLINE_FACTOR = 3.0  # whole body within 3 x timeout_s: a trickling server cannot hold a worker
-MAX_RETRY_AFTER_S = 30.0
+MAX_RETRY_AFTER_S = 30.0  # longest Retry-After waited for; a longer one ends the URL's tries
+RETRY_AFTER_CODES = (429, 503)  # the answers whose Retry-After means "come back then" (RFC 9110)
 DRAFT_FACTOR = 1  # JPEG DCT-downscale to >= the target size (DCT scaling averages, no aliasing)
 REDUCING_GAP = 3.0
 RESAMPLE = Image.Resampling.BICUBIC
@@ -266,6 +275,7 @@ def _open_formats() -> tuple[str, ...]:
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError)
 
 
+_DELAY_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
@@ -392,12 +402,34 @@ def _read_local(path: Path, max_bytes: int) -> bytes:
     return data
 
 
-def _retry_after(resp: requests.Response) -> float | None:
-    value = resp.headers.get("Retry-After", "")
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After value (delay-seconds or HTTP-date); None if absent or invalid."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if _DELAY_SECONDS.fullmatch(value):  # RFC 9110 says digits; a decimal is read the obvious way
+        return float(value)
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP date: rare, fall back to our own backoff
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; an obsolete form may parse without a zone
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def retry_delay(
+    attempt: int, backoff_s: float, rng: random.Random, retry_after: float | None = None
+) -> float:
+    """Seconds before retry `attempt` (1 = first): backoff_s x 2^(attempt-1) x U(0.5, 1.5), or Retry-After.
+
+    The jitter spreads threads that failed at the same moment (a 429 burst) instead of sending them back
+    in lockstep. A Retry-After is waited out in full, plus up to half the backoff for the same reason.
+    """
+    base = backoff_s * 2 ** (attempt - 1)
+    if retry_after is not None:
+        return retry_after + base * rng.uniform(0.0, 0.5)
+    return base * rng.uniform(0.5, 1.5)
 
 
 def _read_http(session: requests.Session, url: str, cfg: ImageConfig) -> bytes:
@@ -407,9 +439,10 @@ def _read_http(session: requests.Session, url: str, cfg: ImageConfig) -> bytes:
             code = resp.status_code
             if not 200 <= code < 300:
                 retryable = code >= 500 or code == 429
-                raise ImageFailure(
-                    f"http_{code}", f"HTTP {code} {resp.reason}", retryable, _retry_after(resp)
+                retry_after = (
+                    parse_retry_after(resp.headers.get("Retry-After")) if code in RETRY_AFTER_CODES else None
                 )
+                raise ImageFailure(f"http_{code}", f"HTTP {code} {resp.reason}", retryable, retry_after)
             length = resp.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > cfg.max_bytes:
                 raise ImageFailure(
@@ -450,11 +483,21 @@ def _read_http(session: requests.Session, url: str, cfg: ImageConfig) -> bytes:
 
 
 class Fetcher:
-    """Fetch + process URLs from many threads: one requests.Session per thread, bounded retries."""
+    """Fetch + process URLs from many threads: one requests.Session per thread, bounded retries.
 
-    def __init__(self, cfg: ImageConfig, sleep: Callable[[float], None] = time.sleep) -> None:
+    `sleep` and `rng` (the backoff jitter) are injectable so tests can see the delays without waiting.
+    """
+
+    def __init__(
+        self,
+        cfg: ImageConfig,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
         self.cfg = cfg
         self._sleep = sleep
+        # random.Random's methods are safe to share between threads; jitter never reaches the outputs.
+        self._rng = rng if rng is not None else random.Random()
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -487,9 +530,15 @@ class Fetcher:
                 f.attempts = attempt
                 if not f.retryable or attempt > self.cfg.retries:
                     raise
-                delay = self.cfg.backoff_s * 2 ** (attempt - 1)
-                if f.retry_after is not None:
-                    delay = max(delay, min(f.retry_after, MAX_RETRY_AFTER_S))
+                if f.retry_after is not None and f.retry_after > MAX_RETRY_AFTER_S:
+                    over = ImageFailure(
+                        f.status,
+                        f"{f}; Retry-After {f.retry_after:g} s is over the {MAX_RETRY_AFTER_S:g} s cap: "
+                        "not retried",
+                    )
+                    over.attempts = attempt
+                    raise over from f
+                delay = retry_delay(attempt, self.cfg.backoff_s, self._rng, f.retry_after)
                 log.debug("retry %d/%d in %.2f s: %s (%s)", attempt, self.cfg.retries, delay, url, f)
                 self._sleep(delay)
 

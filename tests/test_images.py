@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import importlib.util
 import io
 import json
+import random
 import struct
 import threading
 import time
@@ -160,6 +162,18 @@ def _handler(state: LoopbackImages):
             elif path == "/slow.jpg":
                 state.stop.wait(2.0)
                 self.send_body(GOOD_JPEG)
+            elif path.startswith("/ra/"):  # /ra/<code>/<secsN|dateN|always>: Retry-After on the first hit
+                _, _, code, kind = path.split("/", 3)
+                if kind.startswith("date"):
+                    value = email.utils.formatdate(time.time() + int(kind[4:]), usegmt=True)
+                else:
+                    value = "3600" if kind == "always" else kind[4:]
+                if hits == 1 or kind == "always":
+                    self.send_body(
+                        b"come back later", int(code), "text/plain", headers={"Retry-After": value}
+                    )
+                else:
+                    self.send_body(GOOD_JPEG)
             elif path == "/gzip-bomb.jpg":
                 self.send_body(state.gzip_bomb, headers={"Content-Encoding": "gzip"})
             elif path == "/big-nolen.jpg":  # no Content-Length: the streamed count must stop it
@@ -561,6 +575,86 @@ def test_palette_with_transparency_becomes_white():
     im.info["transparency"] = 0
     out = np.asarray(decode_jpeg(process_image(encode(im, "PNG"), ImageConfig())))
     assert out.min() > 245
+
+
+# --- retries ---------------------------------------------------------------------------------------------
+
+
+class Delays:
+    """A fake sleep: records what the fetcher would have waited."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def __call__(self, s: float) -> None:
+        self.seconds.append(s)
+
+
+def test_backoff_is_exponential_with_jitter(image_server):
+    cfg = ImageConfig(**{**TEST_CFG, "retries": 4, "backoff_s": 1.0})
+    runs = []
+    for seed in (1, 2):
+        sleep = Delays()
+        with ci.Fetcher(cfg, sleep=sleep, rng=random.Random(seed)) as fetcher:
+            res = fetcher.fetch(image_server.url(f"/err500?jitter={seed}"))
+        assert res.status == "http_500" and res.attempts == 5
+        runs.append(sleep.seconds)
+    for delays in runs:
+        assert len(delays) == 4
+        assert all(0.5 * 2**k <= d <= 1.5 * 2**k for k, d in enumerate(delays))  # doubling, +-50 %
+    assert runs[0] != runs[1]  # two threads failing together come back at different times
+    assert len({round(d / 2**k, 6) for k, d in enumerate(runs[0])}) == 4  # a fresh draw per retry
+
+
+def test_retry_delay_bounds():
+    class Fixed(random.Random):
+        def __init__(self, u: float) -> None:
+            super().__init__(0)
+            self.u = u
+
+        def uniform(self, a: float, b: float) -> float:
+            return a + (b - a) * self.u
+
+    assert ci.retry_delay(1, 0.5, Fixed(0.0)) == 0.25 and ci.retry_delay(3, 0.5, Fixed(1.0)) == 3.0
+    assert ci.retry_delay(2, 0.5, Fixed(0.0), retry_after=7.0) == 7.0  # never earlier than asked
+    assert ci.retry_delay(2, 0.5, Fixed(1.0), retry_after=7.0) == 7.5
+
+
+@pytest.mark.parametrize(
+    ("path", "low", "high"),
+    [
+        ("/ra/429/secs7", 7.0, 7.01),
+        ("/ra/503/secs7", 7.0, 7.01),
+        ("/ra/429/date20", 18.0, 20.01),  # HTTP-date: whole seconds, so up to one less
+        ("/ra/503/date20", 18.0, 20.01),
+        ("/ra/500/secs7", 0.005, 0.015),  # Retry-After on a 500 means nothing: plain backoff
+    ],
+)
+def test_retry_after_is_honoured_on_429_and_503(image_server, path, low, high):
+    sleep = Delays()
+    with ci.Fetcher(ImageConfig(**TEST_CFG), sleep=sleep) as fetcher:
+        res = fetcher.fetch(image_server.url(path))
+    assert res.status == "ok" and res.attempts == 2
+    assert len(sleep.seconds) == 1 and low <= sleep.seconds[0] <= high
+
+
+def test_retry_after_over_the_cap_is_not_waited_for(image_server):
+    sleep = Delays()
+    with ci.Fetcher(ImageConfig(**TEST_CFG), sleep=sleep) as fetcher:
+        res = fetcher.fetch(image_server.url("/ra/429/always"))  # Retry-After: 3600
+    assert res.status == "http_429" and res.attempts == 1 and sleep.seconds == []
+    assert f"over the {ci.MAX_RETRY_AFTER_S:g} s cap" in res.error
+    assert image_server.hits["/ra/429/always"] == 1
+
+
+def test_parse_retry_after():
+    now = 1_700_000_000.0
+    assert ci.parse_retry_after("120") == 120.0 and ci.parse_retry_after(" 1.5 ") == 1.5
+    assert ci.parse_retry_after(email.utils.formatdate(now + 42, usegmt=True), now=now) == 42.0
+    assert ci.parse_retry_after("Tue, 14 Nov 2023 22:13:20 GMT", now=now) == 0.0  # exactly now
+    assert ci.parse_retry_after(email.utils.formatdate(now - 60, usegmt=True), now=now) == 0.0  # past
+    for bad in (None, "", "soon", "-5", "inf", "nan"):
+        assert ci.parse_retry_after(bad) is None
 
 
 # --- determinism, order, shards -------------------------------------------------------------------------
