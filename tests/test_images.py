@@ -749,6 +749,21 @@ def test_config_rejects_bad_values():
     assert ImageConfig.from_params(params["images"]).size == params["images"]["size"]
 
 
+def test_requirements_pin_the_urllib3_the_fetcher_needs():
+    # read1 (the body loop's deadline) appeared in urllib3 2.2.0; before 2.6.0 read1 inflated a whole
+    # gzip read at once (~22 MB per 64 kB call on a gzip bomb), past max_bytes before we could count.
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    lines = [ln.split("#")[0].strip() for ln in (REPO / "requirements.txt").read_text().splitlines()]
+    (req,) = [Requirement(ln) for ln in lines if ln.startswith("urllib3")]
+    assert "2.5.0" not in req.specifier and "2.6.0" in req.specifier and "3.0" not in req.specifier
+    import urllib3
+
+    assert Version(urllib3.__version__) in req.specifier
+    assert hasattr(urllib3.response.HTTPResponse, "read1")
+
+
 def test_all_failed_is_a_clear_error_after_writing_the_report(tmp_path):
     rows = {"X": ["nope/a.jpg"], "Y": []}
     with pytest.raises(RuntimeError, match="no product got an image"):
