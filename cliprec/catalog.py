@@ -12,8 +12,12 @@ record normalisation (`drop_reason`, `normalize_record`):
 - `synthetic`: `cliprec.synthetic.generate_catalog` writes a raw JSONL + images, then as `jsonl`.
 
 Row selection, in this order: malformed (bad line, or no parent_asin) -> no_title (empty after
-clean_text) -> no_image (no image with a hi_res/large/thumb URL) -> duplicate_id (an earlier record with
-the same parent_asin was kept; the first kept record wins). `rows_read == kept + sum(dropped)`.
+clean_text) -> no_image (no product photo with a hi_res/large/thumb URL; video stills don't count, see
+`choose_images`) -> duplicate_id (an earlier record with the same parent_asin was kept; the first kept
+record wins). `rows_read == kept + sum(dropped)`.
+Images: `image_urls` holds one entry per product photo (MAIN first), each the list of that photo's URLs
+in preference order hi_res -> large -> thumb; the images stage tries them in that order for the same
+photo. `image_variants` is parallel to the outer list.
 Sampling: the `n_products` kept ids with the smallest sha1("<seed>:<id>"), a uniform random subset
 that does not depend on the input order and grows by nesting when n grows. Output rows are sorted by
 id, so the table does not depend on the input order either (only the choice among duplicate ids does).
@@ -49,8 +53,12 @@ AMAZON_META_FILES = "hf://datasets/McAuley-Lab/Amazon-Reviews-2023/raw/meta_cate
 DROP_REASONS = ("no_title", "no_image", "duplicate_id", "malformed_line")
 SPLITS = ("train", "val", "test")
 IMAGE_KEYS = ("thumb", "large", "hi_res", "variant")
-# Preference among the sizes of one image: the largest that is present.
+# Preference among the sizes of one image: the largest first; the smaller ones are its fallbacks.
 IMAGE_SIZES = ("hi_res", "large", "thumb")
+# Amazon-2023 lists the stills of a product's videos among its images: variant VIDEO, or (in older
+# records) a thumbnail with a play button drawn on it, whose URL carries Amazon's overlay marker.
+VIDEO_VARIANTS = ("VIDEO",)
+PLAY_ICON_MARKER = "play-icon-overlay"
 
 _STRING_FIELDS = ("main_category", "title", "store", "parent_asin", "subtitle")
 _LIST_FIELDS = ("features", "description", "categories")
@@ -92,7 +100,7 @@ PRODUCTS_SCHEMA = pa.schema(
         ("price", pa.float64()),
         ("average_rating", pa.float64()),
         ("rating_number", pa.int64()),
-        ("image_urls", pa.list_(pa.string())),
+        ("image_urls", pa.list_(pa.list_(pa.string()))),  # per photo: its URLs, hi_res -> large -> thumb
         ("image_variants", pa.list_(pa.string())),
         ("split", pa.string()),
     ]
@@ -216,32 +224,41 @@ def parse_price(value: Any) -> float | None:
     return None
 
 
-def choose_images(images: Iterable[Any] | None) -> tuple[list[str], list[str]]:
-    """(urls, variants): MAIN images first, then the others in file order; each the hi_res, else the large,
-    else the thumb URL; images without any URL and repeated URLs are left out."""
-    main: list[tuple[str, str]] = []
-    other: list[tuple[str, str]] = []
+def _image_url(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    url = value.strip()
+    return url if url and url.lower() not in ("none", "null") else None
+
+
+def is_video_still(img: Mapping[str, Any]) -> bool:
+    """Whether an Amazon-2023 image entry is a video's still (VIDEO variant or play-icon thumbnail)."""
+    if str(img.get("variant") or "").strip().upper() in VIDEO_VARIANTS:
+        return True
+    return any(PLAY_ICON_MARKER in (_image_url(img.get(size)) or "").lower() for size in IMAGE_SIZES)
+
+
+def choose_images(images: Iterable[Any] | None) -> tuple[list[list[str]], list[str]]:
+    """(candidates, variants) of a record's product photos: MAIN first, then the others in file order.
+
+    Each photo's candidates are its distinct URLs in preference order (hi_res, large, thumb). Left out:
+    entries without any URL, video stills (`is_video_still`), and photos sharing a URL with one kept
+    earlier (the same photo listed twice).
+    """
+    entries = [img for img in images or () if isinstance(img, Mapping) and not is_video_still(img)]
+    # MAIN first before deduplicating, so a MAIN photo repeated by an earlier view stays MAIN.
+    entries.sort(key=lambda img: str(img.get("variant") or "").strip().upper() != "MAIN")
+    candidates: list[list[str]] = []
+    variants: list[str] = []
     seen: set[str] = set()
-    for img in images or ():
-        if not isinstance(img, Mapping):
+    for img in entries:
+        urls = list(dict.fromkeys(u for u in (_image_url(img.get(size)) for size in IMAGE_SIZES) if u))
+        if not urls or seen.intersection(urls):
             continue
-        url = None
-        for size in IMAGE_SIZES:
-            candidate = img.get(size)
-            if (
-                isinstance(candidate, str)
-                and candidate.strip()
-                and candidate.strip().lower() not in ("none", "null")
-            ):
-                url = candidate.strip()
-                break
-        if url is None or url in seen:
-            continue
-        seen.add(url)
-        variant = str(img.get("variant") or "").strip()
-        (main if variant.upper() == "MAIN" else other).append((url, variant))
-    pairs = main + other
-    return [u for u, _ in pairs], [v for _, v in pairs]
+        seen.update(urls)
+        candidates.append(urls)
+        variants.append(str(img.get("variant") or "").strip())
+    return candidates, variants
 
 
 def drop_reason(rec: Mapping[str, Any]) -> str | None:
@@ -284,7 +301,7 @@ def normalize_record(rec: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str
     reason = drop_reason(rec)
     if reason:
         return None, reason
-    urls, variants = choose_images(rec.get("images"))
+    candidates, variants = choose_images(rec.get("images"))
     rating_number = rec.get("rating_number")
     row = {
         "id": rec["parent_asin"].strip(),
@@ -298,7 +315,7 @@ def normalize_record(rec: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str
         "price": parse_price(rec.get("price")),
         "average_rating": _float_or_none(rec.get("average_rating")),
         "rating_number": int(rating_number) if _float_or_none(rating_number) is not None else None,
-        "image_urls": urls,
+        "image_urls": candidates,
         "image_variants": variants,
     }
     return row, None
