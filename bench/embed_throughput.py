@@ -340,7 +340,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"smoke test {QUICK} (< 1 min on 2 cores); writes embed_throughput.quick.json instead",
     )
     args = p.parse_args(argv)
-    batch_size = int(load_params(REPO_ROOT / "params.yaml")["embed"]["batch_size"])
+    batch_size = load_params(REPO_ROOT / "params.yaml").embed.batch_size
     return fill_defaults(args, {**FULL, "batch_size": batch_size, **(QUICK if args.quick else {})})
 
 

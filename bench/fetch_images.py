@@ -43,11 +43,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from _common import REPO_ROOT, median_time, print_table, write_results
 from PIL import Image, ImageDraw
 
-from cliprec.images import ImageConfig, build_image_shards, pillow_limits, process_image
+from cliprec.images import build_image_shards, pillow_limits, process_image
+from cliprec.params import Images, load_params
 
 GOAL_PER_CORE = 100.0  # images/s per core at the default concurrency, decode+resize included
 GOAL_SPEEDUP = 8.0  # default concurrency vs workers=1, where waiting dominates
@@ -194,7 +194,7 @@ def products_frame(n: int, port: int, latency_ms: int) -> pd.DataFrame:
     )
 
 
-def run_once(products: pd.DataFrame, cfg: ImageConfig, server: LoopbackServer) -> dict[str, float]:
+def run_once(products: pd.DataFrame, cfg: Images, server: LoopbackServer) -> dict[str, float]:
     """One build_image_shards into a temp dir: wall seconds, ok images, fetcher and server CPU seconds."""
     with tempfile.TemporaryDirectory(prefix="fetch_bench_") as out:
         server_cpu0, cpu0, t0 = server.cpu_seconds(), time.process_time(), time.perf_counter()
@@ -227,7 +227,7 @@ def summarize(runs: list[dict[str, float]], latency_ms: int, workers: int, cores
 
 
 def measure_latency(
-    n: int, latency_ms: int, configs: list[ImageConfig], server: LoopbackServer, repeats: int, cores: int
+    n: int, latency_ms: int, configs: list[Images], server: LoopbackServer, repeats: int, cores: int
 ) -> list[dict[str, Any]]:
     """Rows for every config at one latency; repeats run round-robin so load drift hits each alike."""
     products = products_frame(n, server.port, latency_ms)
@@ -238,7 +238,7 @@ def measure_latency(
     return [summarize(r, latency_ms, cfg.workers, cores) for r, cfg in zip(runs, configs)]
 
 
-def process_only(image_dir: Path, cfg: ImageConfig, repeats: int) -> dict[str, float]:
+def process_only(image_dir: Path, cfg: Images, repeats: int) -> dict[str, float]:
     """process_image alone (decode, resize, encode; no HTTP), one thread: the per-core CPU ceiling."""
     bodies = [p.read_bytes() for p in sorted(image_dir.glob("*.jpg"))]
     with pillow_limits(cfg.max_pixels):
@@ -250,9 +250,9 @@ def process_only(image_dir: Path, cfg: ImageConfig, repeats: int) -> dict[str, f
     }
 
 
-def default_config(params_path: Path) -> ImageConfig:
-    """The `images:` block of params.yaml as an ImageConfig."""
-    return ImageConfig.from_params(yaml.safe_load(params_path.read_text())["images"])
+def default_config(params_path: Path) -> Images:
+    """The validated `images:` block of params.yaml."""
+    return load_params(params_path).images
 
 
 def add_speedups(rows: list[dict[str, Any]], default_workers: int) -> None:
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     cores = len(os.sched_getaffinity(0))
     base_cfg = default_config(args.params)
     workers = args.workers or base_cfg.workers
-    configs = [dataclasses.replace(base_cfg, workers=w) for w in (workers, 1)]
+    configs = [base_cfg.model_copy(update={"workers": w}) for w in (workers, 1)]
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fetch_bench_pool_") as pool_dir:
         pool = Path(pool_dir)
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{args.n} products x 2 = {2 * args.n} images, {stats['unique_images']} distinct, "
             f"{stats['px_min']}-{stats['px_max']} px, {stats['kb_min']}-{stats['kb_max']} kB "
-            f"(median {stats['kb_median']}); resize to {base_cfg.size} ({base_cfg.resize}); {cores} cores"
+            f"(median {stats['kb_median']}); resize to {base_cfg.side} ({base_cfg.resize}); {cores} cores"
         )
         ceiling = process_only(pool, base_cfg, args.repeats)
         rows = []
