@@ -21,8 +21,11 @@ photo. `image_variants` is parallel to the outer list.
 Sampling: the `n_products` kept ids with the smallest sha1("<seed>:<id>"), a uniform random subset
 that does not depend on the input order and grows by nesting when n grows. Output rows are sorted by
 id, so the table does not depend on the input order either (only the choice among duplicate ids does).
-Split: sha1(id) mapped to [0, 1) against the `split` ratios, without the seed, so a product keeps its
-split whatever the sample, seed or catalog size.
+Groups: products whose MAIN photos share a URL (relistings: Amazon shows the same photo under several
+parent_asins) form one `group`, named by its smallest id (`photo_groups`); a single product is its own
+group. Split: sha1(group) mapped to [0, 1) against the `split` ratios, without the seed, so copies share
+a split, and a product keeps its split whatever the sample, seed or catalog size (unless a copy joins
+its group). The images stage catches copies under different URLs by their stored bytes.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +106,7 @@ PRODUCTS_SCHEMA = pa.schema(
         ("rating_number", pa.int64()),
         ("image_urls", pa.list_(pa.list_(pa.string()))),  # per photo: its URLs, hi_res -> large -> thumb
         ("image_variants", pa.list_(pa.string())),
+        ("group", pa.string()),  # products whose MAIN photos share a URL: named by the smallest id
         ("split", pa.string()),
     ]
 )
@@ -352,6 +357,32 @@ def sample_ids(ids: Iterable[str], n: int | None, seed: int) -> list[str]:
     return sorted(ids)
 
 
+def photo_groups(ids: Sequence[str], main_urls: Sequence[Sequence[str]]) -> list[str]:
+    """Each product's group: products whose MAIN photos share any URL are one group, named by its smallest id.
+
+    Amazon lists the same photo under several parent_asins; grouped, the copies share a split.
+    """
+    parent = list(range(len(ids)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[str, int] = {}
+    for i, urls in enumerate(main_urls):
+        for url in urls:
+            a, b = find(i), find(first_with.setdefault(url, i))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    smallest: dict[int, str] = {}
+    for i, pid in enumerate(ids):
+        root = find(i)
+        smallest[root] = min(smallest.get(root, pid), pid)
+    return [smallest[find(i)] for i in range(len(ids))]
+
+
 # --------------------------------------------------------------------------------------------------
 # the stage
 
@@ -443,10 +474,14 @@ def build_catalog(
                     raise AssertionError(
                         f"record {rec.get('parent_asin')!r} passed screening but not {reason}"
                     )
-                row["split"] = assign_split(row["id"], split)
                 rows.append(row)
         del ds  # release the Arrow files before the temporary cache goes away
 
+    groups = photo_groups([r["id"] for r in rows], [r["image_urls"][0] for r in rows])
+    for row, group in zip(rows, groups, strict=True):
+        # the split follows the group, so a relisted product never lands in another split than its copy
+        row["group"], row["split"] = group, assign_split(group, split)
+    sizes = Counter(groups)
     write_products(rows, out_dir / "products.parquet")
     report = {
         "source": source,
@@ -455,6 +490,10 @@ def build_catalog(
         "kept": len(kept),
         "dropped": counts,
         "n_products": len(rows),
+        "photo_groups": {  # MAIN photos shared by several products (relistings)
+            "groups_with_copies": sum(n > 1 for n in sizes.values()),
+            "products_in_them": sum(n for n in sizes.values() if n > 1),
+        },
         "splits": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
     }
     with open(out_dir / "report.json", "w") as f:

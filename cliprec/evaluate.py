@@ -237,10 +237,14 @@ def evaluate(
         )
     k_ann = min(ANN_K, len(emb.ids))
     metrics["ann_recall_at_10"] = ann_recall(index, fused, emb.fused, top_s[:, :k_ann], k_ann)
+    _, copies = np.unique(image, axis=0, return_counts=True)
     metrics["catalog"] = {
         "products": len(emb.ids),
         "test_products": len(test_ids),
         "test_without_embedding": int(missing),
+        # gallery products whose MAIN photo is another's too (relistings in the test split): exact ties,
+        # which the pessimistic rank counts against the query
+        "gallery_photo_ties": int(copies[copies > 1].sum()),
     }
     curve = [{"k": k, **{mode: _round(curves[mode][i]) for mode in MODES}} for i, k in enumerate(CURVE_KS)]
     ranks_doc = {

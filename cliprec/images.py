@@ -39,6 +39,7 @@ import contextlib
 import datetime
 import email.utils
 import functools
+import hashlib
 import io
 import logging
 import math
@@ -50,7 +51,7 @@ import threading
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ STATUSES = (
     "too_large",
     "decode_error",
     "error",
+    "duplicate_photo",  # fetched, but the same MAIN photo as a product of another split: not stored
 )  # plus http_<code>, one per code seen
 # Formats a product photo comes in. Others (EPS runs Ghostscript, fonts, PSD, ...) are not_image: fewer
 # decoders facing untrusted bytes.
@@ -102,6 +104,7 @@ DRAFT_FACTOR = 1  # JPEG DCT-downscale to >= the target size (DCT scaling averag
 REDUCING_GAP = 3.0
 RESAMPLE = Image.Resampling.BICUBIC
 WHITE = (255, 255, 255)
+PRODUCT_BATCH_ROWS = 4096  # products.parquet rows read at once by the stage
 ROW_GROUP_ROWS = 256  # ~5 MB of JPEGs: what a streaming reader holds at once
 
 SHARD_SCHEMA = pa.schema(
@@ -611,25 +614,71 @@ class _ShardWriter:
         self.rows = {name: [] for name in SHARD_SCHEMA.names}
 
 
+class _StatusWriter:
+    """status.parquet written in row groups as products finish: memory stays flat for any catalog."""
+
+    def __init__(self, path: Path, rows_per_group: int = 8192) -> None:
+        self.path, self.rows_per_group = path, rows_per_group
+        self.rows: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, row: Sequence[Any]) -> None:
+        for name, value in zip(STATUS_SCHEMA.names, row, strict=True):
+            self.rows[name].append(value)
+        if len(self.rows["id"]) >= self.rows_per_group:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, STATUS_SCHEMA, compression="zstd")
+        if self.rows["id"]:
+            self._writer.write_table(pa.table(self.rows, schema=STATUS_SCHEMA))
+            self.rows = {name: [] for name in STATUS_SCHEMA.names}
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+
+def _product_rows(products: pd.DataFrame | Iterable[pd.DataFrame]) -> Iterator[tuple[str, list, list, str]]:
+    """(id, image_urls, image_variants, split) per product, frame by frame."""
+    for frame in [products] if isinstance(products, pd.DataFrame) else products:
+        missing = {"id", "image_urls"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"images: products table lacks columns {sorted(missing)}")
+        n = len(frame)
+        variants = frame["image_variants"] if "image_variants" in frame.columns else [None] * n
+        splits = frame["split"] if "split" in frame.columns else [None] * n
+        yield from zip(frame["id"].astype(str), frame["image_urls"], variants, splits, strict=True)
+
+
 def build_image_shards(
-    products: pd.DataFrame, out_dir: str | Path, cfg: Images, progress: bool = True
+    products: pd.DataFrame | Iterable[pd.DataFrame],
+    out_dir: str | Path,
+    cfg: Images,
+    progress: bool = True,
+    total: int | None = None,
 ) -> dict[str, Any]:
     """Fetch the first max_images images of every product into out_dir; return (and write) the report.
 
-    products needs columns id, image_urls (one entry per image, MAIN first; each entry the image's
-    candidate URLs in preference order, or a single URL) and optionally image_variants. Each image's
-    candidates are tried in order (`Fetcher.fetch_first`). Writes shard-NNNNN.parquet (the `url` used),
-    status.parquet (one row per image) and report.json (stale shards of an earlier run are removed).
-    At most two images per product are stored (main, alt); with max_images > 2 the later images are
-    fallbacks, and a surplus success stays `ok` in status.parquet with a null view. In the report, `urls`
-    and `counts` count images (one final status each), `urls_tried` the candidate URLs requested and
-    `ok_via_fallback` the images got from a candidate after the first, `fallen_back_from` the statuses
-    of the candidates given up for a later one. Raises RuntimeError (after writing status and report)
-    when products had URLs but none got an image.
+    `products` (a DataFrame, or DataFrames streamed batch by batch) has columns id, image_urls (one entry
+    per image, MAIN first; each entry the image's candidate URLs in preference order, or a single URL)
+    and optionally image_variants and split. Each image's candidates are tried in order
+    (`Fetcher.fetch_first`). Writes shard-NNNNN.parquet (the `url` used), status.parquet (one row per
+    image) and report.json (stale shards of an earlier run are removed). At most two images per product
+    are stored (main, alt); with max_images > 2 the later images are fallbacks, and a surplus success
+    stays `ok` in status.parquet with a null view. In the report, `urls` and `counts` count images (one
+    final status each), `urls_tried` the candidate URLs requested and `ok_via_fallback` the images got
+    from a candidate after the first, `fallen_back_from` the statuses of the candidates given up for a
+    later one.
+
+    Copies across splits: a product whose stored MAIN photo is byte for byte one an earlier product of
+    ANOTHER split already has (the same picture relisted under another id, which ingest's URL grouping
+    missed) is not stored; its images get status `duplicate_photo` and the report counts them, so a
+    photo never sits in two splits. Copies within a split are kept and counted (`same_photo_same_split`):
+    in the test gallery they are ties. Raises CliprecError (after writing status and report) when
+    products had URLs but none got an image.
     """
-    missing = {"id", "image_urls"} - set(products.columns)
-    if missing:
-        raise ValueError(f"images: products table lacks columns {sorted(missing)}")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("images: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; truncated files would pass")
     out_dir = Path(out_dir)
@@ -641,68 +690,71 @@ def build_image_shards(
         out_dir / MANIFEST_FILE,
     ]:
         stale.unlink(missing_ok=True)
-
-    ids = [str(x) for x in products["id"]]
-    url_lists = [
-        [image_candidates(img) for img in _as_list(v)][: cfg.max_images] for v in products["image_urls"]
-    ]
-    variant_lists = (
-        [[str(x) for x in _as_list(v)] for v in products["image_variants"]]
-        if "image_variants" in products.columns
-        else [[] for _ in ids]
+    if total is None and isinstance(products, pd.DataFrame):
+        total = len(products)
+    log.info(
+        "images: %s products, %d workers -> %s", total if total is not None else "?", cfg.workers, out_dir
     )
-    n_urls = sum(len(u) for u in url_lists)
-    log.info("images: %d products, %d images, %d workers -> %s", len(ids), n_urls, cfg.workers, out_dir)
 
     writer = _ShardWriter(out_dir, cfg.shard_size)
-    status_rows: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
+    status_out = _StatusWriter(out_dir / STATUS_FILE)
     counts: Counter[str] = Counter()
     fallen_back_from: Counter[str] = Counter()  # statuses of candidates that a later one replaced
-    with_image = with_alt = urls_tried = via_fallback = 0
+    n_products = n_urls = with_image = with_alt = urls_tried = via_fallback = 0
+    copies = {"dropped_other_split": 0, "same_photo_same_split": 0}
+    first_with: dict[bytes, tuple[str, str | None]] = {}  # MAIN photo digest -> (first product, its split)
     # Products in flight: enough to keep every worker busy past a slow head-of-line product, few enough
     # that the encoded JPEGs waiting to be written in order stay small (~20 KB each).
     window = max(64, cfg.workers * 64)
 
-    bar = tqdm(total=n_urls, desc="images", unit="img", disable=not progress, mininterval=1.0)
-    bar_lock = threading.Lock()
+    bar = tqdm(total=total, desc="images", unit="product", disable=not progress, mininterval=1.0)
 
-    def tick(_: Future) -> None:
-        with bar_lock:
-            bar.update(1)
-
-    def collect(i: int, futures: list[Future]) -> None:
-        nonlocal with_image, with_alt, urls_tried, via_fallback
+    def collect(pid: str, variants: list[str], split: str | None, futures: list[Future]) -> None:
+        nonlocal n_products, n_urls, with_image, with_alt, urls_tried, via_fallback
         results: list[ImageResult] = [f.result() for f in futures]
-        variants = variant_lists[i]
+        n_products += 1
+        n_urls += len(results)
+        main = next((r for r in results if r.status == "ok"), None)
+        copy_of = None
+        if main is not None:
+            digest = hashlib.sha256(main.jpeg).digest()
+            first = first_with.setdefault(digest, (pid, split))
+            if first[0] != pid:
+                if first[1] != split:
+                    copy_of = first
+                    copies["dropped_other_split"] += 1
+                else:
+                    copies["same_photo_same_split"] += 1
         stored = 0
         for pos, res in enumerate(results):
-            counts[res.status] += 1
             urls_tried += len(res.tried)
             fallen_back_from.update(t[1] for t in res.tried[:-1])
             via_fallback += res.status == "ok" and res.candidate > 0
+            status, error = res.status, res.error
+            if copy_of is not None and status == "ok":
+                status, error = "duplicate_photo", f"same photo as {copy_of[0]} (split {copy_of[1]})"
+            counts[status] += 1
             view = None
-            if res.status == "ok" and stored < len(VIEWS):
+            if status == "ok" and stored < len(VIEWS):
                 view = VIEWS[stored]
                 stored += 1
                 variant = variants[pos] if pos < len(variants) else ""
-                writer.add(ids[i], view, variant, res.url, res.jpeg)
+                writer.add(pid, view, variant, res.url, res.jpeg)
             tried = [dict(zip(TRY_TYPE.names, t)) for t in res.tried]
-            row = (ids[i], res.url, view, res.status, res.error, pos, res.attempts, res.candidate, tried)
-            for name, value in zip(STATUS_SCHEMA.names, row, strict=True):
-                status_rows[name].append(value)
+            status_out.add((pid, res.url, view, status, error, pos, res.attempts, res.candidate, tried))
         with_image += stored > 0
         with_alt += stored > 1
+        bar.update(1)
 
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="images")
     try:
         with pillow_limits(cfg.max_pixels), Fetcher(cfg) as fetcher:
-            pending: deque[tuple[int, list[Future]]] = deque()
-            for i, images in enumerate(url_lists):
-                futures = [pool.submit(fetcher.fetch_first, c) for c in images]
-                for f in futures:
-                    f.add_done_callback(tick)
-                pending.append((i, futures))
+            pending: deque[tuple[str, list[str], str | None, list[Future]]] = deque()
+            for pid, urls, variants, split in _product_rows(products):
+                images = [image_candidates(img) for img in _as_list(urls)][: cfg.max_images]
+                variants = [str(x) for x in _as_list(variants)]
+                pending.append((pid, variants, split, [pool.submit(fetcher.fetch_first, c) for c in images]))
                 while len(pending) > window:
                     collect(*pending.popleft())
             while pending:
@@ -714,17 +766,17 @@ def build_image_shards(
     finally:
         bar.close()
     writer.flush()
+    status_out.close()
     seconds = time.perf_counter() - t0
 
-    pq.write_table(pa.table(status_rows, schema=STATUS_SCHEMA), out_dir / STATUS_FILE, compression="zstd")
     n_ok = counts.get("ok", 0)
     all_counts = {s: counts.get(s, 0) for s in STATUSES} | {
         s: c for s, c in sorted(counts.items()) if s not in STATUSES
     }
     report = {
-        "products": len(ids),
+        "products": n_products,
         "products_with_image": with_image,
-        "products_without_image": len(ids) - with_image,
+        "products_without_image": n_products - with_image,
         "products_with_alt": with_alt,
         "urls": n_urls,
         "urls_tried": urls_tried,
@@ -732,6 +784,7 @@ def build_image_shards(
         "fallen_back_from": dict(sorted(fallen_back_from.items())),
         "images": writer.n_rows,
         "counts": all_counts,
+        "photo_copies": copies,
         "success_rate": round(n_ok / n_urls, 6) if n_urls else 0.0,
         "shards": len(writer.paths),
         "side": cfg.side,
@@ -742,7 +795,7 @@ def build_image_shards(
     failed = {s: c for s, c in all_counts.items() if c and s != "ok"}
     log.info(
         "images: %d/%d ok (%.1f%%, %d through a fallback URL) in %.1f s (%.1f img/s); products: %d with "
-        "image, %d without, %d with alt%s",
+        "image, %d without, %d with alt; photo copies %s%s",
         n_ok,
         n_urls,
         100 * report["success_rate"],
@@ -750,11 +803,12 @@ def build_image_shards(
         seconds,
         n_ok / seconds if seconds > 0 else 0.0,
         with_image,
-        len(ids) - with_image,
+        n_products - with_image,
         with_alt,
+        copies,
         f"; failures {failed} (see {out_dir / STATUS_FILE})" if failed else "",
     )
-    if ids and not with_image:
+    if n_products and not with_image:
         raise CliprecError(
             f"images: no product got an image ({failed}); see {out_dir / STATUS_FILE} for each image's error"
         )
@@ -764,13 +818,15 @@ def build_image_shards(
 def build_images(
     products_path: str | Path, out_dir: str | Path, cfg: Images, progress: bool = True
 ) -> dict[str, Any]:
-    """The stage: read products.parquet, run build_image_shards, return the report."""
+    """The stage: stream products.parquet through build_image_shards, return the report."""
     products_path = Path(products_path)
     if not products_path.exists():
         raise ArtifactError(f"{products_path} is missing: rebuild it with `{rebuild_hint(products_path)}`")
-    columns = [c for c in ("id", "image_urls", "image_variants") if c in pq.read_schema(products_path).names]
-    products = pd.read_parquet(products_path, columns=columns)
-    return build_image_shards(products, out_dir, cfg, progress=progress)
+    wanted = ("id", "image_urls", "image_variants", "split")
+    with pq.ParquetFile(products_path) as pf:
+        columns = [c for c in wanted if c in pf.schema_arrow.names]
+        frames = (b.to_pandas() for b in pf.iter_batches(batch_size=PRODUCT_BATCH_ROWS, columns=columns))
+        return build_image_shards(frames, out_dir, cfg, progress=progress, total=pf.metadata.num_rows)
 
 
 # --- readers --------------------------------------------------------------------------------------------

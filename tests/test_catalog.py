@@ -20,6 +20,7 @@ from cliprec.catalog import (
     choose_images,
     load_meta,
     parse_price,
+    photo_groups,
     sample_ids,
 )
 from cliprec.errors import CliprecError
@@ -27,6 +28,7 @@ from cliprec.errors import CliprecError
 FIXTURE = Path("tests/fixtures/meta_Amazon_Fashion.jsonl")
 KEPT = ["B0FASH0001", "B0FASH0002", "B0FASH0006", "B0FASH0008", "B0FASH0011", "B0FASH0012"]
 IMG = "https://m.media-amazon.com/images/I/"
+SPLIT = {"train": 0.8, "val": 0.1, "test": 0.1}
 
 
 def sizes(stem: str, hi_res: bool = True) -> list[str]:
@@ -307,6 +309,32 @@ def test_product_whose_only_image_is_a_video_is_dropped_as_no_image(tmp_path):
     assert list(df["id"]) == ["V3"]
     assert nested(df["image_urls"].iloc[0]) == [[IMG + "p._AC_.jpg", IMG + "p._SS40_.jpg"]]
     assert list(df["image_variants"].iloc[0]) == ["MAIN"]
+
+
+def test_photo_groups_join_products_that_share_a_main_photo_url():
+    ids = ["A", "B", "C", "D", "E"]
+    urls = [["u1", "u1-small"], ["u2"], ["u3", "u1-small"], ["u2"], ["u5"]]  # A~C via a smaller size
+    assert photo_groups(ids, urls) == ["A", "B", "A", "B", "E"]
+    assert photo_groups(["Z", "Y"], [["x"], ["x"]]) == ["Y", "Y"]  # named by the smallest id
+
+
+def test_relisted_copies_share_a_group_and_a_split(tmp_path):
+    good = json.loads(_valid_lines()[0])
+    photo = {"thumb": None, "large": IMG + "shared._AC_.jpg", "hi_res": IMG + "shared._SL1500_.jpg",
+             "variant": "MAIN"}  # fmt: skip
+    other = {**photo, "large": IMG + "own._AC_.jpg", "hi_res": None}
+    ids = [f"R{i:02d}" for i in range(40)]
+    lines = [{**good, "parent_asin": pid, "images": [photo if i % 8 == 0 else {**other,
+              "large": IMG + f"own{i}._AC_.jpg"}]} for i, pid in enumerate(ids)]  # fmt: skip
+    src = tmp_path / "meta_X.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    df = pd.read_parquet(tmp_path / "out" / "products.parquet").set_index("id")
+    copies = [pid for i, pid in enumerate(ids) if i % 8 == 0]
+    assert set(df.loc[copies, "group"]) == {"R00"} and df.loc[copies, "split"].nunique() == 1
+    assert df.loc[copies, "split"].iloc[0] == assign_split("R00", SPLIT)
+    assert (df.loc["R01", "group"], df.loc["R01", "split"]) == ("R01", assign_split("R01", SPLIT))
+    assert report["photo_groups"] == {"groups_with_copies": 1, "products_in_them": 5}
 
 
 def test_products_schema_holds_candidates_per_image():

@@ -819,3 +819,25 @@ def test_stage_main_wiring(tmp_path, monkeypatch):
     out = tmp_path / "data" / "images" / "Cat"
     assert json.loads((out / "report.json").read_text())["products_with_image"] == 1
     assert list(read_image_table(out).id) == ["A"]
+
+
+def test_a_photo_copy_never_sits_in_two_splits(tmp_path):
+    # relistings ingest could not group (other URLs, same picture): the same bytes under three ids
+    for name, seed in (("a", 1), ("b", 2)):
+        (tmp_path / f"{name}.jpg").write_bytes(encode(bands(320, 240 + seed), quality=95))
+    (tmp_path / "a-copy.jpg").write_bytes((tmp_path / "a.jpg").read_bytes())
+    (tmp_path / "a-copy2.jpg").write_bytes((tmp_path / "a.jpg").read_bytes())
+    rows = {"P1": [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], "P2": [str(tmp_path / "a-copy.jpg")],
+            "P3": [str(tmp_path / "a-copy2.jpg")], "P4": [str(tmp_path / "b.jpg")]}  # fmt: skip
+    products = products_frame(rows).assign(split=["train", "test", "train", "test"])
+    report = build_image_shards(products, tmp_path / "out", images_cfg(**TEST_CFG), progress=False)
+    assert report["photo_copies"] == {"dropped_other_split": 1, "same_photo_same_split": 1}
+    assert report["counts"]["duplicate_photo"] == 1 and report["products_with_image"] == 3
+    stored = read_image_table(tmp_path / "out", columns=["id", "view"])
+    assert sorted(stored.loc[stored["view"] == "main", "id"]) == ["P1", "P3", "P4"]  # P2 (test) is not
+    status = read_status(tmp_path / "out").set_index("id")
+    assert (
+        status.loc["P2", "status"] == "duplicate_photo"
+        and "same photo as P1 (split train)" in status.loc["P2", "error"]
+    )
+    # P4's MAIN is P1's second photo: only MAIN photos are compared, so it stays (it is P4's own MAIN)
