@@ -1,20 +1,29 @@
 """The demo CLIP: a small CLIP built and pre-trained offline, so the demo setup needs no hub download.
 
-It is pre-trained contrastively on a GENERIC synthetic image-caption set ("a large red striped circle on a
-white background"), drawn with the catalog generator's primitives (cliprec.synthetic) so that colours and
-patterns look the same, but with geometric shapes instead of products, basic colour words only, and no
-brands, materials or product words. On the demo catalog it is therefore clearly better than chance
-(colours, patterns) and far from perfect (product types, brands, materials, colour synonyms are new to
-it): room that LoRA fine-tuning on the catalog can fill.
+It is pre-trained contrastively on a synthetic stand-in for CLIP's WEB pre-training: pictures drawn with
+the catalog generator's primitives (cliprec.synthetic), captioned the way alt-texts are, not the way
+listings are. Half are geometric shapes ("a large red striped circle on a white background"), half are
+everyday objects in the wild - the catalog's product silhouettes at any angle, size and position on
+coloured backgrounds - named with everyday words ("a blue striped shirt", "a small grey fridge"). As
+OpenAI's web data does, it teaches the common words well and the catalog's own vocabulary only weakly:
+product-type jargon ("chinos", "pashmina", "chimney hood"), colour names beyond the basic ones ("navy",
+"ochre", "seafoam"; a navy object is usually just "blue"), material names and the floral print appear in
+`rare_word_prob` of the captions; brand names and their logos are never named; studio shots (centred,
+upright, on white) are rare. Captions carry filler, shop boilerplate and punctuation, so every token a
+catalog summary uses has a trained embedding, as in a real CLIP. Zero-shot retrieval on the demo catalog
+is therefore well above chance, and LoRA has the real gap to close: jargon, colour and material names,
+brands, catalog text and studio photos.
 """
 
 from __future__ import annotations
 
 import heapq
+import html
 import json
 import logging
 import math
 import multiprocessing as mp
+import re
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -66,6 +75,8 @@ class BuildConfig:
     weight_decay: float = 0.1
     warmup_frac: float = 0.1
     long_caption_frac: float = 0.25  # batches whose captions are padded with filler up to ~60 tokens
+    object_frac: float = 0.5  # pictures of everyday objects (product silhouettes) instead of geometric shapes
+    rare_word_prob: float = 0.1  # a caption names an attribute with a catalog word (jargon) this often
     workers: int | None = None  # drawing processes (None = the CPUs this process may use)
     # one thread: reproducible on any machine, and on the shared 2-vCPU VM two threads were ~8x SLOWER
     threads: int = 1
@@ -208,30 +219,162 @@ _DESCRIBING = {
     "little",
     "tiny",
 }
+# --------------------------------------------------------------------------------------------------------
+# Everyday objects of the web: product silhouettes with the words a web caption uses for them
+
+WEB_NOUNS: dict[str, tuple[str, ...]] = {
+    "tshirt": ("t-shirt", "shirt", "tee shirt"),
+    "dress": ("dress",),
+    "trousers": ("pants", "trousers"),
+    "shorts": ("shorts",),
+    "skirt": ("skirt",),
+    "hoodie": ("hoodie", "sweatshirt"),
+    "cap": ("cap", "hat"),
+    "handbag": ("handbag", "bag"),
+    "backpack": ("backpack", "bag"),
+    "sneaker": ("shoe", "shoes", "sneakers"),
+    "sock": ("sock", "socks"),
+    "scarf": ("scarf",),
+    "sunglasses": ("sunglasses", "glasses"),
+    "watch": ("watch", "wristwatch"),
+    "refrigerator": ("fridge", "refrigerator"),
+    "microwave": ("microwave",),
+    "toaster": ("toaster",),
+    "kettle": ("kettle",),
+    "blender": ("blender",),
+    "washing_machine": ("washing machine", "washer"),
+    "coffee_maker": ("coffee maker", "coffee machine"),
+    "vacuum": ("vacuum cleaner", "vacuum"),
+    "fan": ("fan", "electric fan"),
+    "air_fryer": ("air fryer", "fryer"),
+    "water_filter": ("water filter", "filter"),
+    "range_hood": ("cooker hood", "hood"),
+    "dishwasher": ("dishwasher",),
+    "ice_maker": ("ice maker", "ice machine"),
+    "bottle": ("bottle",),
+    "jar": ("jar",),
+    "box": ("box",),
+    "tube": ("tube",),
+    "book": ("book",),
+    "mug": ("mug", "cup"),
+    "ball": ("ball",),
+    "lamp": ("lamp",),
+    "phone": ("phone",),
+    "pouch": ("pouch",),
+    "cushion": ("cushion", "pillow"),
+    "tray": ("tray",),
+}
+# how a web caption names a palette colour: by its basic colour word (the catalog's own names are rare)
+WEB_COLOUR: dict[str, str] = {
+    **{c: c for c in synthetic.BASIC_COLOURS},
+    "charcoal": "grey",
+    "silver": "silver",
+    "burgundy": "red",
+    "mustard": "yellow",
+    "olive": "green",
+    "mint": "green",
+    "teal": "blue",
+    "navy": "blue",
+    "beige": "brown",
+    "cream": "white",
+    "copper": "orange",
+}
+OBJECT_PATTERNS = synthetic.PATTERNS  # floral included: the web has it, but names it only rarely
+_OBJECT_PATTERN_WEIGHTS = np.array([0.4, 0.12, 0.12, 0.12, 0.12, 0.12])
+
+
+def _catalog_names(table_of: str) -> dict[str, tuple[str, ...]]:
+    """The hand-written categories' own words for each type / colour / pattern / material, lower case."""
+    out: dict[str, list[str]] = defaultdict(list)
+    for vocab in synthetic.VOCABS.values():
+        if table_of == "type":
+            items = [(t.shape, n) for t in vocab.types for n in t.names]
+        elif table_of == "colour":
+            items = [(c, n) for c, names in vocab.colour_names.items() for n in names]
+        elif table_of == "pattern":
+            items = [(p, n) for p, names in vocab.pattern_names.items() for n in names]
+        else:
+            items = [(m, n) for m, (names, _) in vocab.materials.items() for n in names]
+        for key, name in items:
+            if name.lower() not in out[key]:
+                out[key].append(name.lower())
+    if table_of == "type":
+        for shape, names in synthetic._GENERIC_TYPES.items():
+            out[shape].extend(n.lower() for n in names if n.lower() not in out[shape])
+    return {k: tuple(v) for k, v in out.items()}
+
+
+CATALOG_TYPE_NAMES = _catalog_names("type")
+CATALOG_COLOUR_NAMES = _catalog_names("colour")
+CATALOG_PATTERN_NAMES = _catalog_names("pattern")
+CATALOG_MATERIAL_NAMES = _catalog_names("material")
+# material -> texture, over both hand-written categories (same key, same texture in both)
+MATERIAL_TEXTURES = {m: tex for v in synthetic.VOCABS.values() for m, (_, tex) in v.materials.items()}
+_VISUAL_WORDS = {
+    w
+    for table in (
+        WEB_NOUNS,
+        CATALOG_TYPE_NAMES,
+        CATALOG_COLOUR_NAMES,
+        CATALOG_PATTERN_NAMES,
+        CATALOG_MATERIAL_NAMES,
+        {"c": tuple(WEB_COLOUR.values())},
+    )
+    for names in table.values()
+    for name in names
+    for w in name.replace("-", " ").split()
+}
 # English words that describe nothing a generic picture shows: noise a caption may carry
-DISTRACTORS = tuple(w for w in ENGLISH if w not in _DESCRIBING)
+DISTRACTORS = tuple(w for w in ENGLISH if w not in _DESCRIBING and w not in _VISUAL_WORDS)
+
+
+def shop_words() -> tuple[str, ...]:
+    """Words of the catalog's boilerplate (features, sentences, fillers) that name nothing visible.
+
+    Web alt-texts are often shop listings, so a real CLIP has seen "warranty" or "machine wash" many
+    times, next to pictures they do not describe: the demo's captions carry them as filler.
+    """
+    words: set[str] = set()
+    for vocab in synthetic.VOCABS.values():
+        for text in (*vocab.fillers, *vocab.feature_pool, *vocab.sentences):
+            for w in re.findall(r"[^\W\d_]+(?:['-][^\W\d_]+)*", html.unescape(text).lower()):
+                if w not in _VISUAL_WORDS and w not in _DESCRIBING:
+                    words.add(w)
+    return tuple(sorted(words))
+
+
+SHOP_WORDS = shop_words()
+_PUNCTUATION = (". ", ", ", " - ", " | ", ": ")  # between two filler words, 1 time in 5
 
 
 def _pick(rng: np.random.Generator, items: list[Any] | tuple[Any, ...]) -> Any:
     return items[int(rng.integers(len(items)))]
 
 
-def generic_attributes(rng: np.random.Generator) -> dict[str, Any]:
-    """Random attributes of one generic picture: shape, colours, pattern, size, position, background."""
-    colour = _pick(rng, synthetic.BASIC_COLOURS)
+def generic_attributes(rng: np.random.Generator, object_frac: float = 0.5) -> dict[str, Any]:
+    """Random attributes of one web picture: shape or object, colours, pattern, material, size, place."""
+    is_object = rng.random() < object_frac
+    colours = tuple(synthetic.PALETTE) if is_object else synthetic.BASIC_COLOURS
+    colour = _pick(rng, colours)
     luma = synthetic.luma(synthetic.PALETTE[colour])
-    contrasting = [
-        c for c in synthetic.BASIC_COLOURS if abs(synthetic.luma(synthetic.PALETTE[c]) - luma) > 60
-    ]
-    return {
-        "shape": _pick(rng, synthetic.GEOMETRIC_SHAPES),
+    contrasting = [c for c in colours if abs(synthetic.luma(synthetic.PALETTE[c]) - luma) > 60]
+    attrs = {
+        "kind": "object" if is_object else "shape",
+        "shape": _pick(rng, list(WEB_NOUNS) if is_object else synthetic.GEOMETRIC_SHAPES),
         "colour": colour,
         "secondary": _pick(rng, contrasting),
-        "pattern": GENERIC_PATTERNS[int(rng.choice(len(GENERIC_PATTERNS), p=_PATTERN_WEIGHTS))],
-        "size": _pick(rng, list(_SIZES)),
-        "position": _pick(rng, list(_POSITIONS)) if rng.random() < 0.5 else "center",
-        "background": _pick(rng, list(_BACKGROUNDS)) if rng.random() < 0.5 else "white",
     }
+    if is_object:
+        pattern = OBJECT_PATTERNS[int(rng.choice(len(OBJECT_PATTERNS), p=_OBJECT_PATTERN_WEIGHTS))]
+        attrs.update(pattern=pattern, material=_pick(rng, sorted(MATERIAL_TEXTURES)))
+    else:
+        attrs["pattern"] = GENERIC_PATTERNS[int(rng.choice(len(GENERIC_PATTERNS), p=_PATTERN_WEIGHTS))]
+    attrs.update(
+        size=_pick(rng, list(_SIZES)),
+        position=_pick(rng, list(_POSITIONS)) if rng.random() < 0.5 else "center",
+        background=_pick(rng, list(_BACKGROUNDS)) if rng.random() < 0.5 else "white",
+    )
+    return attrs
 
 
 def draw_generic(attrs: dict[str, Any], rng: np.random.Generator, size: int, out_size: int) -> np.ndarray:
@@ -249,13 +392,16 @@ def draw_generic(attrs: dict[str, Any], rng: np.random.Generator, size: int, out
         mark = synthetic.Mark(
             tuple(int(v) for v in rng.integers(0, 256, 3)), _pick(rng, synthetic.MARK_STYLES)
         )
+    texture = _pick(rng, _TEXTURES)
+    if "material" in attrs:
+        texture = MATERIAL_TEXTURES[attrs["material"]]
     look = synthetic.Look(
         primary=synthetic.PALETTE[attrs["colour"]],
         secondary=synthetic.PALETTE[attrs["secondary"]],
         pattern=attrs["pattern"],
         period=float(rng.uniform(20, 34)),
         phase=(float(rng.uniform(0, 40)), float(rng.uniform(0, 40))),
-        texture=_pick(rng, _TEXTURES),
+        texture=texture,
         mark=mark,
         texture_seed=int(rng.integers(2**31)),
     )
@@ -266,16 +412,50 @@ def draw_generic(attrs: dict[str, Any], rng: np.random.Generator, size: int, out
     return np.asarray(img.resize((out_size, out_size), Image.BICUBIC))
 
 
-def generic_caption(attrs: dict[str, Any], rng: np.random.Generator, long: bool = False) -> str:
-    """One of many phrasings of `attrs`; `long` pads it with up to ~45 filler words, else a few at most."""
-    colour, shape, pattern = attrs["colour"], attrs["shape"], attrs["pattern"]
+def _object_words(
+    attrs: dict[str, Any], rng: np.random.Generator, rare: float
+) -> tuple[str, str, str, str, str | None]:
+    """(noun, colour, secondary colour, pattern adjective, material) of an object, as a web caption words
+    them: everyday words, and with probability `rare` each, the catalog's own (rarely seen) word."""
+
+    def word(common: tuple[str, ...] | list[str], catalog: tuple[str, ...]) -> str:
+        return _pick(rng, catalog) if catalog and rng.random() < rare else _pick(rng, common)
+
+    noun = word(WEB_NOUNS[attrs["shape"]], CATALOG_TYPE_NAMES.get(attrs["shape"], ()))
+    colour = word([WEB_COLOUR[attrs["colour"]]], CATALOG_COLOUR_NAMES.get(attrs["colour"], ()))
+    second = word([WEB_COLOUR[attrs["secondary"]]], CATALOG_COLOUR_NAMES.get(attrs["secondary"], ()))
+    pattern = attrs["pattern"]
+    catalog_pattern = CATALOG_PATTERN_NAMES.get(pattern, ())
+    if pattern == "floral":  # the web shows flower prints without a word for them, except rarely
+        adj = _pick(rng, catalog_pattern) if rng.random() < rare else ""
+    else:
+        adj = word(_PATTERN_ADJ[pattern], catalog_pattern if pattern != "solid" else ())
+    material = _pick(rng, CATALOG_MATERIAL_NAMES[attrs["material"]]) if rng.random() < rare else None
+    return noun, colour, second, adj, material
+
+
+def generic_caption(
+    attrs: dict[str, Any], rng: np.random.Generator, long: bool = False, rare_word_prob: float = 0.1
+) -> str:
+    """One of many phrasings of `attrs`; `long` pads it with up to ~45 filler words, else a few at most.
+
+    Objects are named with everyday words; each attribute takes the catalog's own word (jargon, a
+    colour name beyond the basic ones, a material) with probability `rare_word_prob`.
+    """
     size = _pick(rng, _SIZE_WORDS[attrs["size"]]) if rng.random() < 0.6 else ""
-    adj = _pick(rng, _PATTERN_ADJ[pattern])
+    pattern = attrs["pattern"]
+    if attrs.get("kind") == "object":
+        shape, colour, second, adj, material = _object_words(attrs, rng, rare_word_prob)
+        if material:
+            shape = f"{material} {shape}"
+    else:
+        shape, colour, second = attrs["shape"], attrs["colour"], attrs["secondary"]
+        adj = _pick(rng, _PATTERN_ADJ[pattern])
     two_tone = pattern != "solid" and rng.random() < 0.5
-    colours = f"{colour} and {attrs['secondary']}" if two_tone else colour
+    colours = f"{colour} and {second}" if two_tone else colour
     form = rng.random()
-    if pattern != "solid" and form < 0.3:
-        core = f"{size} {colour} {shape} with {attrs['secondary']} {_PATTERN_NOUN[pattern]}"
+    if pattern in _PATTERN_NOUN and form < 0.3:
+        core = f"{size} {colour} {shape} with {second} {_PATTERN_NOUN[pattern]}"
     elif form < 0.85:
         core = f"{size} {colours} {adj} {shape}"
     else:
@@ -289,31 +469,40 @@ def generic_caption(attrs: dict[str, Any], rng: np.random.Generator, long: bool 
     if rng.random() < (0.8 if long else 0.3):
         n = int(rng.integers(1, 45 if long else 5))
         before = int(rng.integers(0, n + 1))
-        # half web-caption filler, half any other English word: the text tower learns to find the
-        # describing words among words it has no use for, as in a product title
-        words = [str(rng.choice(FILLER if rng.random() < 0.5 else DISTRACTORS)) for _ in range(n)]
-        text = " ".join([*words[:before], text, *words[before:]])
+        # web-caption filler, other English words and shop boilerplate, with the punctuation of
+        # alt-texts: the text tower learns to find the describing words among words it has no use for
+        pools = (FILLER, DISTRACTORS, SHOP_WORDS)
+        words = [str(_pick(rng, pools[int(rng.choice(3, p=[0.4, 0.3, 0.3]))])) for _ in range(n)]
+        joined = [
+            w + (_pick(rng, _PUNCTUATION) if i < n - 1 and rng.random() < 0.2 else " ")
+            for i, w in enumerate(words)
+        ]
+        head, tail = "".join(joined[:before]).strip(), "".join(joined[before:]).strip()
+        text = " ".join([head, text, tail])
     return " ".join(text.split())
 
 
-def _draw_chunk(job: tuple[int, int, int, int, int]) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    seed, start, stop, size, out_size = job
+def _draw_chunk(job: tuple[int, int, int, int, int, float]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    seed, start, stop, size, out_size, object_frac = job
     images, attrs = [], []
     for i in range(start, stop):
         rng = synthetic.stable_rng(seed, "generic", i)
-        a = generic_attributes(rng)
+        a = generic_attributes(rng, object_frac)
         images.append(draw_generic(a, rng, size, out_size))
         attrs.append(a)
     return np.stack(images), attrs
 
 
 def generic_dataset(
-    n: int, seed: int, size: int, out_size: int, workers: int = 1, offset: int = 0
+    n: int, seed: int, size: int, out_size: int, workers: int = 1, offset: int = 0, object_frac: float = 0.5
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """n generic pictures (N x out x out x 3 uint8) and their attributes; deterministic in (seed, index)."""
+    """n web pictures (N x out x out x 3 uint8) and their attributes; deterministic in (seed, index)."""
     chunk = 250
-    jobs = [(seed, s, min(s + chunk, offset + n), size, out_size) for s in range(offset, offset + n, chunk)]
-    bar = dict(total=len(jobs), desc="generic pictures", unit="chunk", mininterval=1.0)
+    jobs = [
+        (seed, s, min(s + chunk, offset + n), size, out_size, object_frac)
+        for s in range(offset, offset + n, chunk)
+    ]
+    bar = dict(total=len(jobs), desc="web pictures", unit="chunk", mininterval=1.0)
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             parts = list(tqdm(pool.map(_draw_chunk, jobs), **bar))
@@ -344,11 +533,11 @@ def retail_words() -> Iterator[str]:
         yield from (*(part for path in vocab.category_paths for part in path), *dict(vocab.main_categories))
 
 
-def tokenizer_corpus(attrs: list[dict[str, Any]], seed: int) -> Iterator[str]:
+def tokenizer_corpus(attrs: list[dict[str, Any]], seed: int, rare_word_prob: float = 0.1) -> Iterator[str]:
     """Captions of the pre-training pictures plus a general English word list and `retail_words`."""
     rng = np.random.default_rng(seed)
     for a in attrs:
-        yield generic_caption(a, rng, long=rng.random() < 0.25)
+        yield generic_caption(a, rng, long=rng.random() < 0.25, rare_word_prob=rare_word_prob)
     for _ in range(3):  # a few times, so common words become whole tokens
         yield from ENGLISH
         yield from retail_words()
@@ -510,12 +699,17 @@ def _batch_accuracy(image: torch.Tensor, text: torch.Tensor) -> float:
 
 @torch.no_grad()
 def _generic_eval(
-    model: CLIPModel, processor: CLIPProcessor, images: np.ndarray, attrs: list[dict[str, Any]], seed: int
+    model: CLIPModel,
+    processor: CLIPProcessor,
+    images: np.ndarray,
+    attrs: list[dict[str, Any]],
+    seed: int,
+    rare_word_prob: float = 0.1,
 ) -> dict[str, float]:
     """Held-out generic pictures: text->image Recall@1/5 over the whole held-out set."""
     model.eval()
     rng = np.random.default_rng(seed + 1)
-    texts = [generic_caption(a, rng, long=bool(i % 2)) for i, a in enumerate(attrs)]
+    texts = [generic_caption(a, rng, bool(i % 2), rare_word_prob) for i, a in enumerate(attrs)]
     img = model.get_image_features(pixel_values=normalise_pixels(images, processor)).pooler_output
     tok = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
     txt = model.get_text_features(**tok).pooler_output
@@ -547,7 +741,7 @@ def pretrain(
     for step in bar:
         idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         long = rng.random() < cfg.long_caption_frac  # per batch: padding follows the longest caption
-        texts = [generic_caption(attrs[i], rng, long) for i in idx]
+        texts = [generic_caption(attrs[i], rng, long, cfg.rare_word_prob) for i in idx]
         tok = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_at(step, cfg.steps, warmup)
@@ -596,12 +790,17 @@ def build_demo_clip(out_dir: Path, cfg: BuildConfig | None = None) -> dict[str, 
 
 def _build(out_dir: Path, cfg: BuildConfig, t0: float) -> dict[str, Any]:
     images, attrs = generic_dataset(
-        cfg.n_images + cfg.n_eval, cfg.seed, cfg.render_size, cfg.image_size, workers=_workers(cfg)
+        cfg.n_images + cfg.n_eval,
+        cfg.seed,
+        cfg.render_size,
+        cfg.image_size,
+        workers=_workers(cfg),
+        object_frac=cfg.object_frac,
     )
     t_data = time.perf_counter() - t0
     train_images, train_attrs = images[: cfg.n_images], attrs[: cfg.n_images]
     eval_images, eval_attrs = images[cfg.n_images :], attrs[cfg.n_images :]
-    tokenizer = train_tokenizer(tokenizer_corpus(train_attrs, cfg.seed), cfg.vocab_size)
+    tokenizer = train_tokenizer(tokenizer_corpus(train_attrs, cfg.seed, cfg.rare_word_prob), cfg.vocab_size)
     processor = make_processor(tokenizer, cfg.image_size)
     torch.manual_seed(cfg.seed)
     model = make_model(tokenizer, cfg)
@@ -616,7 +815,7 @@ def _build(out_dir: Path, cfg: BuildConfig, t0: float) -> dict[str, Any]:
     t1 = time.perf_counter()
     stats = pretrain(model, processor, train_images, train_attrs, cfg)
     t_train = time.perf_counter() - t1
-    stats.update(_generic_eval(model, processor, eval_images, eval_attrs, cfg.seed))
+    stats.update(_generic_eval(model, processor, eval_images, eval_attrs, cfg.seed, cfg.rare_word_prob))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -732,15 +931,17 @@ def write_readme(
         "# demo-clip",
         "",
         "A small CLIP built by this project, offline, for the `demo` setup (no hub download).",
-        "Pre-trained contrastively (`cliprec.loss.clip_loss`) on GENERIC synthetic pictures and captions",
-        "(geometric shapes x basic colours x solid/striped/dotted/checkered/zigzag x size/position/",
-        'background, e.g. "a large red striped circle on a white background", often padded with filler',
-        "words), drawn with the catalog generator's primitives. Never on the demo catalog: product types,",
-        "brands, materials, floral prints and colour synonyms (navy, burgundy, crème ...) are new to it,",
-        "which leaves room for the catalog's LoRA fine-tuning. Its tokenizer does know the catalog's",
-        "everyday words (product, colour and material names; not the invented brands) whole, as a real",
-        "CLIP tokenizer would: their embeddings start untrained, but a catalog summary now costs ~1.5",
-        "tokens a word instead of ~2.5.",
+        "Pre-trained contrastively (`cliprec.loss.clip_loss`) on a synthetic stand-in for CLIP's WEB",
+        "pre-training, never on the demo catalog: pictures drawn with the catalog generator's primitives,",
+        "half geometric shapes, half everyday objects (the catalog's product silhouettes) in the wild - any",
+        'angle, size and position, coloured backgrounds - with alt-text-style captions ("a small blue',
+        'striped shirt", "a grey fridge on the left", padded with filler, shop boilerplate and',
+        "punctuation). Like OpenAI's web data it names things with everyday words and uses the catalog's",
+        "own words - product-type jargon, colour names beyond the basic ones, materials, floral prints -",
+        f"for only {cfg.get('rare_word_prob', 0):.0%} of the mentions; brand names are never said, logos",
+        "never named, and studio shots (centred, upright, on white) are rare. Every token a catalog summary",
+        "uses has been trained, as in a real CLIP; what LoRA fine-tuning has to learn is the catalog's gap:",
+        "its jargon, colour and material names, brands, listing-style text and studio photos.",
         "",
         "Built with (deterministic from the seed; CPU):",
         "",
@@ -758,11 +959,11 @@ def write_readme(
         f"{stats['vocab_size']} tokens: pre-training captions, general English, `retail_words()` |",
         f"| parameters | {stats['parameters'] / 1e6:.2f} M ({stats['size_bytes'] / 1e6:.1f} MB on disk) |",
         f"| pre-training | {cfg['steps']} steps x batch {cfg['batch_size']}, AdamW lr {cfg['lr']}, "
-        f"{cfg['n_images']} generic pictures |",
+        f"{cfg['n_images']} web pictures ({cfg.get('object_frac', 0):.0%} everyday objects) |",
         f"| final loss | {stats['final_loss']:.3f} (first step {stats['first_loss']:.3f}) |",
         f"| final in-batch accuracy | {stats['final_batch_accuracy']:.3f} "
         f"(chance {1 / cfg['batch_size']:.3f}) |",
-        f"| held-out generic text->image R@1 / R@5 | {stats['generic_t2i_recall_at_1']:.3f} / "
+        f"| held-out web text->image R@1 / R@5 | {stats['generic_t2i_recall_at_1']:.3f} / "
         f"{stats['generic_t2i_recall_at_5']:.3f} (gallery {cfg['n_eval']}) |",
         f"| build time | {stats['total_seconds']:.0f} s ({stats['data_seconds']:.0f} s drawing, "
         f"{stats['train_seconds']:.0f} s pre-training; {stats['threads']} thread, torch {stats['torch']})"

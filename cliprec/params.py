@@ -75,7 +75,7 @@ class Lora(_Block):
 
 
 class Split(_Block):
-    """`split:` fractions of products per split (assigned by hashing the product id)."""
+    """`setups.<s>.split:` fractions of products per split (assigned by hashing the product id)."""
 
     train: float = Field(gt=0, le=1)
     val: float = Field(gt=0, le=1)
@@ -219,6 +219,7 @@ class Setup(_Block):
     """One world: demo or study."""
 
     ingest: Ingest
+    split: Split
     summarize: Summarize
     model: Model
     train: SetupTrain
@@ -236,7 +237,6 @@ class Params(_Block):
     amp: bool
     train: Train
     lora: Lora
-    split: Split
     images: Images
     embed: Embed
     index: Index

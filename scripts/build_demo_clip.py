@@ -2,8 +2,9 @@
 
     python scripts/build_demo_clip.py [--out models/demo-clip] [--steps N] [--no-verify]
 
-Pre-trains on generic synthetic pictures (cliprec.demo_clip), then checks zero-shot text->image retrieval
-on a freshly generated demo catalog of each category and records everything in <out>/README.md.
+Pre-trains on synthetic web-style pictures and captions (cliprec.demo_clip), then checks zero-shot
+text->image retrieval on a freshly generated demo catalog of each category and records everything in
+<out>/README.md.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def main(argv: list[str]) -> None:
         path=ingest.path,
         n_products=ingest.n_products,
         seed=p.seed,
-        split=p.split.model_dump(),
+        split=p.active.split.model_dump(),
     )
 
 

@@ -10,7 +10,12 @@ from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
 from cliprec.demo_clip import (
+    CATALOG_COLOUR_NAMES,
+    CATALOG_TYPE_NAMES,
+    DISTRACTORS,
     EOS,
+    WEB_COLOUR,
+    WEB_NOUNS,
     BuildConfig,
     build_demo_clip,
     generic_attributes,
@@ -106,12 +111,36 @@ def test_generic_data_is_deterministic_and_captions_name_the_attributes():
     a2, attrs2 = generic_dataset(8, 0, 48, 32)
     assert a1.shape == (8, 32, 32, 3) and a1.dtype == np.uint8
     assert np.array_equal(a1, a2) and attrs1 == attrs2
-    attrs = generic_attributes(stable_rng(0, "x"))
+    attrs = generic_attributes(stable_rng(0, "x"), object_frac=0.0)
     for long in (False, True):
         caption = generic_caption(attrs, np.random.default_rng(1), long=long)
         assert attrs["colour"] in caption and attrs["shape"] in caption
-    assert set(BASIC_COLOURS) >= {a["colour"] for a in attrs1}
-    assert set(GEOMETRIC_SHAPES) >= {a["shape"] for a in attrs1}
+    shapes = [generic_attributes(stable_rng(0, "y", i), object_frac=0.0) for i in range(50)]
+    assert {a["kind"] for a in shapes} == {"shape"}
+    assert set(BASIC_COLOURS) >= {a["colour"] for a in shapes}
+    assert set(GEOMETRIC_SHAPES) >= {a["shape"] for a in shapes}
+
+
+def test_web_objects_are_named_with_everyday_words_and_rarely_with_the_catalogs():
+    objects = [generic_attributes(stable_rng(0, "z", i), object_frac=1.0) for i in range(300)]
+    assert {a["kind"] for a in objects} == {"object"}
+    assert {a["shape"] for a in objects} <= set(WEB_NOUNS)
+    assert {a["colour"] for a in objects} - set(BASIC_COLOURS)  # navy, teal ... are drawn too
+    rng = np.random.default_rng(0)
+    for a in objects:
+        # never rare: the object's everyday noun and the basic word for its colour
+        caption = generic_caption(a, rng, rare_word_prob=0.0)
+        assert any(noun in caption for noun in WEB_NOUNS[a["shape"]]), caption
+        assert WEB_COLOUR[a["colour"]] in caption, caption
+    brands = [b.lower() for vocab in VOCABS.values() for b in vocab.brands]
+    captions = [generic_caption(a, rng, long=True) for a in objects]
+    assert not any(b in c for b in brands for c in captions)  # brand names are never said
+    # always rare: the catalog's own words for type, colour and pattern
+    a = next(a for a in objects if a["pattern"] == "stripes")
+    caption = generic_caption(a, rng, rare_word_prob=1.0)
+    assert any(n in caption for n in CATALOG_TYPE_NAMES[a["shape"]]), caption
+    assert any(n in caption for n in CATALOG_COLOUR_NAMES[a["colour"]]), caption
+    assert not set(DISTRACTORS) & {"dress", "shoe", "watch", "steel", "glass"}  # named things are no noise
 
 
 def test_tokenizer_knows_every_byte():

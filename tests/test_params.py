@@ -42,6 +42,9 @@ def test_setups_differ_only_in_their_blocks(tmp_path):
     )
     assert study.effective_lr == study.lr  # lr_scale 1.0: the study trains at exactly lr
     assert demo.model_dump(exclude={"setup"}) == study.model_dump(exclude={"setup"})
+    # each world splits its own catalog: ~270 demo test queries for power, 2,000 in the study
+    assert study.active.split.model_dump() == {"train": 0.8, "val": 0.1, "test": 0.1}
+    assert demo.active.split.test >= 0.15
 
 
 def test_no_param_is_named_what_dvcs_run_cache_ignores():
@@ -73,10 +76,13 @@ def test_no_param_is_named_what_dvcs_run_cache_ignores():
         (lambda r: r.update(lr="2e-5"), "lr = '2e-5': must be a number (PyYAML reads 2e-5 as text"),
         (lambda r: r.update(batch_size=1), "batch_size = 1: input should be greater than or equal to 2"),
         (
-            lambda r: r["split"].update(test=0.5),
-            "split: train + val + test = 1.4; the fractions must sum to 1",
+            lambda r: r["setups"]["demo"]["split"].update(test=0.6),
+            "setups.demo.split: train + val + test = 1.45; the fractions must sum to 1",
         ),
-        (lambda r: r["split"].update(val=0.0, train=0.9), "split.val = 0.0: input should be greater than 0"),
+        (
+            lambda r: r["setups"]["demo"]["split"].update(val=0.0, train=0.85),
+            "setups.demo.split.val = 0.0: input should be greater than 0",
+        ),
         (lambda r: r.update(categories=[]), "categories = []: must not be empty"),
         (lambda r: r.update(categories=["A", "A"]), "each category listed once"),
         (lambda r: r["evaluate"].update(ks=[0]), "evaluate.ks: [0]: each K must be an integer >= 1"),
