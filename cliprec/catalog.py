@@ -12,13 +12,20 @@ record normalisation (`drop_reason`, `normalize_record`):
 - `synthetic`: `cliprec.synthetic.generate_catalog` writes a raw JSONL + images, then as `jsonl`.
 
 Row selection, in this order: malformed (bad line, or no parent_asin) -> no_title (empty after
-clean_text) -> no_image (no image with a hi_res/large/thumb URL) -> duplicate_id (an earlier record with
-the same parent_asin was kept; the first kept record wins). `rows_read == kept + sum(dropped)`.
+clean_text) -> no_image (no product photo with a hi_res/large/thumb URL; video stills don't count, see
+`choose_images`) -> duplicate_id (an earlier record with the same parent_asin was kept; the first kept
+record wins). `rows_read == kept + sum(dropped)`.
+Images: `image_urls` holds one entry per product photo (MAIN first), each the list of that photo's URLs
+in preference order hi_res -> large -> thumb; the images stage tries them in that order for the same
+photo. `image_variants` is parallel to the outer list.
 Sampling: the `n_products` kept ids with the smallest sha1("<seed>:<id>"), a uniform random subset
 that does not depend on the input order and grows by nesting when n grows. Output rows are sorted by
 id, so the table does not depend on the input order either (only the choice among duplicate ids does).
-Split: sha1(id) mapped to [0, 1) against the `split` ratios, without the seed, so a product keeps its
-split whatever the sample, seed or catalog size.
+Groups: products whose MAIN photos share a URL (relistings: Amazon shows the same photo under several
+parent_asins) form one `group`, named by its smallest id (`photo_groups`); a single product is its own
+group. Split: sha1(group) mapped to [0, 1) against the `split` ratios, without the seed, so copies share
+a split, and a product keeps its split whatever the sample, seed or catalog size (unless a copy joins
+its group). The images stage catches copies under different URLs by their stored bytes.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +57,12 @@ AMAZON_META_FILES = "hf://datasets/McAuley-Lab/Amazon-Reviews-2023/raw/meta_cate
 DROP_REASONS = ("no_title", "no_image", "duplicate_id", "malformed_line")
 SPLITS = ("train", "val", "test")
 IMAGE_KEYS = ("thumb", "large", "hi_res", "variant")
-# Preference among the sizes of one image: the largest that is present.
+# Preference among the sizes of one image: the largest first; the smaller ones are its fallbacks.
 IMAGE_SIZES = ("hi_res", "large", "thumb")
+# Amazon-2023 lists the stills of a product's videos among its images: variant VIDEO, or (in older
+# records) a thumbnail with a play button drawn on it, whose URL carries Amazon's overlay marker.
+VIDEO_VARIANTS = ("VIDEO",)
+PLAY_ICON_MARKER = "play-icon-overlay"
 
 _STRING_FIELDS = ("main_category", "title", "store", "parent_asin", "subtitle")
 _LIST_FIELDS = ("features", "description", "categories")
@@ -92,8 +104,9 @@ PRODUCTS_SCHEMA = pa.schema(
         ("price", pa.float64()),
         ("average_rating", pa.float64()),
         ("rating_number", pa.int64()),
-        ("image_urls", pa.list_(pa.string())),
+        ("image_urls", pa.list_(pa.list_(pa.string()))),  # per photo: its URLs, hi_res -> large -> thumb
         ("image_variants", pa.list_(pa.string())),
+        ("group", pa.string()),  # products whose MAIN photos share a URL: named by the smallest id
         ("split", pa.string()),
     ]
 )
@@ -216,32 +229,41 @@ def parse_price(value: Any) -> float | None:
     return None
 
 
-def choose_images(images: Iterable[Any] | None) -> tuple[list[str], list[str]]:
-    """(urls, variants): MAIN images first, then the others in file order; each the hi_res, else the large,
-    else the thumb URL; images without any URL and repeated URLs are left out."""
-    main: list[tuple[str, str]] = []
-    other: list[tuple[str, str]] = []
+def _image_url(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    url = value.strip()
+    return url if url and url.lower() not in ("none", "null") else None
+
+
+def is_video_still(img: Mapping[str, Any]) -> bool:
+    """Whether an Amazon-2023 image entry is a video's still (VIDEO variant or play-icon thumbnail)."""
+    if str(img.get("variant") or "").strip().upper() in VIDEO_VARIANTS:
+        return True
+    return any(PLAY_ICON_MARKER in (_image_url(img.get(size)) or "").lower() for size in IMAGE_SIZES)
+
+
+def choose_images(images: Iterable[Any] | None) -> tuple[list[list[str]], list[str]]:
+    """(candidates, variants) of a record's product photos: MAIN first, then the others in file order.
+
+    Each photo's candidates are its distinct URLs in preference order (hi_res, large, thumb). Left out:
+    entries without any URL, video stills (`is_video_still`), and photos sharing a URL with one kept
+    earlier (the same photo listed twice).
+    """
+    entries = [img for img in images or () if isinstance(img, Mapping) and not is_video_still(img)]
+    # MAIN first before deduplicating, so a MAIN photo repeated by an earlier view stays MAIN.
+    entries.sort(key=lambda img: str(img.get("variant") or "").strip().upper() != "MAIN")
+    candidates: list[list[str]] = []
+    variants: list[str] = []
     seen: set[str] = set()
-    for img in images or ():
-        if not isinstance(img, Mapping):
+    for img in entries:
+        urls = list(dict.fromkeys(u for u in (_image_url(img.get(size)) for size in IMAGE_SIZES) if u))
+        if not urls or seen.intersection(urls):
             continue
-        url = None
-        for size in IMAGE_SIZES:
-            candidate = img.get(size)
-            if (
-                isinstance(candidate, str)
-                and candidate.strip()
-                and candidate.strip().lower() not in ("none", "null")
-            ):
-                url = candidate.strip()
-                break
-        if url is None or url in seen:
-            continue
-        seen.add(url)
-        variant = str(img.get("variant") or "").strip()
-        (main if variant.upper() == "MAIN" else other).append((url, variant))
-    pairs = main + other
-    return [u for u, _ in pairs], [v for _, v in pairs]
+        seen.update(urls)
+        candidates.append(urls)
+        variants.append(str(img.get("variant") or "").strip())
+    return candidates, variants
 
 
 def drop_reason(rec: Mapping[str, Any]) -> str | None:
@@ -284,7 +306,7 @@ def normalize_record(rec: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str
     reason = drop_reason(rec)
     if reason:
         return None, reason
-    urls, variants = choose_images(rec.get("images"))
+    candidates, variants = choose_images(rec.get("images"))
     rating_number = rec.get("rating_number")
     row = {
         "id": rec["parent_asin"].strip(),
@@ -298,7 +320,7 @@ def normalize_record(rec: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str
         "price": parse_price(rec.get("price")),
         "average_rating": _float_or_none(rec.get("average_rating")),
         "rating_number": int(rating_number) if _float_or_none(rating_number) is not None else None,
-        "image_urls": urls,
+        "image_urls": candidates,
         "image_variants": variants,
     }
     return row, None
@@ -333,6 +355,32 @@ def sample_ids(ids: Iterable[str], n: int | None, seed: int) -> list[str]:
     if n is not None and n < len(ids):
         ids = sorted(ids, key=lambda i: (hashlib.sha1(f"{seed}:{i}".encode()).digest(), i))[:n]
     return sorted(ids)
+
+
+def photo_groups(ids: Sequence[str], main_urls: Sequence[Sequence[str]]) -> list[str]:
+    """Each product's group: products whose MAIN photos share any URL are one group, named by its smallest id.
+
+    Amazon lists the same photo under several parent_asins; grouped, the copies share a split.
+    """
+    parent = list(range(len(ids)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[str, int] = {}
+    for i, urls in enumerate(main_urls):
+        for url in urls:
+            a, b = find(i), find(first_with.setdefault(url, i))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    smallest: dict[int, str] = {}
+    for i, pid in enumerate(ids):
+        root = find(i)
+        smallest[root] = min(smallest.get(root, pid), pid)
+    return [smallest[find(i)] for i in range(len(ids))]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,10 +474,14 @@ def build_catalog(
                     raise AssertionError(
                         f"record {rec.get('parent_asin')!r} passed screening but not {reason}"
                     )
-                row["split"] = assign_split(row["id"], split)
                 rows.append(row)
         del ds  # release the Arrow files before the temporary cache goes away
 
+    groups = photo_groups([r["id"] for r in rows], [r["image_urls"][0] for r in rows])
+    for row, group in zip(rows, groups, strict=True):
+        # the split follows the group, so a relisted product never lands in another split than its copy
+        row["group"], row["split"] = group, assign_split(group, split)
+    sizes = Counter(groups)
     write_products(rows, out_dir / "products.parquet")
     report = {
         "source": source,
@@ -438,6 +490,10 @@ def build_catalog(
         "kept": len(kept),
         "dropped": counts,
         "n_products": len(rows),
+        "photo_groups": {  # MAIN photos shared by several products (relistings)
+            "groups_with_copies": sum(n > 1 for n in sizes.values()),
+            "products_in_them": sum(n for n in sizes.values() if n > 1),
+        },
         "splits": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
     }
     with open(out_dir / "report.json", "w") as f:

@@ -9,10 +9,7 @@ sized from the shard row counts, so memory does not grow with the catalog (only 
 from __future__ import annotations
 
 import logging
-import os
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,7 @@ from cliprec.model import (
     text_max_length,
     tokenize,
 )
+from cliprec.pairs import DECODE_THREADS, prefetch
 from cliprec.precision import autocast
 
 log = logging.getLogger(__name__)
@@ -93,11 +91,18 @@ def embed_catalog(
     device: str | torch.device | None = None,
     info: Mapping[str, Any] | None = None,
     workers: int | None = None,
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
     """Embed every product with a MAIN photo and a summary into `out_dir` (`FILES`).
 
     Rows follow the shards' order. `info` (model, variant, adapter) goes into manifest.json, which is
     written last, records every file's size and sha256, and is returned.
+
+    With `world` > 1 processes (`accelerate launch`), rank r embeds batches r, r + world, ... of the
+    same batch sequence into its rows of the shared .npy files: the batches, and so the vectors, are
+    exactly those of one process. `barrier` waits for every rank (accelerate's wait_for_everyone).
     """
     device = torch.device(device) if device is not None else model_device(model)
     out_dir = Path(out_dir)
@@ -114,22 +119,30 @@ def embed_catalog(
     keep = set(ids)
     alt_ids = [i for i in views.loc[views["view"] == "alt", "id"] if i in keep]
     d = _dim(model)
-    arrays = {name: _memmap(out_dir / f"{name}.npy", len(ids), d) for name in ("image", "text", "fused")}
-    arrays["alt_image"] = _memmap(out_dir / "alt_image.npy", len(alt_ids), d)
+    rows = {"image": len(ids), "text": len(ids), "fused": len(ids), "alt_image": len(alt_ids)}
+    if rank == 0:  # one rank creates the files at full size, every rank fills its rows
+        for name, n in rows.items():
+            _memmap(out_dir / f"{name}.npy", n, d).flush()
+    barrier()
+    arrays = {name: np.load(out_dir / f"{name}.npy", mmap_mode="r+") for name in rows}
     expected = {"main": ids, "alt": alt_ids}
     pos = {"main": 0, "alt": 0}
     max_length = text_max_length(model, processor)
 
-    def prepare(batch: tuple[str, list[str], list[bytes]]) -> tuple[str, list[str], torch.Tensor]:
-        view, pids, jpegs = batch
-        return view, pids, decode_pixels(processor, jpegs)
+    def prepare(item: tuple[int, tuple[str, list[str], list[bytes]]]) -> tuple[str, list[str], Any]:
+        b, (view, pids, jpegs) = item
+        return view, pids, decode_pixels(processor, jpegs) if b % world == rank else None
 
-    batches = _view_batches(images_dir, keep, batch_size)
-    bar = tqdm(total=len(ids) + len(alt_ids), desc="embed", unit="img")
-    for view, pids, pixels in _prefetch(prepare, batches, workers or min(4, os.cpu_count() or 1)):
+    batches = enumerate(_view_batches(images_dir, keep, batch_size))
+    bar = tqdm(total=len(ids) + len(alt_ids), desc="embed", unit="img", disable=rank != 0)
+    for view, pids, pixels in prefetch(prepare, batches, workers or DECODE_THREADS, PREFETCH):
         start, stop = pos[view], pos[view] + len(pids)
         if expected[view][start:stop] != pids:
             raise RuntimeError(f"{images_dir}: shards changed while embedding")
+        pos[view] = stop
+        bar.update(len(pids))
+        if pixels is None:  # another rank's batch
+            continue
         image = _images(model, processor, pixels, device, amp)
         if view == "main":
             # tokenised here, not in the pool: a fast tokenizer is not thread-safe ("Already borrowed")
@@ -140,14 +153,15 @@ def embed_catalog(
             arrays["fused"][start:stop] = fuse(text, image, text_weight)
         else:
             arrays["alt_image"][start:stop] = image
-        pos[view] = stop
-        bar.update(len(pids))
     bar.close()
     if pos != {"main": len(ids), "alt": len(alt_ids)}:
         raise RuntimeError(f"{images_dir}: expected {len(ids)}/{len(alt_ids)} photos, read {pos}")
     for arr in arrays.values():
         arr.flush()
     del arrays
+    barrier()  # every rank's rows are on disk
+    if rank != 0:
+        return {}
     (out_dir / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
     (out_dir / "alt_ids.txt").write_text("".join(f"{i}\n" for i in alt_ids))
     info = {
@@ -176,18 +190,6 @@ def _view_batches(
     for view, (pids, jpegs) in pending.items():
         if pids:
             yield view, pids, jpegs
-
-
-def _prefetch(fn: Callable, items: Iterable, workers: int, depth: int = PREFETCH) -> Iterator:
-    # fn(item) for each item, in order, computed up to `depth` items ahead in `workers` threads.
-    with ThreadPoolExecutor(workers) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 @torch.inference_mode()

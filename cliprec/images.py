@@ -1,8 +1,11 @@
 """The `images` stage: fetch product images, decode them safely, resize, re-encode, store in parquet shards.
 
 One code path handles every URL form the catalog may hold: http(s)://, file:// and plain local paths
-(relative to the working directory, i.e. the repo root under `dvc repro`). Every URL ends in exactly one
-status; a bad item never stops the stage and is never replaced by a placeholder image.
+(relative to the working directory, i.e. the repo root under `dvc repro`). Each image comes with its
+candidate URLs in preference order (hi_res -> large -> thumb, see cliprec.catalog.choose_images); they are
+tried in that order for the same image until one gives a usable picture, so a dead hi_res URL does not
+cost the product its MAIN photo. Every image ends in exactly one status (that of the URL used, or of the
+last one tried); a bad item never stops the stage and is never replaced by a placeholder image.
 
 Statuses (status.parquet `status`, report.json `counts`):
     ok                stored (or usable: see `view`)
@@ -14,9 +17,15 @@ Statuses (status.parquet `status`, report.json `counts`):
     read_error        local file exists but cannot be read (permissions, ...)
     bad_url           empty URL, unsupported scheme, file:// on another host, malformed URL
     not_image         bytes are not an image in an accepted format (HTML error page, empty body, EPS...)
-    too_large         more than max_bytes, or more than max_pixels pixels (decompression bomb)
+    too_large         more than max_bytes, or more than max_pixels pixels (decompression bomb); the
+                      error quotes the configured limit
     decode_error      recognised image that does not decode: truncated, corrupt, unconvertible mode
     error             anything unexpected (a bug): logged with its traceback, error text kept
+
+Retries (per URL, `retries` times): exponential backoff from `backoff_s` with jitter (x0.5..1.5), so
+threads that failed together do not come back together; on 429 and 503 a `Retry-After` (seconds or an
+HTTP date) is waited out first. A Retry-After over MAX_RETRY_AFTER_S is not waited for: the URL fails
+with its status at once (coming back sooner than asked would not honour it).
 
 Images: RGB (alpha flattened onto white), EXIF orientation applied, then `center_crop` (short side scaled
 to `size`, centre square kept) or `pad` (long side scaled to `size`, letterboxed on white, the usual
@@ -27,17 +36,22 @@ whatever order the threads finish in, so two runs over the same answers give ide
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.utils
 import functools
+import hashlib
 import io
 import logging
 import math
 import os
+import random
+import re
 import struct
 import threading
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,16 +92,19 @@ STATUSES = (
     "too_large",
     "decode_error",
     "error",
+    "duplicate_photo",  # fetched, but the same MAIN photo as a product of another split: not stored
 )  # plus http_<code>, one per code seen
 # Formats a product photo comes in. Others (EPS runs Ghostscript, fonts, PSD, ...) are not_image: fewer
 # decoders facing untrusted bytes.
 ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
 BODY_DEADLINE_FACTOR = 3.0  # whole body within 3 x timeout_s: a trickling server cannot hold a worker
-MAX_RETRY_AFTER_S = 30.0
+MAX_RETRY_AFTER_S = 30.0  # longest Retry-After waited for; a longer one ends the URL's tries
+RETRY_AFTER_CODES = (429, 503)  # the answers whose Retry-After means "come back then" (RFC 9110)
 DRAFT_FACTOR = 1  # JPEG DCT-downscale to >= the target size (DCT scaling averages, no aliasing)
 REDUCING_GAP = 3.0
 RESAMPLE = Image.Resampling.BICUBIC
 WHITE = (255, 255, 255)
+PRODUCT_BATCH_ROWS = 4096  # products.parquet rows read at once by the stage
 ROW_GROUP_ROWS = 256  # ~5 MB of JPEGs: what a streaming reader holds at once
 
 SHARD_SCHEMA = pa.schema(
@@ -99,15 +116,20 @@ SHARD_SCHEMA = pa.schema(
         ("jpeg", pa.binary()),
     ]
 )
+TRY_TYPE = pa.struct(
+    [("url", pa.string()), ("status", pa.string()), ("error", pa.string()), ("attempts", pa.int32())]
+)
 STATUS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
-        ("url", pa.string()),
+        ("url", pa.string()),  # the URL used (status ok), else the last one tried
         ("view", pa.string()),  # view stored in the shards; null if not stored
-        ("status", pa.string()),
+        ("status", pa.string()),  # the image's final status: that of `url`
         ("error", pa.string()),
-        ("position", pa.int32()),  # index in the product's image_urls
-        ("attempts", pa.int32()),
+        ("position", pa.int32()),  # index of the image in the product's image_urls
+        ("attempts", pa.int32()),  # requests over all candidates tried
+        ("candidate", pa.int32()),  # index of `url` among the image's candidates (0: hi_res if any)
+        ("tried", pa.list_(TRY_TYPE)),  # every candidate tried, in order; the last one is `url`
     ]
 )
 
@@ -141,7 +163,11 @@ class ImageFailure(Exception):
 
 @dataclass
 class ImageResult:
-    """Outcome of one URL: `jpeg` is set iff status == "ok"."""
+    """Outcome of one image: `jpeg` is set iff status == "ok"; `url` is the URL used (else the last tried).
+
+    For an image with several candidate URLs, `candidate` is the index of `url` among them, `attempts`
+    counts the requests over all of them and `tried` holds (url, status, error, attempts) per candidate.
+    """
 
     url: str
     status: str
@@ -149,6 +175,8 @@ class ImageResult:
     jpeg: bytes | None = None
     attempts: int = 0
     seconds: float = field(default=0.0, repr=False)
+    candidate: int = 0
+    tried: list[tuple[str, str, str, int]] = field(default_factory=list, repr=False)
 
 
 def _to_rgb_or_rgba(im: Image.Image) -> Image.Image:
@@ -214,13 +242,24 @@ def _open_formats() -> tuple[str, ...]:
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError)
 
 
+_DELAY_SECONDS = re.compile(r"\d+(?:\.\d+)?")
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
 def _check_pixels(w: int, h: int, max_pixels: int) -> None:
     if w < 1 or h < 1:
         raise ImageFailure("decode_error", f"empty image {w}x{h}")
     if w * h > max_pixels:
         raise ImageFailure(
-            "too_large", f"{w}x{h} = {w * h} px > max_pixels {max_pixels} (decompression bomb?)"
+            "too_large", f"{w}x{h} = {w * h:,} px > max_pixels {max_pixels:,} (decompression bomb?)"
         )
+
+
+def _bomb_failure(e: Exception, max_pixels: int) -> ImageFailure:
+    """too_large for Pillow's own bomb check, quoting our limit: Pillow's error quotes 2 x max_pixels."""
+    m = _BOMB_PIXELS.search(str(e))
+    size = f"{int(m.group(1)):,} px" if m else "image"
+    return ImageFailure("too_large", f"{size} > max_pixels {max_pixels:,} (decompression bomb?)")
 
 
 def process_image(data: bytes, cfg: Images) -> bytes:
@@ -233,7 +272,7 @@ def process_image(data: bytes, cfg: Images) -> bytes:
     except UnidentifiedImageError as e:
         raise ImageFailure("not_image", f"not an image in {'/'.join(_open_formats())} ({len(data)} B)") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageFailure("too_large", f"decompression bomb: {e}") from e
+        raise _bomb_failure(e, cfg.max_pixels) from e
     except _DECODE_ERRORS as e:
         raise ImageFailure("decode_error", f"{type(e).__name__}: {e}") from e
     with im:
@@ -243,7 +282,7 @@ def process_image(data: bytes, cfg: Images) -> bytes:
             im.draft(None, _draft_size(*im.size, cfg.side, cfg.resize))
             im.load()  # LOAD_TRUNCATED_IMAGES is False: a truncated file raises here
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageFailure("too_large", f"decompression bomb: {e}") from e
+            raise _bomb_failure(e, cfg.max_pixels) from e
         except _DECODE_ERRORS as e:
             raise ImageFailure("decode_error", f"{type(e).__name__}: {e}") from e
         fmt = im.format
@@ -319,23 +358,45 @@ def _read_local(path: Path, max_bytes: int) -> bytes:
         with open(path, "rb") as f:
             n = os.fstat(f.fileno()).st_size
             if n > max_bytes:
-                raise ImageFailure("too_large", f"{n} B > max_bytes {max_bytes}")
+                raise ImageFailure("too_large", f"{n:,} B > max_bytes {max_bytes:,}")
             data = f.read(max_bytes + 1)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         raise ImageFailure("not_found", f"{type(e).__name__}: {path}") from e
     except OSError as e:
         raise ImageFailure("read_error", f"{type(e).__name__}: {e}") from e
-    if len(data) > max_bytes:
-        raise ImageFailure("too_large", f"> max_bytes {max_bytes}")
+    if len(data) > max_bytes:  # the file grew after fstat
+        raise ImageFailure("too_large", f"more than max_bytes {max_bytes:,} B")
     return data
 
 
-def _retry_after(resp: requests.Response) -> float | None:
-    value = resp.headers.get("Retry-After", "")
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After value (delay-seconds or HTTP-date); None if absent or invalid."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if _DELAY_SECONDS.fullmatch(value):  # RFC 9110 says digits; a decimal is read the obvious way
+        return float(value)
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP date: rare, fall back to our own backoff
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; an obsolete form may parse without a zone
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def retry_delay(
+    attempt: int, backoff_s: float, rng: random.Random, retry_after: float | None = None
+) -> float:
+    """Seconds before retry `attempt` (1 = first): backoff_s x 2^(attempt-1) x U(0.5, 1.5), or Retry-After.
+
+    The jitter spreads threads that failed at the same moment (a 429 burst) instead of sending them back
+    in lockstep. A Retry-After is waited out in full, plus up to half the backoff for the same reason.
+    """
+    base = backoff_s * 2 ** (attempt - 1)
+    if retry_after is not None:
+        return retry_after + base * rng.uniform(0.0, 0.5)
+    return base * rng.uniform(0.5, 1.5)
 
 
 def _read_http(session: requests.Session, url: str, cfg: Images) -> bytes:
@@ -345,19 +406,22 @@ def _read_http(session: requests.Session, url: str, cfg: Images) -> bytes:
             code = resp.status_code
             if not 200 <= code < 300:
                 retryable = code >= 500 or code == 429
-                raise ImageFailure(
-                    f"http_{code}", f"HTTP {code} {resp.reason}", retryable, _retry_after(resp)
+                retry_after = (
+                    parse_retry_after(resp.headers.get("Retry-After")) if code in RETRY_AFTER_CODES else None
                 )
+                raise ImageFailure(f"http_{code}", f"HTTP {code} {resp.reason}", retryable, retry_after)
             length = resp.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > cfg.max_bytes:
-                raise ImageFailure("too_large", f"Content-Length {length} > max_bytes {cfg.max_bytes}")
+                raise ImageFailure(
+                    "too_large", f"Content-Length {int(length):,} B > max_bytes {cfg.max_bytes:,}"
+                )
             buf = bytearray()
             # read1 returns whatever arrived (iter_content would block until a whole chunk is in, so a
             # trickling server would beat the deadline); decode_content counts gzip-decoded bytes.
             while chunk := resp.raw.read1(65536, decode_content=True):
                 buf += chunk
                 if len(buf) > cfg.max_bytes:
-                    raise ImageFailure("too_large", f"body > max_bytes {cfg.max_bytes}")
+                    raise ImageFailure("too_large", f"body over max_bytes {cfg.max_bytes:,} B")
                 if time.monotonic() > deadline:
                     raise ImageFailure(
                         "timeout", f"body not done within {BODY_DEADLINE_FACTOR * cfg.timeout_s:g} s", True
@@ -386,11 +450,21 @@ def _read_http(session: requests.Session, url: str, cfg: Images) -> bytes:
 
 
 class Fetcher:
-    """Fetch + process URLs from many threads: one requests.Session per thread, bounded retries."""
+    """Fetch + process URLs from many threads: one requests.Session per thread, bounded retries.
 
-    def __init__(self, cfg: Images, sleep: Callable[[float], None] = time.sleep) -> None:
+    `sleep` and `rng` (the backoff jitter) are injectable so tests can see the delays without waiting.
+    """
+
+    def __init__(
+        self,
+        cfg: Images,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
         self.cfg = cfg
         self._sleep = sleep
+        # random.Random's methods are safe to share between threads; jitter never reaches the outputs.
+        self._rng = rng if rng is not None else random.Random()
         self._local = threading.local()
         self._sessions: list[requests.Session] = []
         self._lock = threading.Lock()
@@ -423,9 +497,15 @@ class Fetcher:
                 f.attempts = attempt
                 if not f.retryable or attempt > self.cfg.retries:
                     raise
-                delay = self.cfg.backoff_s * 2 ** (attempt - 1)
-                if f.retry_after is not None:
-                    delay = max(delay, min(f.retry_after, MAX_RETRY_AFTER_S))
+                if f.retry_after is not None and f.retry_after > MAX_RETRY_AFTER_S:
+                    over = ImageFailure(
+                        f.status,
+                        f"{f}; Retry-After {f.retry_after:g} s is over the {MAX_RETRY_AFTER_S:g} s cap: "
+                        "not retried",
+                    )
+                    over.attempts = attempt
+                    raise over from f
+                delay = retry_delay(attempt, self.cfg.backoff_s, self._rng, f.retry_after)
                 log.debug("retry %d/%d in %.2f s: %s (%s)", attempt, self.cfg.retries, delay, url, f)
                 self._sleep(delay)
 
@@ -445,6 +525,25 @@ class Fetcher:
             log.warning("unexpected failure on %s", url, exc_info=True)
             result = ImageResult(url, "error", f"{type(e).__name__}: {e}", None, attempts)
         result.seconds = time.perf_counter() - t0
+        result.tried = [(result.url, result.status, result.error, result.attempts)]
+        return result
+
+    def fetch_first(self, candidates: Sequence[str]) -> ImageResult:
+        """Try one image's candidate URLs in order until one is ok; never raises.
+
+        Any failure moves on to the next candidate: a smaller size of the same photo may well work where
+        the larger one was missing, refused or too big.
+        """
+        results: list[ImageResult] = []
+        for url in candidates or [""]:  # no URL at all: bad_url, as an empty one
+            results.append(self.fetch(url))
+            if results[-1].status == "ok":
+                break
+        result = results[-1]
+        result.candidate = len(results) - 1
+        result.attempts = sum(r.attempts for r in results)
+        result.seconds = sum(r.seconds for r in results)
+        result.tried = [t for r in results for t in r.tried]
         return result
 
     def close(self) -> None:
@@ -474,6 +573,14 @@ def _as_list(value: Any) -> list:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return []
     return list(value)
+
+
+def image_candidates(image: Any) -> list[str]:
+    """One image's candidate URLs from an `image_urls` entry: a list of URLs, or a single URL string."""
+    # A plain string is the one-URL-per-image layout of older products tables (and of hand-made frames).
+    if isinstance(image, str):
+        return [image]
+    return [str(u) if u is not None else "" for u in _as_list(image)]
 
 
 class _ShardWriter:
@@ -507,20 +614,71 @@ class _ShardWriter:
         self.rows = {name: [] for name in SHARD_SCHEMA.names}
 
 
+class _StatusWriter:
+    """status.parquet written in row groups as products finish: memory stays flat for any catalog."""
+
+    def __init__(self, path: Path, rows_per_group: int = 8192) -> None:
+        self.path, self.rows_per_group = path, rows_per_group
+        self.rows: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, row: Sequence[Any]) -> None:
+        for name, value in zip(STATUS_SCHEMA.names, row, strict=True):
+            self.rows[name].append(value)
+        if len(self.rows["id"]) >= self.rows_per_group:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, STATUS_SCHEMA, compression="zstd")
+        if self.rows["id"]:
+            self._writer.write_table(pa.table(self.rows, schema=STATUS_SCHEMA))
+            self.rows = {name: [] for name in STATUS_SCHEMA.names}
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+
+def _product_rows(products: pd.DataFrame | Iterable[pd.DataFrame]) -> Iterator[tuple[str, list, list, str]]:
+    """(id, image_urls, image_variants, split) per product, frame by frame."""
+    for frame in [products] if isinstance(products, pd.DataFrame) else products:
+        missing = {"id", "image_urls"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"images: products table lacks columns {sorted(missing)}")
+        n = len(frame)
+        variants = frame["image_variants"] if "image_variants" in frame.columns else [None] * n
+        splits = frame["split"] if "split" in frame.columns else [None] * n
+        yield from zip(frame["id"].astype(str), frame["image_urls"], variants, splits, strict=True)
+
+
 def build_image_shards(
-    products: pd.DataFrame, out_dir: str | Path, cfg: Images, progress: bool = True
+    products: pd.DataFrame | Iterable[pd.DataFrame],
+    out_dir: str | Path,
+    cfg: Images,
+    progress: bool = True,
+    total: int | None = None,
 ) -> dict[str, Any]:
     """Fetch the first max_images images of every product into out_dir; return (and write) the report.
 
-    products needs columns id, image_urls (list, MAIN first) and optionally image_variants. Writes
-    shard-NNNNN.parquet, status.parquet and report.json (stale shards of an earlier run are removed).
-    At most two images per product are stored (main, alt); with max_images > 2 the later URLs are
-    fallbacks, and a surplus success stays `ok` in status.parquet with a null view. Raises RuntimeError
-    (after writing status and report) when products had URLs but none got an image.
+    `products` (a DataFrame, or DataFrames streamed batch by batch) has columns id, image_urls (one entry
+    per image, MAIN first; each entry the image's candidate URLs in preference order, or a single URL)
+    and optionally image_variants and split. Each image's candidates are tried in order
+    (`Fetcher.fetch_first`). Writes shard-NNNNN.parquet (the `url` used), status.parquet (one row per
+    image) and report.json (stale shards of an earlier run are removed). At most two images per product
+    are stored (main, alt); with max_images > 2 the later images are fallbacks, and a surplus success
+    stays `ok` in status.parquet with a null view. In the report, `urls` and `counts` count images (one
+    final status each), `urls_tried` the candidate URLs requested and `ok_via_fallback` the images got
+    from a candidate after the first, `fallen_back_from` the statuses of the candidates given up for a
+    later one.
+
+    Copies across splits: a product whose stored MAIN photo is byte for byte one an earlier product of
+    ANOTHER split already has (the same picture relisted under another id, which ingest's URL grouping
+    missed) is not stored; its images get status `duplicate_photo` and the report counts them, so a
+    photo never sits in two splits. Copies within a split are kept and counted (`same_photo_same_split`):
+    in the test gallery they are ties. Raises CliprecError (after writing status and report) when
+    products had URLs but none got an image.
     """
-    missing = {"id", "image_urls"} - set(products.columns)
-    if missing:
-        raise ValueError(f"images: products table lacks columns {sorted(missing)}")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("images: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; truncated files would pass")
     out_dir = Path(out_dir)
@@ -532,65 +690,71 @@ def build_image_shards(
         out_dir / MANIFEST_FILE,
     ]:
         stale.unlink(missing_ok=True)
-
-    ids = [str(x) for x in products["id"]]
-    url_lists = [
-        [str(u) if u is not None else "" for u in _as_list(v)][: cfg.max_images]
-        for v in products["image_urls"]
-    ]
-    variant_lists = (
-        [[str(x) for x in _as_list(v)] for v in products["image_variants"]]
-        if "image_variants" in products.columns
-        else [[] for _ in ids]
+    if total is None and isinstance(products, pd.DataFrame):
+        total = len(products)
+    log.info(
+        "images: %s products, %d workers -> %s", total if total is not None else "?", cfg.workers, out_dir
     )
-    n_urls = sum(len(u) for u in url_lists)
-    log.info("images: %d products, %d urls, %d workers -> %s", len(ids), n_urls, cfg.workers, out_dir)
 
     writer = _ShardWriter(out_dir, cfg.shard_size)
-    status_rows: dict[str, list] = {name: [] for name in STATUS_SCHEMA.names}
+    status_out = _StatusWriter(out_dir / STATUS_FILE)
     counts: Counter[str] = Counter()
-    with_image = with_alt = 0
+    fallen_back_from: Counter[str] = Counter()  # statuses of candidates that a later one replaced
+    n_products = n_urls = with_image = with_alt = urls_tried = via_fallback = 0
+    copies = {"dropped_other_split": 0, "same_photo_same_split": 0}
+    first_with: dict[bytes, tuple[str, str | None]] = {}  # MAIN photo digest -> (first product, its split)
     # Products in flight: enough to keep every worker busy past a slow head-of-line product, few enough
     # that the encoded JPEGs waiting to be written in order stay small (~20 KB each).
     window = max(64, cfg.workers * 64)
 
-    bar = tqdm(total=n_urls, desc="images", unit="img", disable=not progress, mininterval=1.0)
-    bar_lock = threading.Lock()
+    bar = tqdm(total=total, desc="images", unit="product", disable=not progress, mininterval=1.0)
 
-    def tick(_: Future) -> None:
-        with bar_lock:
-            bar.update(1)
-
-    def collect(i: int, futures: list[Future]) -> None:
-        nonlocal with_image, with_alt
+    def collect(pid: str, variants: list[str], split: str | None, futures: list[Future]) -> None:
+        nonlocal n_products, n_urls, with_image, with_alt, urls_tried, via_fallback
         results: list[ImageResult] = [f.result() for f in futures]
-        variants = variant_lists[i]
+        n_products += 1
+        n_urls += len(results)
+        main = next((r for r in results if r.status == "ok"), None)
+        copy_of = None
+        if main is not None:
+            digest = hashlib.sha256(main.jpeg).digest()
+            first = first_with.setdefault(digest, (pid, split))
+            if first[0] != pid:
+                if first[1] != split:
+                    copy_of = first
+                    copies["dropped_other_split"] += 1
+                else:
+                    copies["same_photo_same_split"] += 1
         stored = 0
         for pos, res in enumerate(results):
-            counts[res.status] += 1
+            urls_tried += len(res.tried)
+            fallen_back_from.update(t[1] for t in res.tried[:-1])
+            via_fallback += res.status == "ok" and res.candidate > 0
+            status, error = res.status, res.error
+            if copy_of is not None and status == "ok":
+                status, error = "duplicate_photo", f"same photo as {copy_of[0]} (split {copy_of[1]})"
+            counts[status] += 1
             view = None
-            if res.status == "ok" and stored < len(VIEWS):
+            if status == "ok" and stored < len(VIEWS):
                 view = VIEWS[stored]
                 stored += 1
                 variant = variants[pos] if pos < len(variants) else ""
-                writer.add(ids[i], view, variant, res.url, res.jpeg)
-            for name, value in zip(
-                STATUS_SCHEMA.names, (ids[i], res.url, view, res.status, res.error, pos, res.attempts)
-            ):
-                status_rows[name].append(value)
+                writer.add(pid, view, variant, res.url, res.jpeg)
+            tried = [dict(zip(TRY_TYPE.names, t)) for t in res.tried]
+            status_out.add((pid, res.url, view, status, error, pos, res.attempts, res.candidate, tried))
         with_image += stored > 0
         with_alt += stored > 1
+        bar.update(1)
 
     t0 = time.perf_counter()
     pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="images")
     try:
         with pillow_limits(cfg.max_pixels), Fetcher(cfg) as fetcher:
-            pending: deque[tuple[int, list[Future]]] = deque()
-            for i, urls in enumerate(url_lists):
-                futures = [pool.submit(fetcher.fetch, u) for u in urls]
-                for f in futures:
-                    f.add_done_callback(tick)
-                pending.append((i, futures))
+            pending: deque[tuple[str, list[str], str | None, list[Future]]] = deque()
+            for pid, urls, variants, split in _product_rows(products):
+                images = [image_candidates(img) for img in _as_list(urls)][: cfg.max_images]
+                variants = [str(x) for x in _as_list(variants)]
+                pending.append((pid, variants, split, [pool.submit(fetcher.fetch_first, c) for c in images]))
                 while len(pending) > window:
                     collect(*pending.popleft())
             while pending:
@@ -602,21 +766,25 @@ def build_image_shards(
     finally:
         bar.close()
     writer.flush()
+    status_out.close()
     seconds = time.perf_counter() - t0
 
-    pq.write_table(pa.table(status_rows, schema=STATUS_SCHEMA), out_dir / STATUS_FILE, compression="zstd")
     n_ok = counts.get("ok", 0)
     all_counts = {s: counts.get(s, 0) for s in STATUSES} | {
         s: c for s, c in sorted(counts.items()) if s not in STATUSES
     }
     report = {
-        "products": len(ids),
+        "products": n_products,
         "products_with_image": with_image,
-        "products_without_image": len(ids) - with_image,
+        "products_without_image": n_products - with_image,
         "products_with_alt": with_alt,
         "urls": n_urls,
+        "urls_tried": urls_tried,
+        "ok_via_fallback": via_fallback,
+        "fallen_back_from": dict(sorted(fallen_back_from.items())),
         "images": writer.n_rows,
         "counts": all_counts,
+        "photo_copies": copies,
         "success_rate": round(n_ok / n_urls, 6) if n_urls else 0.0,
         "shards": len(writer.paths),
         "side": cfg.side,
@@ -626,21 +794,23 @@ def build_image_shards(
     write_manifest(out_dir, [p.name for p in writer.paths] + [STATUS_FILE], {"side": cfg.side})
     failed = {s: c for s, c in all_counts.items() if c and s != "ok"}
     log.info(
-        "images: %d/%d urls ok (%.1f%%) in %.1f s (%.1f img/s); products: %d with image, %d without, "
-        "%d with alt%s",
+        "images: %d/%d ok (%.1f%%, %d through a fallback URL) in %.1f s (%.1f img/s); products: %d with "
+        "image, %d without, %d with alt; photo copies %s%s",
         n_ok,
         n_urls,
         100 * report["success_rate"],
+        via_fallback,
         seconds,
         n_ok / seconds if seconds > 0 else 0.0,
         with_image,
-        len(ids) - with_image,
+        n_products - with_image,
         with_alt,
+        copies,
         f"; failures {failed} (see {out_dir / STATUS_FILE})" if failed else "",
     )
-    if ids and not with_image:
+    if n_products and not with_image:
         raise CliprecError(
-            f"images: no product got an image ({failed}); see {out_dir / STATUS_FILE} for each url's error"
+            f"images: no product got an image ({failed}); see {out_dir / STATUS_FILE} for each image's error"
         )
     return report
 
@@ -648,13 +818,15 @@ def build_image_shards(
 def build_images(
     products_path: str | Path, out_dir: str | Path, cfg: Images, progress: bool = True
 ) -> dict[str, Any]:
-    """The stage: read products.parquet, run build_image_shards, return the report."""
+    """The stage: stream products.parquet through build_image_shards, return the report."""
     products_path = Path(products_path)
     if not products_path.exists():
         raise ArtifactError(f"{products_path} is missing: rebuild it with `{rebuild_hint(products_path)}`")
-    columns = [c for c in ("id", "image_urls", "image_variants") if c in pq.read_schema(products_path).names]
-    products = pd.read_parquet(products_path, columns=columns)
-    return build_image_shards(products, out_dir, cfg, progress=progress)
+    wanted = ("id", "image_urls", "image_variants", "split")
+    with pq.ParquetFile(products_path) as pf:
+        columns = [c for c in wanted if c in pf.schema_arrow.names]
+        frames = (b.to_pandas() for b in pf.iter_batches(batch_size=PRODUCT_BATCH_ROWS, columns=columns))
+        return build_image_shards(frames, out_dir, cfg, progress=progress, total=pf.metadata.num_rows)
 
 
 # --- readers --------------------------------------------------------------------------------------------
@@ -714,5 +886,5 @@ def iter_shard_rows(images_dir: str | Path, columns: Sequence[str] | None = None
 
 
 def read_status(images_dir: str | Path) -> pd.DataFrame:
-    """status.parquet: one row per attempted URL (id, url, view, status, error, position, attempts)."""
+    """status.parquet: one row per image (columns of STATUS_SCHEMA: the URL used, its status, tries)."""
     return pd.read_parquet(Path(images_dir) / STATUS_FILE)

@@ -12,7 +12,7 @@ ABSENT = -1  # target index of a query whose relevant item is not in the gallery
 
 
 def target_ranks(
-    queries: np.ndarray, gallery: np.ndarray, targets: np.ndarray, chunk: int = 1024
+    queries: np.ndarray, gallery: np.ndarray, targets: np.ndarray, chunk: int = 256
 ) -> np.ndarray:
     """1-based rank of each query's target under inner-product search; 0 where the target is ABSENT.
 

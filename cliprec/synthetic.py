@@ -1101,11 +1101,11 @@ def render_views(
     return views
 
 
-def _render_job(job: tuple[int, int, str, str, Look, list[str]]) -> None:
+def _render_job(job: tuple[int, int, str, str, Look, list[str], int]) -> None:
     """Draw and save one product's shots (runs in a worker process; its own RNG keeps it deterministic)."""
-    seed, index, category, shape, look, paths = job
+    seed, index, category, shape, look, paths, size = job
     rng = stable_rng(seed, category, "image", index)
-    for img, path in zip(render_views(shape, look, rng, len(paths)), paths, strict=True):
+    for img, path in zip(render_views(shape, look, rng, len(paths), size), paths, strict=True):
         img.save(path, "JPEG", quality=JPEG_QUALITY)
 
 
@@ -1359,9 +1359,17 @@ def _render_in_pool(jobs: list, workers: int, bar: dict[str, Any]) -> None:
 
 
 def generate_catalog(
-    category: str, n_products: int, seed: int, raw_dir: Path, workers: int | None = None
+    category: str,
+    n_products: int,
+    seed: int,
+    raw_dir: Path,
+    workers: int | None = None,
+    image_size: int = IMAGE_SIZE,
 ) -> Path:
-    """Write raw_dir/meta_<category>.jsonl + raw_dir/images/<asin>_<variant>.jpg; return the JSONL path."""
+    """Write raw_dir/meta_<category>.jsonl + raw_dir/images/<asin>_<variant>.jpg; return the JSONL path.
+
+    `image_size` other than the default draws smaller, cheaper photos (bench/scale.py at 200k products).
+    """
     if n_products < 1:
         raise ValueError(f"n_products must be >= 1, got {n_products}")
     raw_dir = Path(raw_dir)
@@ -1380,7 +1388,7 @@ def generate_catalog(
     kinds[0], kinds[first_valid] = kinds[first_valid], kinds[0]
     asins = _asins(stable_rng(seed, category, "asins"), len(kinds))
 
-    jobs: list[tuple[int, int, str, str, Look, list[str]]] = []
+    jobs: list[tuple[int, int, str, str, Look, list[str], int]] = []
     lines: list[str] = []
     written: list[dict[str, Any]] = []
     for i, kind in enumerate(kinds):
@@ -1398,7 +1406,9 @@ def generate_catalog(
         if kind != "no_image":
             variants = ["MAIN", "PT01", "PT02"][: 3 if _maybe(rng, 0.15) else 2]
             refs = [(v, str(raw_dir / "images" / f"{asins[i]}_{v}.jpg")) for v in variants]
-            jobs.append((seed, i, category, product.ptype.shape, product.look, [p for _, p in refs]))
+            jobs.append(
+                (seed, i, category, product.ptype.shape, product.look, [p for _, p in refs], image_size)
+            )
             images = _image_entries(refs, rng)
         rec = _record(product, vocab, rng, asins[i], images)
         if kind == "no_title":

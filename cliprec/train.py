@@ -1,7 +1,8 @@
 """LoRA fine-tuning of CLIP on (summary, product photo) pairs: resumable, one process or DDP.
 
-One run: the train and val splits are read once (tokens + uint8 pixels held in memory, so no epoch
-decodes a JPEG), the val Recall@5 of the untouched model is measured (LoRA starts as the identity), then
+One run: the train and val pairs are streamed (cliprec.pairs: summaries in memory, photos spooled to
+one file and decoded per batch a few batches ahead, so memory does not grow with the catalog), the val
+Recall@5 of the untouched model is measured (LoRA starts as the identity), then
 each epoch trains with the symmetric InfoNCE loss, validates (val loss, text->image Recall@5), logs to
 DVCLive and checkpoints. The adapter of the best candidate (by val Recall@5, ties by val loss) is what
 gets written, and zero-shot is a candidate: if no epoch beats the untouched model on val, the saved
@@ -16,7 +17,9 @@ the run starts over, and so is the state of a FINISHED run (`dvc repro -f` retra
 `resumed_from_epoch` (null: from scratch) and the code/library identity. DVCLive's files are rebuilt
 from the state's history on every start, because `dvc repro` deletes a stage's metrics before running it.
 
-DDP (`accelerate launch --multi_gpu --num_processes N stages/train.py <cat>`, CPU or GPU): `batch_size`
+DDP (`accelerate launch --multi_gpu --num_processes N stages/train.py <cat>`, CPU or GPU): rank 0
+evaluates and makes every decision (best epoch, early stop) and broadcasts it, so the ranks cannot part
+ways; it alone logs progress (other ranks log warnings, tagged with their rank). `batch_size`
 is the global batch; each rank takes its slice of every global batch, features are all-gathered with
 gradients, and every rank scores its rows against the global batch (open_clip's local loss). The
 all-gather's backward sums the gradients of all ranks' losses, i.e. N x the gradient of the global mean
@@ -25,6 +28,7 @@ loss, and DDP averages over the N ranks: the update equals one process with the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -34,36 +38,32 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from cliprec.artifacts import write_json, write_manifest
 from cliprec.errors import CliprecError
-from cliprec.images import iter_image_batches
 from cliprec.loss import clip_loss
 from cliprec.metrics import retrieval_metrics
 from cliprec.model import (
     MAX_LOGIT_SCALE,
     add_lora,
     clip_module,
-    decode_pixels,
     image_features,
     load_clip,
     normalize_pixels,
     save_adapter,
     text_features,
     text_max_length,
-    tokenize,
 )
+from cliprec.pairs import PairData, load_pairs, prefetch
 from cliprec.params import Params
 from cliprec.paths import ADAPTER_DIR, model_identity
 from cliprec.precision import amp_dtype, autocast, grad_scaler
@@ -85,8 +85,6 @@ TRAIN_LIBRARIES = (
 LOGGED_DIGITS = 4  # significant digits of the DVCLive figures (see `logged`)
 SUMMARY_FILE = "summary.json"
 ALT_VIEW_PROB = 0.5  # an example shows its "alt" photo instead of MAIN this often: cheap augmentation
-PREP_CHUNK = 64  # images per preprocessing task
-PREP_BATCH_ROWS = 512  # shard rows read at once while loading the splits
 
 
 @dataclass(frozen=True)
@@ -126,114 +124,6 @@ class TrainConfig:
             seed=p.seed,
             lora=p.lora.model_dump(),
         )
-
-
-# --- data -----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class PairData:
-    """One split, preprocessed once: tokens and uint8 pixels; pixel rows [0, n) are MAIN, the rest alt."""
-
-    ids: list[str]
-    input_ids: torch.Tensor  # (n, L)
-    attention_mask: torch.Tensor  # (n, L)
-    pixels: torch.Tensor  # (n + n_alt, 3, H, W) uint8
-    alt_row: torch.Tensor  # (n,) pixel row of the alt photo, -1 if none
-    digest: str  # sha256 of ids, texts and JPEG bytes
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def load_pairs(
-    products_path: str | Path,
-    summaries_path: str | Path,
-    images_dir: str | Path,
-    processor: Any,
-    max_length: int,
-    splits: Sequence[str] = ("train", "val"),
-    alt_splits: Sequence[str] = ("train",),
-) -> dict[str, PairData]:
-    """(summary, photo) pairs per split, in products.parquet order; products lacking either are skipped.
-
-    Alt photos are kept for `alt_splits` only (val is scored on MAIN, like the evaluation).
-    """
-    products = pd.read_parquet(products_path, columns=["id", "split"])
-    summaries = pd.read_parquet(summaries_path, columns=["id", "summary"])
-    text_of = dict(zip(summaries["id"], summaries["summary"], strict=True))
-    split_of = dict(zip(products["id"], products["split"], strict=True))
-    jpegs: dict[str, dict[str, bytes]] = {"main": {}, "alt": {}}
-    for frame in iter_image_batches(images_dir, PREP_BATCH_ROWS, columns=["id", "view", "jpeg"]):
-        for pid, view, jpeg in zip(frame["id"], frame["view"], frame["jpeg"], strict=True):
-            split = split_of.get(pid)
-            if split in splits and (view == "main" or split in alt_splits):
-                jpegs[view][pid] = jpeg
-    out = {}
-    for split in splits:
-        ids = products.loc[products["split"] == split, "id"].tolist()
-        no_image = [i for i in ids if i not in jpegs["main"]]
-        no_text = [i for i in ids if i in jpegs["main"] and not text_of.get(i)]
-        if no_image or no_text:
-            log.info(
-                "%s: %d products without an image and %d without a summary are skipped",
-                split, len(no_image), len(no_text),
-            )  # fmt: skip
-        ids = [i for i in ids if i in jpegs["main"] and text_of.get(i)]
-        alt_ids = [i for i in ids if i in jpegs["alt"]]
-        out[split] = _prepare(
-            ids, [text_of[i] for i in ids], [jpegs["main"][i] for i in ids], alt_ids,
-            [jpegs["alt"][i] for i in alt_ids], processor, max_length, split,
-        )  # fmt: skip
-    return out
-
-
-def _prepare(
-    ids: list[str],
-    texts: list[str],
-    main: list[bytes],
-    alt_ids: list[str],
-    alt: list[bytes],
-    processor: Any,
-    max_length: int,
-    split: str,
-) -> PairData:
-    h = hashlib.sha256()
-    for part in (ids, texts, main, alt_ids, alt):
-        h.update(str(len(part)).encode())
-        for x in part:
-            b = x if isinstance(x, bytes) else x.encode()
-            h.update(hashlib.sha256(b).digest())
-    if ids:
-        tokens = tokenize(processor, texts, max_length)
-    else:
-        tokens = {
-            "input_ids": torch.zeros(0, 1, dtype=torch.long),
-            "attention_mask": torch.zeros(0, 1, dtype=torch.long),
-        }
-    row = {pid: len(ids) + k for k, pid in enumerate(alt_ids)}
-    return PairData(
-        ids=ids,
-        input_ids=tokens["input_ids"],
-        attention_mask=tokens["attention_mask"],
-        pixels=jpeg_pixels(processor, main + alt, desc=f"preprocess {split}"),
-        alt_row=torch.tensor([row.get(i, -1) for i in ids], dtype=torch.long),
-        digest=h.hexdigest(),
-    )
-
-
-def jpeg_pixels(processor: Any, jpegs: Sequence[bytes], desc: str = "preprocess") -> torch.Tensor:
-    """Decode + resize + crop JPEG bytes into (n, 3, H, W) uint8, in a few threads (Pillow frees the GIL)."""
-    chunks = [jpegs[i : i + PREP_CHUNK] for i in range(0, len(jpegs), PREP_CHUNK)]
-    if not chunks:
-        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
-
-    def work(chunk: Sequence[bytes]) -> torch.Tensor:
-        return decode_pixels(processor, chunk)
-
-    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-        parts = list(tqdm(pool.map(work, chunks), total=len(chunks), desc=desc, unit="chunk", leave=False))
-    return torch.cat(parts)
 
 
 # --- model pieces ---------------------------------------------------------------------------------------
@@ -312,18 +202,26 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 @torch.inference_mode()
 def evaluate(
-    model: torch.nn.Module, processor: Any, data: PairData, batch_size: int, device: torch.device, amp: bool
+    model: torch.nn.Module,
+    processor: Any,
+    data: PairData,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+    max_length: int,
 ) -> dict[str, float]:
     """val_loss (batches of `batch_size` in order) and text->image Recall@1/5/10, MRR over the split."""
     was_training = model.training
     model.eval()
     images, texts = [], []
-    for start in range(0, len(data), batch_size):
-        sl = slice(start, start + batch_size)
-        ids, mask = _trim(data.input_ids[sl], data.attention_mask[sl])
-        pixels = normalize_pixels(data.pixels[sl].to(device), processor)
+
+    def photos(start: int) -> tuple[int, torch.Tensor]:
+        return start, data.pixels(range(start, min(start + batch_size, len(data))), processor)
+
+    for start, pixels in prefetch(photos, range(0, len(data), batch_size)):
+        ids, mask = data.tokens(range(start, start + len(pixels)), processor, max_length)
         with autocast(device, amp):
-            images.append(image_features(model, pixels).float())
+            images.append(image_features(model, normalize_pixels(pixels.to(device), processor)).float())
             texts.append(text_features(model, ids.to(device), mask.to(device)).float())
     model.train(was_training)
     image, text = torch.cat(images), torch.cat(texts)
@@ -341,12 +239,6 @@ def evaluate(
         "val_recall_at_10": m["recall_at_10"],
         "val_mrr": m["mrr"],
     }
-
-
-def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Padding after the longest text in the batch changes nothing (causal mask, EOS pooling): drop it.
-    length = max(1, int(attention_mask.sum(dim=1).max()))
-    return input_ids[:, :length], attention_mask[:, :length]
 
 
 def _better(metrics: Mapping[str, float], best: Mapping[str, float]) -> bool:
@@ -475,9 +367,34 @@ def train(
     if cfg.batch_size % world:
         raise CliprecError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
 
+    if not is_main:
+        _quiet_other_rank(rank)
     seed_everything(cfg.seed)
     model, processor = load_clip(cfg.model, device=device)
-    data = load_pairs(products_path, summaries_path, images_dir, processor, text_max_length(model, processor))
+    max_length = text_max_length(model, processor)
+    data = load_pairs(products_path, summaries_path, images_dir)
+    try:
+        return _train(
+            cfg, acc, model, processor, max_length, data, out_dir, checkpoint_dir, live_dir, started
+        )
+    finally:
+        for split in data.values():
+            split.close()
+
+
+def _train(
+    cfg: TrainConfig,
+    acc: Any,
+    model: torch.nn.Module,
+    processor: Any,
+    max_length: int,
+    data: Mapping[str, PairData],
+    out_dir: Path,
+    checkpoint_dir: Path,
+    live_dir: Path,
+    started: float,
+) -> dict[str, Any]:
+    rank, world, device, is_main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
     train_data, val_data = data["train"], data["val"]
     if len(train_data) < 2 * world or len(val_data) == 0:
         raise CliprecError(f"too little data to train: {len(train_data)} train / {len(val_data)} val pairs")
@@ -499,7 +416,10 @@ def train(
     if state is None:
         if is_main and checkpoint_dir.exists():
             shutil.rmtree(checkpoint_dir)
-        zeroshot = evaluate(model, processor, val_data, batch, device, cfg.amp)
+        # rank 0 evaluates and decides; the others take its answer (no rank can leave the loop alone)
+        zeroshot = _from_rank0(
+            lambda: evaluate(model, processor, val_data, batch, device, cfg.amp, max_length), world
+        )
         log.info("zero-shot val: %s", _fmt(zeroshot))
         # the untrained adapter (B = 0: the identity) is the first candidate: an epoch must beat it
         state = {"fingerprint": fp, "epoch": 0, "done": False, "history": [], "zeroshot": zeroshot,
@@ -524,23 +444,36 @@ def train(
             break
         towers.train()
         order, rows = epoch_plan(train_data, cfg.seed, epoch)
+
+        # this rank's slice of each step's global batch; its photos are decoded a few steps ahead
+        slices = [
+            order[s * batch + rank * local : s * batch + (rank + 1) * local] for s in range(steps_per_epoch)
+        ]
+        photos = functools.partial(_photos, train_data, rows, processor)
         losses, lr = [], 0.0
-        bar = tqdm(
-            range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not is_main, leave=False
-        )
-        for step in bar:
-            idx = torch.from_numpy(order[step * batch + rank * local : step * batch + (rank + 1) * local])
+        desc = f"epoch {epoch + 1}/{cfg.epochs}"
+        bar = tqdm(total=steps_per_epoch, desc=desc, disable=not is_main, leave=False)
+        for idx, pixels in prefetch(photos, slices):
+            input_ids, mask = train_data.tokens(idx, processor, max_length)
             lr = optimizer.param_groups[0]["lr"]
-            loss = _train_step(towers, optimizer, scheduler, scaler, train_data, idx, rows[idx], processor,
+            loss = _train_step(towers, optimizer, scheduler, scaler, input_ids, mask, pixels, processor,
                                cfg, device, rank, world, trainable)  # fmt: skip
             losses.append(loss)
+            bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+        bar.close()
         train_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(train_loss)
             train_loss /= world
-        metrics = evaluate(model, processor, val_data, batch, device, cfg.amp)
-        if _better(metrics, state["best"]):
+
+        def decide() -> dict[str, Any]:
+            metrics = evaluate(model, processor, val_data, batch, device, cfg.amp, max_length)
+            return {"metrics": metrics, "better": _better(metrics, state["best"])}
+
+        decision = _from_rank0(decide, world)
+        metrics = decision["metrics"]
+        if decision["better"]:
             state.update(
                 best={"epoch": epoch + 1, **metrics}, best_weights=trainable_state(model), bad_epochs=0
             )
@@ -584,7 +517,7 @@ def train(
             state["best"]["epoch"], _fmt(state["best"]), adapter_dir, time.time() - started,
         )  # fmt: skip
     acc.wait_for_everyone()
-    return summary if summary is not None else {"rank": rank}
+    return summary if summary is not None else {"rank": rank, "epochs_run": state["epoch"]}
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int) -> tuple[Any, Any]:
@@ -600,14 +533,48 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int) -> tu
 
 
 def epoch_plan(data: PairData, seed: int, epoch: int) -> tuple[np.ndarray, torch.Tensor]:
-    """The epoch's example order and each example's pixel row (MAIN or, at random, alt); from seed + epoch.
+    """The epoch's example order and each example's photo slot (MAIN or, at random, alt); from seed + epoch.
 
     Independent of the world size and of the global RNG, so every rank and every resume agrees.
     """
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(data))
-    use_alt = torch.from_numpy(rng.random(len(data)) < ALT_VIEW_PROB) & (data.alt_row >= 0)
-    return order, torch.where(use_alt, data.alt_row, torch.arange(len(data)))
+    use_alt = torch.from_numpy(rng.random(len(data)) < ALT_VIEW_PROB) & (data.alt_slot >= 0)
+    n = len(data)
+    return order, torch.where(use_alt, n + data.alt_slot, torch.arange(n))
+
+
+def _photos(
+    data: PairData, rows: torch.Tensor, processor: Any, idx: np.ndarray
+) -> tuple[np.ndarray, torch.Tensor]:
+    return idx, data.pixels(rows[idx].tolist(), processor)
+
+
+def _from_rank0(fn: Callable[[], Any], world: int) -> Any:
+    """fn() on rank 0, its result broadcast to every rank: one decision for all, never a hang."""
+    if world == 1:
+        return fn()
+    box = [fn() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class _RankTag(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.prefix = f"[rank {rank}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.prefix + str(record.msg)
+        return True
+
+
+def _quiet_other_rank(rank: int) -> None:
+    """Ranks > 0 log warnings only, tagged with their rank: rank 0 speaks for the run."""
+    logger = logging.getLogger("cliprec")
+    logger.setLevel(logging.WARNING)
+    if not any(isinstance(f, _RankTag) for f in logger.filters):
+        logger.addFilter(_RankTag(rank))
 
 
 def _all_ranks(obj: Any, world: int) -> list[Any]:
@@ -623,9 +590,9 @@ def _train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     scaler: torch.amp.GradScaler,
-    data: PairData,
-    idx: torch.Tensor,
-    pixel_rows: torch.Tensor,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    pixels: torch.Tensor,
     processor: Any,
     cfg: TrainConfig,
     device: torch.device,
@@ -633,15 +600,14 @@ def _train_step(
     world: int,
     trainable: list[torch.nn.Parameter],
 ) -> float:
-    """One optimizer step on this rank's slice `idx` of the global batch; returns the local loss."""
-    input_ids, mask = _trim(data.input_ids[idx], data.attention_mask[idx])
-    pixels = normalize_pixels(data.pixels[pixel_rows].to(device), processor)
+    """One optimizer step on this rank's slice of the global batch (uint8 pixels); returns the local loss."""
+    pixels = normalize_pixels(pixels.to(device), processor)
     with autocast(device, cfg.amp):
         image, text, logit_scale = towers(input_ids.to(device), mask.to(device), pixels)
     image, text = image.float(), text.float()
     if world > 1:
         loss = clip_loss(
-            image, text, logit_scale, _all_gather(image), _all_gather(text), offset=rank * len(idx)
+            image, text, logit_scale, _all_gather(image), _all_gather(text), offset=rank * len(pixels)
         )
     else:
         loss = clip_loss(image, text, logit_scale)

@@ -1,7 +1,15 @@
 """Fixtures shared by several test modules."""
 
+import os
+from pathlib import Path
+
 import faiss
 import pytest
+
+# Subprocesses (stage scripts, accelerate launch, dvc repro) import the cliprec of this checkout, whatever
+# checkout an editable install points at.
+REPO = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture

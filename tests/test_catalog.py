@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from cliprec import catalog
@@ -19,6 +20,7 @@ from cliprec.catalog import (
     choose_images,
     load_meta,
     parse_price,
+    photo_groups,
     sample_ids,
 )
 from cliprec.errors import CliprecError
@@ -26,6 +28,17 @@ from cliprec.errors import CliprecError
 FIXTURE = Path("tests/fixtures/meta_Amazon_Fashion.jsonl")
 KEPT = ["B0FASH0001", "B0FASH0002", "B0FASH0006", "B0FASH0008", "B0FASH0011", "B0FASH0012"]
 IMG = "https://m.media-amazon.com/images/I/"
+SPLIT = {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+def sizes(stem: str, hi_res: bool = True) -> list[str]:
+    """One fixture photo's candidate URLs in preference order (hi_res, large, thumb)."""
+    return [IMG + f"{stem}._AC_UL1500_.jpg"] * hi_res + [IMG + f"{stem}._AC_.jpg", IMG + f"{stem}._SS40_.jpg"]
+
+
+def nested(value) -> list[list[str]]:
+    """A list<list<string>> cell as read back by pandas (arrays of arrays) -> plain lists."""
+    return [list(v) for v in value]
 
 
 def _valid_lines() -> list[str]:
@@ -81,17 +94,14 @@ def test_jsonl_rows_are_normalised(jsonl_run):
     ]
     assert fleece["price"] == 24.99
     assert json.loads(fleece["details"])["Item model number"] == "NT-100"
-    assert list(fleece["image_urls"]) == [IMG + "71FleeceMain._AC_UL1500_.jpg", IMG + "81FleeceBack._AC_.jpg"]
+    assert nested(fleece["image_urls"]) == [sizes("71FleeceMain"), sizes("81FleeceBack", hi_res=False)]
     assert list(fleece["image_variants"]) == ["MAIN", "PT01"]
     assert fleece["store"] == "NorthTrail"
     assert fleece["rating_number"] == 120 and fleece["average_rating"] == 4.3
     assert "Jackets & Coats" in list(fleece["categories"])
 
     sneakers = rows["B0FASH0002"]  # MAIN listed second and without hi_res
-    assert list(sneakers["image_urls"]) == [
-        IMG + "71SneakerMain._AC_.jpg",
-        IMG + "61SneakerSide._AC_UL1500_.jpg",
-    ]
+    assert nested(sneakers["image_urls"]) == [sizes("71SneakerMain", hi_res=False), sizes("61SneakerSide")]
     assert list(sneakers["image_variants"]) == ["MAIN", "PT01"]
     assert sneakers["price"] == 12.99  # "$12.99"
     assert json.loads(sneakers["details"]) == {
@@ -109,13 +119,14 @@ def test_jsonl_rows_are_normalised(jsonl_run):
     assert cardigan["details"] == "{}"
 
     socks = rows["B0FASH0008"]
-    assert list(socks["image_urls"]) == [IMG + "51Socks._SS40_.jpg"]  # thumb only
+    assert nested(socks["image_urls"]) == [[IMG + "51Socks._SS40_.jpg"]]  # thumb only
     assert pd.isna(socks["price"]) and pd.isna(socks["average_rating"]) and pd.isna(socks["rating_number"])
     assert socks["store"] == "" and socks["details"] == "{}"
 
     scarf = rows["B0FASH0011"]
     assert scarf["price"] == 12.99  # "12.99"
     assert list(scarf["image_variants"]) == ["MAIN", "PT02"]  # PT01 repeats the MAIN url
+    assert nested(scarf["image_urls"]) == [sizes("71Scarf"), sizes("81ScarfWorn")]
     assert json.loads(scarf["details"]) == {"Material": "Silk", "Care": {"wash": "hand"}}
 
 
@@ -245,10 +256,90 @@ def test_choose_images():
         {"thumb": None, "large": None, "hi_res": None, "variant": "PT02"},
         {"thumb": "t3", "large": "l3", "hi_res": "h3", "variant": None},
         {"thumb": "t1b", "large": "l1", "hi_res": "None", "variant": "PT03"},  # repeats l1
+        {"thumb": "t4", "large": "t4", "hi_res": "h4", "variant": "PT04"},  # large == thumb: one candidate
         "not an image",
     ]
-    assert choose_images(images) == (["t2", "l1", "h3"], ["MAIN", "PT01", ""])
+    # every size of each photo, hi_res -> large -> thumb, so the images stage can fall back on the same photo
+    assert choose_images(images) == (
+        [["t2"], ["l1", "t1"], ["h3", "l3", "t3"], ["h4", "t4"]],
+        ["MAIN", "PT01", "", "PT04"],
+    )
     assert choose_images(None) == ([], [])
+
+
+def test_choose_images_keeps_main_when_an_earlier_view_repeats_it():
+    images = [
+        {"thumb": "ts", "large": "ls", "hi_res": "hs", "variant": "PT01"},
+        {"thumb": "ts", "large": "ls", "hi_res": "hs", "variant": "MAIN"},  # the same photo, as MAIN
+        {"thumb": "tb", "large": "lb", "hi_res": None, "variant": "PT02"},
+    ]
+    assert choose_images(images) == ([["hs", "ls", "ts"], ["lb", "tb"]], ["MAIN", "PT02"])
+
+
+PLAY = IMG + "A1vid._SX38_SY50_CR,0,0,38,50_BG85,85,85_BR-120_PKdp-play-icon-overlay__.jpg"
+
+
+def test_choose_images_skips_video_stills():
+    images = [
+        {"thumb": IMG + "v._SS40_.jpg", "large": IMG + "v._AC_.jpg", "hi_res": None, "variant": "VIDEO"},
+        {"thumb": PLAY, "large": IMG + "A1vid._AC_.jpg", "hi_res": None, "variant": "PT01"},
+        {"thumb": "t", "large": "l", "hi_res": "h", "variant": "MAIN"},
+        {"thumb": "t2", "large": "l2", "hi_res": None, "variant": "video"},
+    ]
+    assert choose_images(images) == ([["h", "l", "t"]], ["MAIN"])
+    assert catalog.is_video_still({"thumb": PLAY.upper(), "variant": "PT02"})
+    assert not catalog.is_video_still({"thumb": "t", "variant": "MAIN"})
+
+
+def test_product_whose_only_image_is_a_video_is_dropped_as_no_image(tmp_path):
+    good = json.loads(_valid_lines()[0])
+    video = {"thumb": IMG + "v._SS40_.jpg", "large": IMG + "v._AC_.jpg", "hi_res": None, "variant": "VIDEO"}
+    photo = {"thumb": IMG + "p._SS40_.jpg", "large": IMG + "p._AC_.jpg", "hi_res": None, "variant": "MAIN"}
+    play = {"thumb": PLAY, "large": None, "hi_res": None, "variant": "MAIN"}
+    lines = [
+        {**good, "parent_asin": "V1", "images": [video]},
+        {**good, "parent_asin": "V2", "images": [play]},
+        {**good, "parent_asin": "V3", "images": [video, photo]},
+    ]
+    src = tmp_path / "meta_X.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    assert report["dropped"]["no_image"] == 2 and report["kept"] == 1
+    df = pd.read_parquet(tmp_path / "out" / "products.parquet")
+    assert list(df["id"]) == ["V3"]
+    assert nested(df["image_urls"].iloc[0]) == [[IMG + "p._AC_.jpg", IMG + "p._SS40_.jpg"]]
+    assert list(df["image_variants"].iloc[0]) == ["MAIN"]
+
+
+def test_photo_groups_join_products_that_share_a_main_photo_url():
+    ids = ["A", "B", "C", "D", "E"]
+    urls = [["u1", "u1-small"], ["u2"], ["u3", "u1-small"], ["u2"], ["u5"]]  # A~C via a smaller size
+    assert photo_groups(ids, urls) == ["A", "B", "A", "B", "E"]
+    assert photo_groups(["Z", "Y"], [["x"], ["x"]]) == ["Y", "Y"]  # named by the smallest id
+
+
+def test_relisted_copies_share_a_group_and_a_split(tmp_path):
+    good = json.loads(_valid_lines()[0])
+    photo = {"thumb": None, "large": IMG + "shared._AC_.jpg", "hi_res": IMG + "shared._SL1500_.jpg",
+             "variant": "MAIN"}  # fmt: skip
+    other = {**photo, "large": IMG + "own._AC_.jpg", "hi_res": None}
+    ids = [f"R{i:02d}" for i in range(40)]
+    lines = [{**good, "parent_asin": pid, "images": [photo if i % 8 == 0 else {**other,
+              "large": IMG + f"own{i}._AC_.jpg"}]} for i, pid in enumerate(ids)]  # fmt: skip
+    src = tmp_path / "meta_X.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    df = pd.read_parquet(tmp_path / "out" / "products.parquet").set_index("id")
+    copies = [pid for i, pid in enumerate(ids) if i % 8 == 0]
+    assert set(df.loc[copies, "group"]) == {"R00"} and df.loc[copies, "split"].nunique() == 1
+    assert df.loc[copies, "split"].iloc[0] == assign_split("R00", SPLIT)
+    assert (df.loc["R01", "group"], df.loc["R01", "split"]) == ("R01", assign_split("R01", SPLIT))
+    assert report["photo_groups"] == {"groups_with_copies": 1, "products_in_them": 5}
+
+
+def test_products_schema_holds_candidates_per_image():
+    assert PRODUCTS_SCHEMA.field("image_urls").type == pa.list_(pa.list_(pa.string()))
+    assert PRODUCTS_SCHEMA.field("image_variants").type == pa.list_(pa.string())
 
 
 def test_split_is_deterministic_and_follows_ratios():

@@ -1,5 +1,9 @@
+import io
 import json
+import os
 import runpy
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -149,3 +153,25 @@ def test_stages_train_then_embed_zeroshot_and_lora(project, monkeypatch):
     for name in ("image", "text"):
         diff = np.abs(vectors["lora"][name] - vectors["zeroshot"][name]).max()
         assert diff > 1e-3, name  # the trained adapter is applied
+
+
+@pytest.mark.slow  # ~20 s: two fresh processes import torch + transformers
+def test_two_process_embed_writes_what_one_process_writes(project, monkeypatch, tmp_path):
+    # `accelerate launch --multi_gpu --num_processes 2 stages/embed.py ...`, the way a GPU box runs it
+    _stage(project, monkeypatch, "stages/embed.py", CAT, "zeroshot")
+    one = project / paths.embed_dir(CAT, "zeroshot")
+    single = {f: (one / f).read_bytes() for f in FILES}
+    shutil.rmtree(one)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [*launch, str(REPO / "stages" / "embed.py"), CAT, "zeroshot"]
+    done = subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for f in FILES:
+        if f.endswith(".npy"):
+            a, b = np.load(io.BytesIO(single[f])), np.load(one / f)
+            assert a.shape == b.shape and np.allclose(a, b, atol=1e-6), f  # 1 vs 2 threads per process
+        elif f != "manifest.json":
+            assert (one / f).read_bytes() == single[f], f
+    assert json.loads((one / "manifest.json").read_text())["n"] == json.loads(single["manifest.json"])["n"]

@@ -86,7 +86,9 @@ def test_identical_queries_and_gallery_are_perfect(tmp_path):
     for mode in ("multimodal", "image_to_image"):
         assert metrics[mode]["queries"] == with_alt
         assert metrics[mode]["skipped_no_alt"] == n_test - 1 - with_alt
-    assert metrics["catalog"] == {"products": 119, "test_products": n_test, "test_without_embedding": 1}
+    assert metrics["catalog"] == {
+        "products": 119, "test_products": n_test, "test_without_embedding": 1, "gallery_photo_ties": 0
+    }  # fmt: skip
     assert metrics["ann_recall_at_10"] == 1.0
     assert [row["k"] for row in curve] == list(range(1, 11))
     assert all(row[mode] == 1.0 for row in curve for mode in MODES)
@@ -258,3 +260,17 @@ def test_other_ks(tmp_path):
     metrics, curve, _ = evaluate(fx["products"], fx["embed"], fx["index"], ks=(1, 3))
     assert {k for k in metrics["image_to_text"] if k.startswith("recall")} == {"recall_at_1", "recall_at_3"}
     assert len(curve) == 10  # the plot always covers k = 1..10
+
+
+def test_gallery_photo_ties_are_counted(tmp_path):
+    fx = make_fixture(tmp_path)
+    image = np.load(fx["embed"] / "image.npy")
+    gallery = [i for i, pid in enumerate(fx["ids"]) if int(pid[1:]) % 3 == 2]
+    image[gallery[1]] = image[gallery[0]]  # two test products with one photo
+    image[gallery[3]] = image[gallery[0]]
+    np.save(fx["embed"] / "image.npy", image)
+    files = ["ids.txt", "alt_ids.txt", "text.npy", "image.npy", "fused.npy", "alt_image.npy"]
+    write_manifest(fx["embed"], files, json.loads((fx["embed"] / "manifest.json").read_text()))
+    metrics, _, _ = run(fx)
+    assert metrics["catalog"]["gallery_photo_ties"] == 3
+    assert metrics["image_to_text"]["recall_at_1"] < 1.0  # the tie costs them their first place

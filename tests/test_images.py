@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import email.utils
+import gzip
 import importlib.util
 import io
 import json
+import random
 import struct
 import threading
 import time
@@ -105,6 +108,8 @@ class LoopbackImages:
             "/hb.png": header_bomb(12_000, 10_000),
             "/big.jpg": GOOD_JPEG + b"\0" * 300_000,
         }
+        # 5 MB of zeros in ~5 kB: only the decoded bytes may count against max_bytes
+        self.gzip_bomb = gzip.compress(b"\0" * 5_000_000)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -117,9 +122,18 @@ def _handler(state: LoopbackImages):
         def log_message(self, *args) -> None:  # keep pytest output clean
             pass
 
-        def send_body(self, body: bytes, code: int = 200, ctype: str = "image/jpeg", length: bool = True):
+        def send_body(
+            self,
+            body: bytes,
+            code: int = 200,
+            ctype: str = "image/jpeg",
+            length: bool = True,
+            headers: dict[str, str] | None = None,
+        ):
             self.send_response(code)
             self.send_header("Content-Type", ctype)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             if length:
                 self.send_header("Content-Length", str(len(body)))
             else:
@@ -150,6 +164,20 @@ def _handler(state: LoopbackImages):
             elif path == "/slow.jpg":
                 state.stop.wait(2.0)
                 self.send_body(GOOD_JPEG)
+            elif path.startswith("/ra/"):  # /ra/<code>/<secsN|dateN|always>: Retry-After on the first hit
+                _, _, code, kind = path.split("/", 3)
+                if kind.startswith("date"):
+                    value = email.utils.formatdate(time.time() + int(kind[4:]), usegmt=True)
+                else:
+                    value = "3600" if kind == "always" else kind[4:]
+                if hits == 1 or kind == "always":
+                    self.send_body(
+                        b"come back later", int(code), "text/plain", headers={"Retry-After": value}
+                    )
+                else:
+                    self.send_body(GOOD_JPEG)
+            elif path == "/gzip-bomb.jpg":
+                self.send_body(state.gzip_bomb, headers={"Content-Encoding": "gzip"})
             elif path == "/big-nolen.jpg":  # no Content-Length: the streamed count must stop it
                 self.send_body(GOOD_JPEG + b"\0" * 300_000, length=False)
             elif path == "/trickle.jpg":  # each read within the timeout, the whole body not
@@ -336,6 +364,56 @@ def test_matrix_runs_fast(matrix_run):
     assert matrix_run[3] < 8
 
 
+# --- one image, several candidate URLs ------------------------------------------------------------------
+
+
+def test_main_photo_falls_back_to_a_smaller_url_of_the_same_photo(image_server, tmp_path):
+    # image_urls as cliprec.catalog writes it: per image, its URLs hi_res -> large -> thumb
+    hi_res, large, thumb = (
+        image_server.url(f"{p}?fb=main") for p in ("/missing.jpg", "/good.jpg", "/alpha.png")
+    )
+    alt = image_server.url("/good2.jpg?fb=alt")
+    dead = [image_server.url(p + "?fb=dead") for p in ("/missing.jpg", "/notimage.jpg")]
+    products = pd.DataFrame(
+        {
+            "id": ["P", "Q"],
+            "image_urls": [[[hi_res, large, thumb], [alt]], [dead]],
+            "image_variants": [["MAIN", "PT01"], ["MAIN"]],
+        }
+    )
+    report = build_image_shards(products, tmp_path, images_cfg(**TEST_CFG), progress=False)
+
+    table = read_image_table(tmp_path)
+    main = table[(table.id == "P") & (table.view == "main")].iloc[0]
+    assert (main.variant, main.url) == ("MAIN", large)  # the same photo, not the product's second one
+    assert main.jpeg == process_image(GOOD_JPEG, images_cfg(**TEST_CFG))
+    assert list(table[table.id == "P"].view) == ["main", "alt"]
+    assert image_server.hits["/alpha.png?fb=main"] == 0  # nothing tried after the first success
+
+    status = read_status(tmp_path).set_index(["id", "position"])
+    used = status.loc[("P", 0)]
+    assert (used.url, used.status, used.view, used.candidate, used.attempts) == (large, "ok", "main", 1, 2)
+    assert [(t["url"], t["status"]) for t in used.tried] == [(hi_res, "http_404"), (large, "ok")]
+    assert status.loc[("P", 1)].candidate == 0 and len(status.loc[("P", 1)].tried) == 1
+    failed = status.loc[("Q", 0)]  # every candidate failed: the last one's status, all of them listed
+    assert (failed.url, failed.status, failed.candidate) == (dead[1], "not_image", 1) and pd.isna(failed.view)
+    assert [t["status"] for t in failed.tried] == ["http_404", "not_image"]
+    assert report["urls"] == 3 and report["urls_tried"] == 5 and report["ok_via_fallback"] == 1
+    assert report["counts"]["ok"] == 2 and report["counts"]["not_image"] == 1
+    assert "http_404" not in report["counts"]  # counts are final statuses, one per image
+    assert report["fallen_back_from"] == {"http_404": 2}  # the candidates given up for a later one
+    assert report["products_with_image"] == 1 and report["products_with_alt"] == 1
+
+
+def test_a_single_url_per_image_still_reads(image_server, tmp_path):
+    # older products tables (and hand-made frames) hold one URL string per image
+    rows = {"A": [image_server.url("/good.jpg?single")]}
+    build_image_shards(products_frame(rows), tmp_path, images_cfg(**TEST_CFG), progress=False)
+    status = read_status(tmp_path)
+    assert list(status.status) == ["ok"] and list(status.candidate) == [0]
+    assert list(read_image_table(tmp_path).url) == rows["A"]
+
+
 # --- single-item paths ----------------------------------------------------------------------------------
 
 
@@ -357,6 +435,35 @@ def test_bomb_over_pillows_default_limit_is_a_status_not_a_warning(image_server)
     assert res.status == "too_large" and "bomb" in res.error
     assert failure.value.status == "too_large"
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [(10_000, 9_000), (8_000, 6_000)],  # 90 Mpx: over 2 x the limit (Pillow's error); 48 Mpx: its warning
+    ids=["over-twice", "over-once"],
+)
+def test_bomb_error_quotes_the_configured_max_pixels(width, height):
+    # Pillow's own error quotes 2 x MAX_IMAGE_PIXELS (80,000,000 here): the message must quote params
+    cfg = images_cfg(max_pixels=40_000_000)
+    with ci.pillow_limits(cfg.max_pixels), pytest.raises(ci.ImageFailure) as failure:
+        process_image(header_bomb(width, height), cfg)
+    message = str(failure.value)
+    assert failure.value.status == "too_large"
+    assert "max_pixels 40,000,000" in message and f"{width * height:,} px" in message
+    assert "80,000,000" not in message and "80000000" not in message
+
+
+def test_max_bytes_errors_quote_the_configured_limit(matrix_run, image_server, tmp_path):
+    out, _, rows, _ = matrix_run
+    errors = dict(zip(read_status(out).url, read_status(out).error, strict=True))
+    assert "max_bytes 200,000" in errors[rows["P_big"][0]]  # Content-Length
+    assert "max_bytes 200,000" in errors[rows["P_bignolen"][0]]  # streamed body
+    assert "max_pixels 1,000,000" in errors[rows["P_bomb"][0]]
+    gz = fetch_image(image_server.url("/gzip-bomb.jpg"), images_cfg(**TEST_CFG))
+    assert gz.status == "too_large" and "max_bytes 200,000" in gz.error  # decoded bytes count
+    (tmp_path / "big.jpg").write_bytes(GOOD_JPEG + b"\0" * 300_000)
+    local = fetch_image(str(tmp_path / "big.jpg"), images_cfg(**TEST_CFG))
+    assert local.status == "too_large" and "max_bytes 200,000" in local.error
 
 
 def test_max_pixels_above_pillows_default_is_honoured():
@@ -480,6 +587,86 @@ def test_palette_with_transparency_becomes_white():
     assert out.min() > 245
 
 
+# --- retries ---------------------------------------------------------------------------------------------
+
+
+class Delays:
+    """A fake sleep: records what the fetcher would have waited."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def __call__(self, s: float) -> None:
+        self.seconds.append(s)
+
+
+def test_backoff_is_exponential_with_jitter(image_server):
+    cfg = images_cfg(**{**TEST_CFG, "retries": 4, "backoff_s": 1.0})
+    runs = []
+    for seed in (1, 2):
+        sleep = Delays()
+        with ci.Fetcher(cfg, sleep=sleep, rng=random.Random(seed)) as fetcher:
+            res = fetcher.fetch(image_server.url(f"/err500?jitter={seed}"))
+        assert res.status == "http_500" and res.attempts == 5
+        runs.append(sleep.seconds)
+    for delays in runs:
+        assert len(delays) == 4
+        assert all(0.5 * 2**k <= d <= 1.5 * 2**k for k, d in enumerate(delays))  # doubling, +-50 %
+    assert runs[0] != runs[1]  # two threads failing together come back at different times
+    assert len({round(d / 2**k, 6) for k, d in enumerate(runs[0])}) == 4  # a fresh draw per retry
+
+
+def test_retry_delay_bounds():
+    class Fixed(random.Random):
+        def __init__(self, u: float) -> None:
+            super().__init__(0)
+            self.u = u
+
+        def uniform(self, a: float, b: float) -> float:
+            return a + (b - a) * self.u
+
+    assert ci.retry_delay(1, 0.5, Fixed(0.0)) == 0.25 and ci.retry_delay(3, 0.5, Fixed(1.0)) == 3.0
+    assert ci.retry_delay(2, 0.5, Fixed(0.0), retry_after=7.0) == 7.0  # never earlier than asked
+    assert ci.retry_delay(2, 0.5, Fixed(1.0), retry_after=7.0) == 7.5
+
+
+@pytest.mark.parametrize(
+    ("path", "low", "high"),
+    [
+        ("/ra/429/secs7", 7.0, 7.01),
+        ("/ra/503/secs7", 7.0, 7.01),
+        ("/ra/429/date20", 18.0, 20.01),  # HTTP-date: whole seconds, so up to one less
+        ("/ra/503/date20", 18.0, 20.01),
+        ("/ra/500/secs7", 0.005, 0.015),  # Retry-After on a 500 means nothing: plain backoff
+    ],
+)
+def test_retry_after_is_honoured_on_429_and_503(image_server, path, low, high):
+    sleep = Delays()
+    with ci.Fetcher(images_cfg(**TEST_CFG), sleep=sleep) as fetcher:
+        res = fetcher.fetch(image_server.url(path))
+    assert res.status == "ok" and res.attempts == 2
+    assert len(sleep.seconds) == 1 and low <= sleep.seconds[0] <= high
+
+
+def test_retry_after_over_the_cap_is_not_waited_for(image_server):
+    sleep = Delays()
+    with ci.Fetcher(images_cfg(**TEST_CFG), sleep=sleep) as fetcher:
+        res = fetcher.fetch(image_server.url("/ra/429/always"))  # Retry-After: 3600
+    assert res.status == "http_429" and res.attempts == 1 and sleep.seconds == []
+    assert f"over the {ci.MAX_RETRY_AFTER_S:g} s cap" in res.error
+    assert image_server.hits["/ra/429/always"] == 1
+
+
+def test_parse_retry_after():
+    now = 1_700_000_000.0
+    assert ci.parse_retry_after("120") == 120.0 and ci.parse_retry_after(" 1.5 ") == 1.5
+    assert ci.parse_retry_after(email.utils.formatdate(now + 42, usegmt=True), now=now) == 42.0
+    assert ci.parse_retry_after("Tue, 14 Nov 2023 22:13:20 GMT", now=now) == 0.0  # exactly now
+    assert ci.parse_retry_after(email.utils.formatdate(now - 60, usegmt=True), now=now) == 0.0  # past
+    for bad in (None, "", "soon", "-5", "inf", "nan"):
+        assert ci.parse_retry_after(bad) is None
+
+
 # --- determinism, order, shards -------------------------------------------------------------------------
 
 
@@ -589,6 +776,21 @@ def test_config_rejects_bad_values():
         images_cfg(shard_size=0)
 
 
+def test_requirements_pin_the_urllib3_the_fetcher_needs():
+    # read1 (the body loop's deadline) appeared in urllib3 2.2.0; before 2.6.0 read1 inflated a whole
+    # gzip read at once (~22 MB per 64 kB call on a gzip bomb), past max_bytes before we could count.
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    lines = [ln.split("#")[0].strip() for ln in (REPO / "requirements.txt").read_text().splitlines()]
+    (req,) = [Requirement(ln) for ln in lines if ln.startswith("urllib3")]
+    assert "2.5.0" not in req.specifier and "2.6.0" in req.specifier and "3.0" not in req.specifier
+    import urllib3
+
+    assert Version(urllib3.__version__) in req.specifier
+    assert hasattr(urllib3.response.HTTPResponse, "read1")
+
+
 def test_all_failed_is_a_clear_error_after_writing_the_report(tmp_path):
     rows = {"X": ["nope/a.jpg"], "Y": []}
     with pytest.raises(CliprecError, match="no product got an image"):
@@ -617,3 +819,25 @@ def test_stage_main_wiring(tmp_path, monkeypatch):
     out = tmp_path / "data" / "images" / "Cat"
     assert json.loads((out / "report.json").read_text())["products_with_image"] == 1
     assert list(read_image_table(out).id) == ["A"]
+
+
+def test_a_photo_copy_never_sits_in_two_splits(tmp_path):
+    # relistings ingest could not group (other URLs, same picture): the same bytes under three ids
+    for name, seed in (("a", 1), ("b", 2)):
+        (tmp_path / f"{name}.jpg").write_bytes(encode(bands(320, 240 + seed), quality=95))
+    (tmp_path / "a-copy.jpg").write_bytes((tmp_path / "a.jpg").read_bytes())
+    (tmp_path / "a-copy2.jpg").write_bytes((tmp_path / "a.jpg").read_bytes())
+    rows = {"P1": [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")], "P2": [str(tmp_path / "a-copy.jpg")],
+            "P3": [str(tmp_path / "a-copy2.jpg")], "P4": [str(tmp_path / "b.jpg")]}  # fmt: skip
+    products = products_frame(rows).assign(split=["train", "test", "train", "test"])
+    report = build_image_shards(products, tmp_path / "out", images_cfg(**TEST_CFG), progress=False)
+    assert report["photo_copies"] == {"dropped_other_split": 1, "same_photo_same_split": 1}
+    assert report["counts"]["duplicate_photo"] == 1 and report["products_with_image"] == 3
+    stored = read_image_table(tmp_path / "out", columns=["id", "view"])
+    assert sorted(stored.loc[stored["view"] == "main", "id"]) == ["P1", "P3", "P4"]  # P2 (test) is not
+    status = read_status(tmp_path / "out").set_index("id")
+    assert (
+        status.loc["P2", "status"] == "duplicate_photo"
+        and "same photo as P1 (split train)" in status.loc["P2", "error"]
+    )
+    # P4's MAIN is P1's second photo: only MAIN photos are compared, so it stays (it is P4's own MAIN)

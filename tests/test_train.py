@@ -256,3 +256,43 @@ def test_zero_shot_is_a_candidate_and_can_win(tiny, tmp_path, monkeypatch):
     assert summary["best"]["val_recall_at_5"] == summary["zeroshot"]["val_recall_at_5"] == 1.0
     b_matrices = [v for k, v in _adapter(tmp_path).items() if "lora_B" in k]
     assert b_matrices and all(torch.count_nonzero(b) == 0 for b in b_matrices)  # the identity adapter
+
+
+@pytest.mark.slow  # ~20 s: two fresh processes
+def test_ddp_decisions_are_rank_zeros(tiny, tmp_path):
+    # rank 1's own val numbers would early-stop it after epoch 1 while rank 0 goes on: with every rank
+    # deciding for itself, rank 1 left the loop and rank 0 hung in the next collective
+    cfg = _cfg(tiny, epochs=3, patience=1, lora={**LORA, "dropout": 0.0})
+    script = tmp_path / "ddp_decide.py"
+    script.write_text(
+        "import json, logging, sys\n"
+        "import torch.distributed as dist\n"
+        "import cliprec.train as tr\n"
+        "cfg, paths, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]\n"
+        "real, calls = tr.evaluate, {'n': 0}\n"
+        "def rigged(*args, **kwargs):\n"
+        "    calls['n'] += 1\n"
+        "    score = 0.1 * calls['n'] if dist.get_rank() == 0 else 0.0\n"
+        "    return {**real(*args, **kwargs), 'val_recall_at_5': score}\n"
+        "tr.evaluate = rigged\n"
+        "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
+        "got = tr.train(tr.TrainConfig(**cfg), **paths)\n"
+        "rank = dist.get_rank()\n"
+        "open(f'{out}/rank{rank}.json', 'w').write(json.dumps({'epochs_run': got['epochs_run'],\n"
+        "                                                      'evaluations': calls['n']}))\n"
+    )
+    root = tmp_path / "ddp"
+    (root / "ranks").mkdir(parents=True)
+    paths = {"products_path": str(tiny["products"]), "summaries_path": str(tiny["summaries"]),
+             "images_dir": str(tiny["images"]), "out_dir": str(root / "out"),
+             "checkpoint_dir": str(root / "ckpt"), "live_dir": str(root / "live")}  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    args = [json.dumps(dataclasses.asdict(cfg)), json.dumps(paths), str(root / "ranks")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, str(script), *args], env=env, capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((root / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [{"epochs_run": 3, "evaluations": 4}, {"epochs_run": 3, "evaluations": 0}]
+    epoch_lines = [line for line in done.stderr.splitlines() if "cliprec.train: epoch " in line]
+    assert len(epoch_lines) == 3 and not any("[rank 1]" in line for line in epoch_lines)  # rank 0 speaks
