@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from cliprec.artifacts import write_json
+from cliprec.hub import SUMMARIZER_SETTING, hub_errors, pretrained_kwargs
 from cliprec.params import Bart, Summarize
 from cliprec.paths import model_identity
 from cliprec.provenance import code_identity, library_versions
@@ -176,9 +177,11 @@ def load_seq2seq(name: str, device: str | None = None):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForSeq2SeqLM.from_pretrained(name).to(device).eval()
-    return model, tokenizer, device
+    kwargs = pretrained_kwargs(name, "summarize", SUMMARIZER_SETTING)  # offline: one line, at once
+    with hub_errors(name, "summarize", SUMMARIZER_SETTING):
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForSeq2SeqLM.from_pretrained(name, **kwargs)
+    return model.to(device).eval(), tokenizer, device
 
 
 def input_token_limit(model: Any, tokenizer: Any, max_input_tokens: int | None) -> int:
