@@ -157,3 +157,43 @@ def test_the_study_path_at_small_shapes(small, tmp_path, monkeypatch):
         model, processor, tmp_path / "images", summaries_path, tmp_path / "embed", batch_size=8
     )
     assert manifest["n"] == 16 and manifest["d"] == 16
+
+
+# --- BART's beam search at 1,024 input tokens -------------------------------------------------------------
+
+
+def test_beam_search_skips_reordering_the_cross_attention_cache_and_changes_nothing(small, monkeypatch):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.cache_utils import DynamicCache
+
+    from cliprec.summarize import beam_search_cache, generate_summaries
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(small["bart"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(small["bart"])
+    texts = ["A red kettle. " * 400, "Blue toaster with two slots.", "Steel fridge, quiet. " * 30]
+    enc = tokenizer(texts, truncation=True, max_length=1024, padding=True, return_tensors="pt")
+    assert enc["input_ids"].shape[1] == 1024  # padded: beams of different inputs differ in length
+    reordered = []
+    real = DynamicCache.reorder_cache
+
+    def spy(self, beam_idx):
+        reordered.append(id(self))
+        return real(self, beam_idx)
+
+    monkeypatch.setattr(DynamicCache, "reorder_cache", spy)
+    cache = beam_search_cache()
+    kwargs = {"num_beams": 4, "max_length": 10, "min_length": 10}
+    with torch.inference_mode():
+        plain = model.generate(**enc, **kwargs)
+        fast = model.generate(**enc, **kwargs, cache=cache)
+    assert torch.equal(plain, fast)  # the same tokens, bit for bit
+    assert id(cache.self_attention_cache) in reordered and id(cache.cross_attention_cache) not in reordered
+
+    seen = []
+    real_generate = type(model).generate
+    monkeypatch.setattr(
+        type(model), "generate", lambda self, **kw: seen.append(kw) or real_generate(self, **kw)
+    )
+    out = generate_summaries(model, tokenizer, texts, device="cpu", batch_size=2, num_beams=4, max_length=10,
+                             min_length=2, max_input_tokens=1024)  # fmt: skip
+    assert len(out) == 3 and all(type(kw["cache"]).__name__ == "BeamSearchCache" for kw in seen)
