@@ -48,12 +48,14 @@ from datasets import Features, Json, List, Value
 from tqdm import tqdm
 
 from cliprec.errors import CliprecError, one_line
+from cliprec.hub import CATALOG_SETTING, hub_errors
 from cliprec.text import clean_text
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("amazon", "jsonl", "synthetic")
-AMAZON_META_FILES = "hf://datasets/McAuley-Lab/Amazon-Reviews-2023/raw/meta_categories/meta_{category}.jsonl"
+AMAZON_META_PATH = "raw/meta_categories/meta_{category}.jsonl"  # inside the hub repo, or a local copy of it
+AMAZON_META_FILES = "hf://datasets/McAuley-Lab/Amazon-Reviews-2023/" + AMAZON_META_PATH
 DROP_REASONS = ("no_title", "no_image", "duplicate_id", "malformed_line")
 SPLITS = ("train", "val", "test")
 IMAGE_KEYS = ("thumb", "large", "hi_res", "variant")
@@ -111,12 +113,18 @@ PRODUCTS_SCHEMA = pa.schema(
     ]
 )
 
+CATALOG_HINT = "a directory under catalog/ laid out like the hub repo: " + AMAZON_META_PATH.format(
+    category="<Category>"
+)
+
 _PRICE_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+")
 
 
-def amazon_data_files(category: str) -> str:
-    """The hub path of one category's raw item-metadata JSONL."""
-    return AMAZON_META_FILES.format(category=category)
+def amazon_data_files(category: str, hub_root: str | Path | None = None) -> str:
+    """One category's raw item-metadata JSONL: its hub path, or its path in a local copy of the hub repo."""
+    if hub_root is None:
+        return AMAZON_META_FILES.format(category=category)
+    return (Path(hub_root) / AMAZON_META_PATH.format(category=category)).as_posix()
 
 
 def load_meta(data_files: str, cache_dir: str | Path | None = None) -> datasets.Dataset:
@@ -422,8 +430,12 @@ def build_catalog(
     n_products: int | None = None,
     seed: int = 0,
     split: Mapping[str, float] | None = None,
+    hub_root: str | None = None,
 ) -> dict[str, Any]:
-    """Read one category from `source`, write out_dir/products.parquet + report.json; return the report."""
+    """Read one category from `source`, write out_dir/products.parquet + report.json; return the report.
+
+    `hub_root` (source amazon): a local copy of the hub repo's layout to read instead of the hub.
+    """
     if source not in SOURCES:
         raise ValueError(f"ingest.source must be one of {SOURCES}, got {source!r}")
     if n_products is not None and n_products <= 0:
@@ -435,9 +447,17 @@ def build_catalog(
 
     with tempfile.TemporaryDirectory(prefix="cliprec-ingest-") as tmp:
         if source == "amazon":
-            data_files = amazon_data_files(category)
+            data_files = amazon_data_files(category, hub_root)
+            if hub_root is not None and not Path(data_files).is_file():
+                raise CliprecError(
+                    f"ingest: {data_files} does not exist: {CATALOG_SETTING} = {hub_root!r} must hold a copy "
+                    f"of the hub repo's {AMAZON_META_PATH.format(category='<Category>')} files"
+                )
             try:
-                ds = load_meta(data_files)
+                # a local copy converts into the run's temporary cache, like a jsonl catalog; the hub's
+                # download stays in the HF cache, where the next run finds it
+                with hub_errors(data_files, f"ingest {category}", CATALOG_SETTING, how=CATALOG_HINT):
+                    ds = load_meta(data_files, cache_dir=None if hub_root is None else Path(tmp) / "cache")
             except datasets.exceptions.DatasetGenerationError as e:
                 raise CliprecError(
                     f"ingest: {data_files} does not fit cliprec.catalog.FEATURES (the Amazon-2023 item "

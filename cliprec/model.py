@@ -25,6 +25,7 @@ from transformers import CLIPModel, CLIPProcessor
 from transformers.image_transforms import convert_to_rgb
 from transformers.models.clip import CLIPImageProcessorPil
 
+from cliprec.hub import CLIP_SETTING, hub_errors, pretrained_kwargs
 from cliprec.precision import pick_device
 
 if TYPE_CHECKING:
@@ -50,9 +51,11 @@ def load_clip(
     if not path.exists() and path.parent != Path() and path.parent.is_dir():
         # "models/demo-clip" also reads as a hub id: fail fast instead of a minute of network retries
         raise FileNotFoundError(f"model {name!r}: {path.parent}/ exists but has no {path.name!r}")
-    model = CLIPModel.from_pretrained(str(name), use_safetensors=True, trust_remote_code=False)
-    # backend="pil": torchvision is absent here, and one backend everywhere keeps pixels identical
-    processor = CLIPProcessor.from_pretrained(str(name), backend="pil")
+    kwargs = pretrained_kwargs(str(name), "CLIP", CLIP_SETTING)  # offline: one line, at once
+    with hub_errors(str(name), "CLIP", CLIP_SETTING):
+        model = CLIPModel.from_pretrained(str(name), use_safetensors=True, trust_remote_code=False, **kwargs)
+        # backend="pil": torchvision is absent here, and one backend everywhere keeps pixels identical
+        processor = CLIPProcessor.from_pretrained(str(name), backend="pil", **kwargs)
     if adapter is not None:
         adapter = Path(adapter)
         if not (adapter / "adapter_config.json").is_file():

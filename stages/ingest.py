@@ -24,6 +24,7 @@ def main(argv: list[str]) -> None:
         n_products=ingest.n_products,
         seed=p.seed,
         split=p.active.split.model_dump(),
+        hub_root=ingest.hub_root,
     )
 
 

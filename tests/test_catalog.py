@@ -439,6 +439,7 @@ def test_ingest_stage_wiring(tmp_path, monkeypatch):
         "source": "jsonl",
         "path": "catalog/meta_{category}.jsonl",
         "n_products": 5,
+        "hub_root": None,
     }
     stage = Path("stages/ingest.py").resolve()
     (tmp_path / "catalog").mkdir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 import time
@@ -15,6 +16,9 @@ from cliprec.params import DVC_BLIND_KEYS, ParamsError, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((REPO / "params.yaml").read_text())
+# Stages run from a temporary directory must import this checkout's cliprec (matching its params.yaml),
+# not whichever checkout an editable install points at.
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def write(tmp_path: Path, change) -> Path:
@@ -130,7 +134,11 @@ def test_a_stage_with_bad_params_exits_2_with_one_line_before_any_model_loads(tm
     script, *args = stage.split()
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, str(REPO / "stages" / script), *args], cwd=root, capture_output=True, text=True
+        [sys.executable, str(REPO / "stages" / script), *args],
+        cwd=root,
+        env=ENV,
+        capture_output=True,
+        text=True,
     )
     seconds = time.perf_counter() - started
     assert done.returncode == 2, done.stderr
@@ -145,6 +153,7 @@ def test_stage_debug_shows_the_traceback(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "stages" / "check_params.py"), "--debug"],
         cwd=root,
+        env=ENV,
         capture_output=True,
         text=True,
     )
@@ -156,6 +165,7 @@ def test_a_category_not_in_params_is_refused(tmp_path):
     done = subprocess.run(
         [sys.executable, str(REPO / "stages" / "ingest.py"), "Books"],
         cwd=root,
+        env=ENV,
         capture_output=True,
         text=True,
     )
