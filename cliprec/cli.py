@@ -1,4 +1,4 @@
-"""The `cliprec` command: recommend, report, gate.
+"""The `cliprec` command: recommend, report, gate, serve.
 
 Exit codes: 0 success (gate: passed), 1 gate failed, 2 a usage or input problem (one line on stderr).
 """
@@ -44,6 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     gate.add_argument(
         "--tolerance", type=float, help="allowed absolute drop (default: params gate.tolerance)"
     )
+
+    srv = sub.add_parser("serve", help="HTTP API and web page (FastAPI + uvicorn); Ctrl-C stops it")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument(
+        "--category", action="append", help="serve only these categories (repeatable; default: all)"
+    )
+    srv.add_argument(
+        "--max-inflight", type=int, default=64, help="work requests admitted at once; more get 503 (64)"
+    )
+    srv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload (10 MB)")
+    srv.add_argument("--max-k", type=int, default=100, help="largest k a search may ask for (100)")
+    srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     return parser
 
 
@@ -93,6 +106,27 @@ def _gate(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from cliprec.serve import ServeSettings, run
+
+    if not 0 < args.port < 65536:
+        raise _UserError(f"--port must be in 1..65535, not {args.port}")
+    if args.max_inflight < 1 or args.max_k < 1 or args.max_upload_mb <= 0:
+        raise _UserError("--max-inflight, --max-k and --max-upload-mb must be positive")
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars among the server's log lines
+        logging.getLogger("cliprec").setLevel(logging.INFO)  # a server's progress is its output
+    settings = ServeSettings(
+        max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k, max_inflight=args.max_inflight
+    )
+    try:
+        return run(args.root, args.host, args.port, args.category, settings, access_log=args.access_log)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after its graceful shutdown
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cliprec` console script."""
     args = _parser().parse_args(argv)
@@ -110,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.root).is_dir():
         print(f"cliprec: error: --root {args.root} is not a directory", file=sys.stderr)
         return 2
-    handlers = {"recommend": _recommend, "report": _report, "gate": _gate}
+    handlers = {"recommend": _recommend, "report": _report, "gate": _gate, "serve": _serve}
     try:
         return handlers[args.command](args)
     except (_UserError, RecommendError, ReportError, GateError, IndexIntegrityError) as e:
