@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload (10 MB)")
     srv.add_argument("--max-k", type=int, default=100, help="largest k a search may ask for (100)")
+    srv.add_argument("--threads", type=int, help="torch/FAISS threads per query (default: all cores)")
     srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     return parser
 
@@ -111,15 +112,18 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise _UserError(f"--port must be in 1..65535, not {args.port}")
-    if args.max_inflight < 1 or args.max_k < 1 or args.max_upload_mb <= 0:
-        raise _UserError("--max-inflight, --max-k and --max-upload-mb must be positive")
+    if min(args.max_inflight, args.max_k, args.threads or 1) < 1 or args.max_upload_mb <= 0:
+        raise _UserError("--max-inflight, --max-k, --threads and --max-upload-mb must be positive")
     if not args.verbose:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bars among the server's log lines
         logging.getLogger("cliprec").setLevel(logging.INFO)  # a server's progress is its output
     settings = ServeSettings(
-        max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k, max_inflight=args.max_inflight
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_k=args.max_k,
+        max_inflight=args.max_inflight,
+        threads=args.threads,
     )
     try:
         return run(args.root, args.host, args.port, args.category, settings, access_log=args.access_log)

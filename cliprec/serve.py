@@ -3,8 +3,12 @@
 How work is bounded:
 - The Service (models, verified indexes, photo locations) loads once, in a thread started at startup,
   so the port answers at once: `/healthz` and the API say 503 (with Retry-After) until it is ready.
-- Searches run on ONE worker thread: torch already spreads one query over every core, and Pillow's
-  decompression-bomb limit is process-global, so untrusted uploads must not be decoded concurrently.
+- Searches run on ONE worker thread (SearchWorker): torch spreads one query over `threads` cores
+  (default: torch's own, every core), a Recommender's tokenizer is not safe to call from two threads at
+  once, and Pillow's decompression-bomb limit is process-global, so uploads are decoded one at a time.
+  What queued while the worker was busy is answered in one `Service.search_many` call, where the text
+  queries share one batch through the text encoder: one query alone costs a small model mostly Python
+  overhead, and the event loop competes with the worker for the GIL. bench/serve_load.py measures it.
 - At most `max_inflight` requests to the work routes (/api/search, /api/products) are admitted at once,
   counted before their bodies are read; the next one gets 503 + Retry-After instead of a growing queue.
 - Request bodies are capped (Content-Length, and counted while streaming): 413 past the cap.
@@ -15,13 +19,12 @@ How work is bounded:
 The docs page (`/docs`) uses the Swagger UI files vendored in cliprec/static/vendor (no CDN).
 """
 
-
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +79,8 @@ class ServeSettings:
     max_text_chars: int = 1000
     thumb_side: int = 128
     graceful_s: int = 10
+    threads: int | None = None  # torch/FAISS threads per query; None keeps their defaults
+    max_batch: int = 32  # searches answered by one Service.search_many call
 
 
 # --- response models (for the OpenAPI docs; tests validate the answers against them) -------------------
@@ -153,9 +158,15 @@ class Metrics:
             "cliprec_http_rejected", "Requests refused before any work, by reason", ["reason"],
             registry=self.registry,
         )  # fmt: skip
+        self.batch = Histogram(
+            "cliprec_search_batch_size",
+            "Searches answered together by the worker",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
         self.search = Histogram(
             "cliprec_search_duration_seconds",
-            "Time on the search worker per query kind (all requested variants)",
+            "Time from queueing a search to its answer, per query kind (all requested variants)",
             ["kind"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -170,6 +181,64 @@ def _route_label(scope: Scope) -> str:
         if match == Match.FULL:
             return getattr(route, "path", "unmatched")
     return "unmatched"
+
+
+# --- the search worker --------------------------------------------------------------------------------
+
+
+def _settle(future: asyncio.Future, answer: Any) -> None:
+    if future.cancelled():  # the client went away
+        return
+    if isinstance(answer, BaseException):
+        future.set_exception(answer)
+    else:
+        future.set_result(answer)
+
+
+class SearchWorker:
+    """One thread answering searches; whatever queued while it worked is answered in one batch."""
+
+    def __init__(self, max_batch: int = 32, on_batch: Callable[[int], None] | None = None) -> None:
+        self.max_batch = max_batch
+        self.on_batch = on_batch
+        # unbounded on purpose: GuardMiddleware admits at most max_inflight requests, which bounds it
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="cliprec-search", daemon=True)
+        self._thread.start()
+
+    def submit(self, service: Service, req: SearchRequest) -> asyncio.Future:
+        """Queue a search; the future (of the running loop) gets its answer or its ServiceError."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((service, req, loop, future))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)  # stop after this batch
+                    break
+                batch.append(nxt)
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
+            try:
+                answers: list[Any] = batch[0][0].search_many([b[1] for b in batch])
+            except Exception as e:  # a bug: log it once, every request of the batch gets a 500
+                log.error("serve: search batch failed", exc_info=e)
+                answers = [e] * len(batch)
+            for (_, _, loop, future), answer in zip(batch, answers):
+                loop.call_soon_threadsafe(_settle, future, answer)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Answer what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
 
 
 # --- ASGI middleware ----------------------------------------------------------------------------------
@@ -304,6 +373,12 @@ def create_app(
     metrics = Metrics()
 
     def default_loader() -> Service:
+        if settings.threads:
+            import faiss
+            import torch
+
+            torch.set_num_threads(settings.threads)
+            faiss.omp_set_num_threads(settings.threads)
         service = Service(
             root, categories, thumb_side=settings.thumb_side, max_upload_bytes=settings.max_upload_bytes
         )
@@ -316,7 +391,7 @@ def create_app(
     async def lifespan(app: FastAPI):  # noqa: ANN202 (FastAPI's lifespan protocol)
         state = app.state
         state.service, state.load_error = None, None
-        state.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cliprec-search")
+        state.worker = SearchWorker(settings.max_batch, on_batch=metrics.batch.observe)
 
         def run_loader() -> None:
             t0 = time.perf_counter()
@@ -341,7 +416,7 @@ def create_app(
             yield
         finally:
             # in-flight searches finish (uvicorn waited for their requests); nothing new is accepted
-            state.executor.shutdown(wait=True, cancel_futures=True)
+            state.worker.stop(timeout=settings.graceful_s)
             log.info("serve: stopped")
 
     app = FastAPI(
@@ -469,8 +544,7 @@ def create_app(
             k=k,
         )
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        payload = await loop.run_in_executor(request.app.state.executor, svc.search, req)
+        payload = await request.app.state.worker.submit(svc, req)
         metrics.search.labels(req.kind).observe(time.perf_counter() - t0)
         return JSONResponse(payload)
 

@@ -218,9 +218,8 @@ class Service:
 
     # --- search ---------------------------------------------------------------------------------------
 
-    def search(self, req: SearchRequest) -> dict[str, Any]:
-        """Ranked results per variant (+ the ids both variants found), like `cliprec recommend`."""
-        t0 = time.perf_counter()
+    def _validate(self, req: SearchRequest) -> tuple[str, list[str]]:
+        """(category, variants) of a request; ServiceError for what the client must change."""
         category = self._category(req.category)
         if req.variant not in VARIANT_CHOICES:
             raise ServiceError(422, f"unknown variant {req.variant!r} (one of {', '.join(VARIANT_CHOICES)})")
@@ -233,6 +232,8 @@ class Service:
             raise ServiceError(422, "no query: give text, image and/or product")
         if req.weight is not None and not 0.0 <= req.weight <= 1.0:
             raise ServiceError(422, f"weight must be in [0, 1], not {req.weight}")
+        if req.k < 1:
+            raise ServiceError(422, f"k must be >= 1, not {req.k}")
         if req.product:
             self.check_product(category, req.product)
             for v in variants:
@@ -240,9 +241,73 @@ class Service:
                     raise ServiceError(
                         404, f"product {req.product!r} is in the catalog but has no embedding (no image)"
                     )
+        return category, variants
+
+    def search(self, req: SearchRequest) -> dict[str, Any]:
+        """Ranked results per variant (+ the ids both variants found), like `cliprec recommend`."""
+        t0 = time.perf_counter()
+        category, variants = self._validate(req)
         image = self.decode_upload(req.image) if req.image is not None else None
         weight = self.text_weight if req.weight is None else float(req.weight)
         results = {v: self._search_one(self.recommenders[category][v], req, image, weight) for v in variants}
+        return self._answer(category, req, results, weight if (req.text and image is not None) else None, t0)
+
+    def search_many(self, reqs: Sequence[SearchRequest]) -> list[dict[str, Any] | ServiceError]:
+        """Answers (or errors) of several searches; the text-only ones share one text-encoder batch.
+
+        A lone text query takes `search`, i.e. `Recommender.recommend`, exactly. In a batch the texts are
+        padded to the longest, which changes the float summation order: vectors move by ~1e-7, so a
+        score can move in its 6th decimal (rankings of the demo's test titles came out identical).
+        """
+        out: list[dict[str, Any] | ServiceError | None] = [None] * len(reqs)
+        texts: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        for i, req in enumerate(reqs):
+            try:
+                category, variants = self._validate(req)
+            except ServiceError as e:
+                out[i] = e
+                continue
+            if req.text and req.image is None and not req.product:
+                texts.setdefault((category, tuple(variants)), []).append(i)
+            else:
+                out[i] = self._answer_or_error(req)
+        for (category, variants), rows in texts.items():
+            if len(rows) == 1:
+                out[rows[0]] = self._answer_or_error(reqs[rows[0]])
+                continue
+            t0 = time.perf_counter()
+            try:
+                vectors = {
+                    v: self.recommenders[category][v].text_vectors([reqs[i].text for i in rows])
+                    for v in variants
+                }
+            except RecommendError as e:
+                log.error("serve: %s: %s", category, e)
+                for i in rows:
+                    out[i] = ServiceError(500, f"{category}: {e}")
+                continue
+            for row, i in enumerate(rows):
+                results = {
+                    v: self._hits(self.recommenders[category][v], vectors[v][row : row + 1], reqs[i].k)
+                    for v in variants
+                }
+                out[i] = self._answer(category, reqs[i], results, None, t0)
+        return out  # every slot is filled above
+
+    def _answer_or_error(self, req: SearchRequest) -> dict[str, Any] | ServiceError:
+        try:
+            return self.search(req)
+        except ServiceError as e:
+            return e
+
+    def _answer(
+        self,
+        category: str,
+        req: SearchRequest,
+        results: dict[str, list[dict]],
+        weight: float | None,
+        t0: float,
+    ) -> dict[str, Any]:
         ranked = [[h["id"] for h in hits] for hits in results.values()]
         shared = [pid for pid in ranked[0] if all(pid in r for r in ranked[1:])] if len(ranked) > 1 else []
         return {
@@ -252,7 +317,7 @@ class Service:
                 "text": req.text,
                 "image": req.image_name if req.image is not None else None,
                 "product": req.product,
-                "weight": weight if (req.text and image is not None) else None,
+                "weight": weight,
             },
             "k": req.k,
             "results": results,
@@ -261,21 +326,29 @@ class Service:
         }
 
     def _search_one(self, rec: Recommender, req: SearchRequest, image: Any, weight: float) -> list[dict]:
-        try:
-            if image is None:
+        if image is None:
+            try:
                 hits = rec.recommend(Query(text=req.text, product=req.product), k=req.k)
-            else:
-                vector = rec.image_vector(image)
-                if req.text:
-                    vector = np.asarray(fuse(rec.text_vector(req.text), vector, weight), dtype=np.float32)
-                ids, scores = rec.index.search(vector, req.k)
-                hits = [
-                    Hit(rank=i + 1, id=pid, score=round(float(s), 6), title=rec.titles.get(pid, ""))
-                    for i, (pid, s) in enumerate(zip(ids[0], scores[0]))
-                ]
-        except RecommendError as e:  # the request was validated: what is left is a server-side problem
+            except RecommendError as e:  # the request was validated: what is left is a server-side problem
+                log.error("serve: %s/%s: %s", rec.category, rec.variant, e)
+                raise ServiceError(500, f"{rec.category}/{rec.variant}: {e}") from e
+            return [self._hit(rec.category, h) for h in hits]
+        try:
+            vector = rec.image_vector(image)
+            if req.text:
+                vector = np.asarray(fuse(rec.text_vector(req.text), vector, weight), dtype=np.float32)
+        except RecommendError as e:
             log.error("serve: %s/%s: %s", rec.category, rec.variant, e)
             raise ServiceError(500, f"{rec.category}/{rec.variant}: {e}") from e
+        return self._hits(rec, vector, req.k)
+
+    def _hits(self, rec: Recommender, vector: np.ndarray, k: int) -> list[dict]:
+        """Top-k of a query vector, ranked and rounded as Recommender.recommend does."""
+        ids, scores = rec.index.search(vector, k)
+        hits = [
+            Hit(rank=i + 1, id=pid, score=round(float(s), 6), title=rec.titles.get(pid, ""))
+            for i, (pid, s) in enumerate(zip(ids[0], scores[0]))
+        ]
         return [self._hit(rec.category, h) for h in hits]
 
     def _hit(self, category: str, hit: Hit) -> dict[str, Any]:

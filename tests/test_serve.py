@@ -298,23 +298,28 @@ def test_malformed_requests(client):
     assert_error(client.get("/no/such/page"), 404)
 
 
+def blocking_loader(root, gate: threading.Event, started: threading.Event):
+    """A loader whose service holds the worker's first batch until `gate` is set."""
+
+    def load():
+        service = Service(root, [CAT])
+        real = service.search_many
+
+        def held(reqs):
+            started.set()
+            gate.wait(30)
+            return real(reqs)
+
+        service.search_many = held
+        return service
+
+    return load
+
+
 def test_saturated_server_answers_503(root):
     settings = ServeSettings(max_inflight=1, max_k=20, max_upload_bytes=200_000)
     gate, started = threading.Event(), threading.Event()
-
-    def blocked_loader():
-        service = Service(root, [CAT])
-        real_search = service.search
-
-        def slow_search(req):
-            started.set()
-            gate.wait(30)
-            return real_search(req)
-
-        service.search = slow_search
-        return service
-
-    with TestClient(create_app(root, settings=settings, loader=blocked_loader)) as c:
+    with TestClient(create_app(root, settings=settings, loader=blocking_loader(root, gate, started))) as c:
         wait_ready(c)
         first = {}
         worker = threading.Thread(target=lambda: first.update(r=search(c, text="a red shirt", k=2)))
@@ -330,6 +335,61 @@ def test_saturated_server_answers_503(root):
         assert first["r"].status_code == 200
         assert search(c, text="a red shirt", k=2).status_code == 200  # admitted again
         assert 'cliprec_http_rejected_total{reason="saturated"} 2.0' in c.get("/metrics").text
+
+
+def test_queued_searches_are_answered_in_one_batch(root, client):
+    texts = ["a red shirt", "a blue hat", "green dress with long sleeves", "a bag", "a black shoe"]
+    alone = {t: search(client, text=t, k=5).json() for t in texts}
+    gate, started = threading.Event(), threading.Event()
+    with TestClient(create_app(root, settings=SETTINGS, loader=blocking_loader(root, gate, started))) as c:
+        wait_ready(c)
+        answers: dict[str, dict] = {}
+
+        def ask(text):
+            answers[text] = search(c, text=text, k=5).json()
+
+        threads = [threading.Thread(target=ask, args=(texts[0],))]
+        threads[0].start()
+        assert started.wait(30)  # the worker holds the first search; the others queue behind it
+        threads += [threading.Thread(target=ask, args=(t,)) for t in texts[1:]]
+        threads += [threading.Thread(target=lambda: answers.update(bad=search(c, text="x", k=99).json()))]
+        for t in threads[1:]:
+            t.start()
+        deadline = time.monotonic() + 30
+        while "cliprec_http_work_in_flight 6.0" not in c.get("/metrics").text:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gate.set()
+        for t in threads:
+            t.join(30)
+        sizes = c.get("/metrics").text
+    assert answers["bad"]["error"].startswith("k: ")  # FastAPI's check, before the worker
+    assert 'cliprec_search_batch_size_bucket{le="4.0"} 2.0' in sizes  # [first] then the other four
+    for text in texts:
+        for variant in ("zeroshot", "lora"):
+            got, want = answers[text]["results"][variant], alone[text]["results"][variant]
+            assert [h["id"] for h in got] == [h["id"] for h in want]
+            assert [h["score"] for h in got] == pytest.approx([h["score"] for h in want], abs=2e-6)
+
+
+def test_search_many_keeps_each_answer_in_its_place(root, client):
+    from cliprec.service import SearchRequest, ServiceError
+
+    service = client.app.state.service
+    reqs = [
+        SearchRequest(CAT, text="a red shirt", k=3),
+        SearchRequest(CAT, product="NOPE"),
+        SearchRequest(CAT, product="P0001", k=3),
+        SearchRequest(CAT, text="a blue hat", variant="lora", k=4),
+        SearchRequest(CAT, image=b"not an image"),
+        SearchRequest(CAT, text="a blue hat", variant="lora", k=2),
+    ]
+    out = service.search_many(reqs)
+    assert isinstance(out[1], ServiceError) and out[1].status == 404
+    assert isinstance(out[4], ServiceError) and out[4].status == 415
+    assert out[2]["query"]["kind"] == "product" and len(out[2]["results"]["lora"]) == 3
+    assert [len(out[i]["results"]["lora"]) for i in (0, 3, 5)] == [3, 4, 2]
+    assert [h["id"] for h in out[5]["results"]["lora"]] == [h["id"] for h in out[3]["results"]["lora"]][:2]
 
 
 # --- products and photos ----------------------------------------------------------------------------------
