@@ -261,3 +261,14 @@ def test_plots_are_drawn_offline(server, driver, shots):
     assert ink(driver.get_screenshot_as_png()) > 0.01
     driver.save_screenshot(str(shots / "dvc-plots.png"))
     assert network_requests(driver) == []  # all from disk
+
+
+def test_api_docs_render_offline(server, driver, shots):
+    network_requests(driver)  # drop earlier requests
+    driver.get(f"{server}/docs")
+    wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 5, "Swagger UI operations")
+    paths = {e.text for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/api/search", "/api/info", "/healthz"} <= paths
+    outside = [u for u in network_requests(driver) if not u.startswith(server)]
+    assert not outside, outside
+    driver.save_screenshot(str(shots / "serve-docs.png"))
