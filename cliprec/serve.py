@@ -213,6 +213,11 @@ class SearchWorker:
         self._queue.put((service, req, loop, future))
         return future
 
+    @property
+    def pending(self) -> int:
+        """Searches queued and not yet taken by the worker."""
+        return self._queue.qsize()
+
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             batch = [item]

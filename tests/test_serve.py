@@ -324,14 +324,16 @@ def test_saturated_server_answers_503(root):
         first = {}
         worker = threading.Thread(target=lambda: first.update(r=search(c, text="a red shirt", k=2)))
         worker.start()
-        assert started.wait(30)
-        busy = search(c, text="a red shirt", k=2)
-        assert_error(busy, 503, "busy")
-        assert busy.headers["retry-after"] == "1"
-        assert_error(c.get(f"/api/products/{CAT}/P0001"), 503, "busy")  # same budget
-        assert c.get("/healthz").status_code == 200  # health and metrics stay outside it
-        gate.set()
-        worker.join(30)
+        try:
+            assert started.wait(30)
+            busy = search(c, text="a red shirt", k=2)
+            assert_error(busy, 503, "busy")
+            assert busy.headers["retry-after"] == "1"
+            assert_error(c.get(f"/api/products/{CAT}/P0001"), 503, "busy")  # same budget
+            assert c.get("/healthz").status_code == 200  # health and metrics stay outside it
+        finally:
+            gate.set()
+            worker.join(30)
         assert first["r"].status_code == 200
         assert search(c, text="a red shirt", k=2).status_code == 200  # admitted again
         assert 'cliprec_http_rejected_total{reason="saturated"} 2.0' in c.get("/metrics").text
@@ -348,23 +350,26 @@ def test_queued_searches_are_answered_in_one_batch(root, client):
         def ask(text):
             answers[text] = search(c, text=text, k=5).json()
 
-        threads = [threading.Thread(target=ask, args=(texts[0],))]
-        threads[0].start()
-        assert started.wait(30)  # the worker holds the first search; the others queue behind it
-        threads += [threading.Thread(target=ask, args=(t,)) for t in texts[1:]]
-        threads += [threading.Thread(target=lambda: answers.update(bad=search(c, text="x", k=99).json()))]
-        for t in threads[1:]:
-            t.start()
-        deadline = time.monotonic() + 30
-        while "cliprec_http_work_in_flight 6.0" not in c.get("/metrics").text:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        gate.set()
-        for t in threads:
-            t.join(30)
+        threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
+        try:
+            threads[0].start()
+            assert started.wait(30)  # the worker holds the first search; the others queue behind it
+            for t in threads[1:]:
+                t.start()
+            answers["bad"] = search(c, text="x", k=99).json()  # refused before it reaches the worker
+            deadline = time.monotonic() + 30
+            while c.app.state.worker.pending < len(texts) - 1:
+                assert time.monotonic() < deadline, "the searches did not queue"
+                time.sleep(0.01)
+            assert "cliprec_http_work_in_flight 5.0" in c.get("/metrics").text
+        finally:
+            gate.set()
+            for t in threads:
+                t.join(30)
         sizes = c.get("/metrics").text
-    assert answers["bad"]["error"].startswith("k: ")  # FastAPI's check, before the worker
+    assert answers["bad"]["error"].startswith("k: ")
     assert 'cliprec_search_batch_size_bucket{le="4.0"} 2.0' in sizes  # [first] then the other four
+    assert 'cliprec_search_batch_size_bucket{le="1.0"} 1.0' in sizes
     for text in texts:
         for variant in ("zeroshot", "lora"):
             got, want = answers[text]["results"][variant], alone[text]["results"][variant]
