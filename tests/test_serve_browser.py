@@ -32,11 +32,34 @@ from cliprec.serve import ServeSettings, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver "
-    "(.ci/run installs them)",
-)
+
+
+def _major(program: str | None) -> str | None:
+    """The major version `program --version` prints (Chromium 156.0... / ChromeDriver 156.0...)."""
+    if program is None:
+        return None
+    try:
+        out = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = [w for w in out.split() if w[:1].isdigit()]
+    return words[0].split(".")[0] if words else None
+
+
+def _skip_reason() -> str | None:
+    if not (CHROMIUM and CHROMEDRIVER):
+        return (
+            "needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver "
+            "(.ci/run installs them)"
+        )
+    browser, driver = _major(CHROMIUM), _major(CHROMEDRIVER)
+    if browser is None or browser != driver:
+        return f"{CHROMIUM} is version {browser} but {CHROMEDRIVER} is {driver}: install matching ones"
+    return None
+
+
+SKIP = _skip_reason()
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
 )
