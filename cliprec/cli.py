@@ -15,6 +15,32 @@ from pathlib import Path
 log = logging.getLogger("cliprec")
 
 
+def _number(text: str, kind: type[int] | type[float], low: float, high: float = float("inf")) -> float:
+    """argparse type: a number in [low, high], else a one-line usage error (exit 2)."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        bounds = f"{low:g}..{high:g}" if high != float("inf") else f">= {low:g}"
+        raise argparse.ArgumentTypeError(
+            f"must be a{'n integer' if kind is int else ' number'} {bounds}, not {text!r}"
+        )
+    return value
+
+
+def _positive(text: str) -> int:
+    return int(_number(text, int, 1))
+
+
+def _port(text: str) -> int:
+    return int(_number(text, int, 1, 65535))
+
+
+def _positive_mb(text: str) -> float:
+    return _number(text, float, 0.001)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cliprec", description="CLIP product recommendations (DVC project)."
@@ -47,16 +73,16 @@ def _parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="HTTP API and web page (FastAPI + uvicorn); Ctrl-C stops it")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    srv.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    srv.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     srv.add_argument(
         "--category", action="append", help="serve only these categories (repeatable; default: all)"
     )
     srv.add_argument(
-        "--max-inflight", type=int, default=64, help="work requests admitted at once; more get 503 (64)"
+        "--max-inflight", type=_positive, default=64, help="work requests admitted at once; more get 503 (64)"
     )
-    srv.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image upload (10 MB)")
-    srv.add_argument("--max-k", type=int, default=100, help="largest k a search may ask for (100)")
-    srv.add_argument("--threads", type=int, help="torch/FAISS threads per query (default: all cores)")
+    srv.add_argument("--max-upload-mb", type=_positive_mb, default=10.0, help="largest image upload (10 MB)")
+    srv.add_argument("--max-k", type=_positive, default=100, help="largest k a search may ask for (100)")
+    srv.add_argument("--threads", type=_positive, help="torch/FAISS threads per query (default: all cores)")
     srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     return parser
 
@@ -110,10 +136,6 @@ def _gate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from cliprec.serve import ServeSettings, run
 
-    if not 0 < args.port < 65536:
-        raise _UserError(f"--port must be in 1..65535, not {args.port}")
-    if min(args.max_inflight, args.max_k, args.threads or 1) < 1 or args.max_upload_mb <= 0:
-        raise _UserError("--max-inflight, --max-k, --threads and --max-upload-mb must be positive")
     if not args.verbose:
         from transformers.utils import logging as hf_logging
 

@@ -8,7 +8,8 @@ stage's `process_image` (bomb, truncation and format checks; resize like the cat
 default weight the answers equal the CLI's on the same file (tests/test_serve.py checks both paths).
 
 Every problem a client can fix raises ServiceError with the HTTP status that names it and a one-line
-message. Params are read only through `_param`, so that the params representation can change.
+message. Params are read only through `_param` (and `_image_config`), which accept params as a plain dict
+or as a validated model, so that the params representation can change under this module.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from cliprec import paths
-from cliprec.images import ImageConfig, ImageFailure, decode_jpeg, pillow_limits, process_image
+from cliprec.images import ImageFailure, decode_jpeg, pillow_limits, process_image
 from cliprec.index import fuse
 from cliprec.params import load_params
 from cliprec.photos import PhotoStore
@@ -71,6 +72,15 @@ def _param(params: Any, name: str) -> Any:
     """One top-level param of loaded params (a dict, or a pydantic model); blocks come back as dicts."""
     value = params.get(name) if isinstance(params, Mapping) else getattr(params, name, None)
     return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def _image_config(params: Any) -> Any:
+    """The images-stage settings that `process_image` checks uploads with (as `load_query_image` does)."""
+    if not isinstance(params, Mapping):
+        return params.images  # the validated images block is what the images stage takes
+    from cliprec.images import ImageConfig  # plain-dict params: build the stage's config from them
+
+    return ImageConfig.from_params(params.get("images") or {})
 
 
 def configured_categories(root: str | Path) -> list[str]:
@@ -164,7 +174,7 @@ class Service:
         first = self.recommenders[self.categories[0]]["lora"]
         self.model_name = first.model_name
         self.text_weight = first.text_weight
-        self.image_config = ImageConfig.from_params(_param(first.params, "images") or {})
+        self.image_config = _image_config(first.params)
         self.max_upload_bytes = min(
             int(max_upload_bytes or self.image_config.max_bytes), int(self.image_config.max_bytes)
         )

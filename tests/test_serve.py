@@ -577,4 +577,8 @@ def test_serve_command_stops_gracefully(root, sig):
 def test_serve_command_exits_2_when_nothing_can_load(root, capsys):
     code = main(["--root", str(root), "serve", "--port", str(free_port()), "--category", "Nope"])
     assert code == 2
-    assert main(["--root", str(root), "serve", "--port", "0"]) == 2  # argument check: no server started
+    for bad in (["--port", "0"], ["--max-inflight", "0"], ["--max-upload-mb", "-1"], ["--threads", "x"]):
+        with pytest.raises(SystemExit) as stop:  # argparse: usage and one line, no server started
+            main(["--root", str(root), "serve", *bad])
+        assert stop.value.code == 2
+    assert "argument --threads: must be an integer >= 1, not 'x'" in capsys.readouterr().err
