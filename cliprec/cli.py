@@ -1,4 +1,4 @@
-"""The `cliprec` command: recommend, report, gate.
+"""The `cliprec` command: recommend, report, gate, serve.
 
 Exit codes: 0 success (gate: passed), 1 gate failed, 2 a usage or input problem (one line on stderr;
 the traceback with --debug or CLIPREC_DEBUG=1).
@@ -16,6 +16,32 @@ from pathlib import Path
 from cliprec.errors import USER_ERROR_EXIT, CliprecError, debug_enabled
 
 log = logging.getLogger("cliprec")
+
+
+def _number(text: str, kind: type[int] | type[float], low: float, high: float = float("inf")) -> float:
+    """argparse type: a number in [low, high], else a one-line usage error (exit 2)."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        bounds = f"{low:g}..{high:g}" if high != float("inf") else f">= {low:g}"
+        raise argparse.ArgumentTypeError(
+            f"must be a{'n integer' if kind is int else ' number'} {bounds}, not {text!r}"
+        )
+    return value
+
+
+def _positive(text: str) -> int:
+    return int(_number(text, int, 1))
+
+
+def _port(text: str) -> int:
+    return int(_number(text, int, 1, 65535))
+
+
+def _positive_mb(text: str) -> float:
+    return _number(text, float, 0.001)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +88,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: require every per-query rank and metric to equal the revision's (CI's repro check)",
     )
+
+    srv = sub.add_parser("serve", help="HTTP API and web page (FastAPI + uvicorn); Ctrl-C stops it")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    srv.add_argument(
+        "--category", action="append", help="serve only these categories (repeatable; default: all)"
+    )
+    srv.add_argument(
+        "--max-inflight", type=_positive, default=64, help="work requests admitted at once; more get 503 (64)"
+    )
+    srv.add_argument("--max-upload-mb", type=_positive_mb, default=10.0, help="largest image upload (10 MB)")
+    srv.add_argument("--max-k", type=_positive, default=100, help="largest k a search may ask for (100)")
+    srv.add_argument("--threads", type=_positive, help="torch/FAISS threads per query (default: all cores)")
+    srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     return parser
 
 
@@ -116,6 +156,26 @@ def _gate(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from cliprec.serve import ServeSettings, run
+
+    if not args.verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars among the server's log lines
+        logging.getLogger("cliprec").setLevel(logging.INFO)  # a server's progress is its output
+    settings = ServeSettings(
+        max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_k=args.max_k,
+        max_inflight=args.max_inflight,
+        threads=args.threads,
+    )
+    try:
+        return run(args.root, args.host, args.port, args.category, settings, access_log=args.access_log)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after its graceful shutdown
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cliprec` console script."""
     args = _parser().parse_args(argv)
@@ -128,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.root).is_dir():
         print(f"cliprec: error: --root {args.root} is not a directory", file=sys.stderr)
         return 2
-    handlers = {"recommend": _recommend, "report": _report, "gate": _gate}
+    handlers = {"recommend": _recommend, "report": _report, "gate": _gate, "serve": _serve}
     try:
         return handlers[args.command](args)
     except CliprecError as e:

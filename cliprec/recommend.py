@@ -151,6 +151,13 @@ class Recommender:
         model, processor = self._load_model()
         return self._check_dim(np.asarray(encode_texts(model, processor, [text]), dtype=np.float32))
 
+    def text_vectors(self, texts: list[str]) -> np.ndarray:
+        """Embeddings of several query texts in one batch (n x d); row i is text_vector(texts[i]) to ~1e-7."""
+        from cliprec.embed import encode_texts
+
+        model, processor = self._load_model()
+        return self._check_dim(np.asarray(encode_texts(model, processor, list(texts)), dtype=np.float32))
+
     def image_vector(self, image: Any) -> np.ndarray:
         """Embedding of a query image (PIL)."""
         from cliprec.embed import encode_images

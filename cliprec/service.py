@@ -1,0 +1,433 @@
+"""The recommender service behind `cliprec serve`: every category's recommenders, loaded once, searched
+the way `cliprec recommend` searches.
+
+Text and "more like this" queries go through `Recommender.recommend` itself. An uploaded image has no
+path for `Query.image`, so it takes the steps `Recommender.query_vector` takes for a file: the images
+stage's `process_image` (bomb, truncation and format checks; resize like the catalog's photos), then
+`decode_jpeg`, `Recommender.image_vector`, `fuse` with the text vector, and the index search. With the
+default weight the answers equal the CLI's on the same file (tests/test_serve.py checks both paths).
+
+Every problem a client can fix raises ServiceError with the HTTP status that names it and a one-line
+message. Params are read only through `_param` (and `_image_config`), which accept params as a plain dict
+or as a validated model, so that the params representation can change under this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from cliprec import paths
+from cliprec.images import ImageFailure, decode_jpeg, pillow_limits, process_image
+from cliprec.index import fuse
+from cliprec.params import load_params
+from cliprec.photos import PhotoStore
+from cliprec.recommend import Hit, Query, Recommender, RecommendError
+
+log = logging.getLogger(__name__)
+
+VARIANT_CHOICES = ("zeroshot", "lora", "both")
+DETAIL_COLUMNS = (
+    "id",
+    "title",
+    "main_category",
+    "store",
+    "features",
+    "description",
+    "price",
+    "average_rating",
+    "rating_number",
+    "split",
+)
+# ImageFailure status of an upload -> HTTP status
+IMAGE_STATUS = {"not_image": 415, "too_large": 413, "decode_error": 422}
+
+
+class ServiceError(Exception):
+    """A request the service cannot answer; `status` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(one_line(message))
+        self.status = status
+
+
+def one_line(message: str) -> str:
+    """Collapse whitespace (newlines included) to single spaces: errors are one line."""
+    return " ".join(str(message).split())
+
+
+def _param(params: Any, name: str) -> Any:
+    """One top-level param of loaded params (a dict, or a pydantic model); blocks come back as dicts."""
+    value = params.get(name) if isinstance(params, Mapping) else getattr(params, name, None)
+    return value.model_dump() if hasattr(value, "model_dump") else value
+
+
+def _image_config(params: Any) -> Any:
+    """The images-stage settings that `process_image` checks uploads with (as `load_query_image` does)."""
+    if not isinstance(params, Mapping):
+        return params.images  # the validated images block is what the images stage takes
+    from cliprec.images import ImageConfig  # plain-dict params: build the stage's config from them
+
+    return ImageConfig.from_params(params.get("images") or {})
+
+
+def configured_categories(root: str | Path) -> list[str]:
+    """The categories params.yaml lists (serve them all unless told otherwise)."""
+    params_path = Path(root) / "params.yaml"
+    if not params_path.is_file():
+        raise RecommendError(
+            f"no params.yaml in {Path(root).resolve()}: run from the project root or pass --root"
+        )
+    return [str(c) for c in _param(load_params(params_path), "categories") or []]
+
+
+def git_commit(root: str | Path) -> str | None:
+    """HEAD of the git repository at root (None outside one)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """A products.parquet cell as JSON: arrays to lists, NaN to None, numpy scalars to Python."""
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+@dataclass
+class SearchRequest:
+    """One search as the API receives it (image = the uploaded bytes)."""
+
+    category: str
+    variant: str = "both"
+    text: str | None = None
+    image: bytes | None = None
+    image_name: str | None = None
+    product: str | None = None
+    weight: float | None = None
+    k: int = 10
+
+    @property
+    def kind(self) -> str:
+        """text | image | text+image | product (as recommend.Query.kind)."""
+        if self.product:
+            return "product"
+        return "+".join(k for k, v in (("text", self.text), ("image", self.image is not None)) if v)
+
+
+class Service:
+    """Recommenders (both variants) of the served categories, their product details and photos."""
+
+    def __init__(
+        self,
+        root: str | Path = ".",
+        categories: Sequence[str] | None = None,
+        thumb_side: int = 128,
+        max_upload_bytes: int | None = None,
+    ) -> None:
+        t0 = time.perf_counter()
+        self.root = Path(root)
+        self.categories = list(categories) if categories else configured_categories(self.root)
+        if not self.categories:
+            raise RecommendError("no categories to serve (params.yaml lists none)")
+        self.recommenders: dict[str, dict[str, Recommender]] = {}
+        self.photos: dict[str, PhotoStore] = {}
+        self.details: dict[str, pd.DataFrame] = {}
+        for cat in self.categories:
+            # the Recommender verifies each index against its manifest (sha256, ids, model, variant)
+            self.recommenders[cat] = {v: Recommender(cat, v, root=self.root) for v in paths.VARIANTS}
+            self.photos[cat] = PhotoStore(self.root / paths.images_dir(cat), thumb_side=thumb_side)
+            products_path = self.root / paths.products_path(cat)
+            columns = [c for c in DETAIL_COLUMNS if c in pq.read_schema(products_path).names]
+            self.details[cat] = pd.read_parquet(products_path, columns=columns).set_index("id", drop=False)
+        first = self.recommenders[self.categories[0]]["lora"]
+        self.model_name = first.model_name
+        self.text_weight = first.text_weight
+        self.image_config = _image_config(first.params)
+        self.max_upload_bytes = min(
+            int(max_upload_bytes or self.image_config.max_bytes), int(self.image_config.max_bytes)
+        )
+        self.commit = git_commit(self.root)
+        self.load_seconds = time.perf_counter() - t0
+
+    def warm_up(self) -> None:
+        """Load every model now (Recommender loads lazily), so the first query is not the slow one."""
+        from PIL import Image
+
+        t0 = time.perf_counter()
+        blank = Image.new("RGB", (64, 64), "white")  # any size: the processor resizes it
+        for cat in self.categories:
+            for rec in self.recommenders[cat].values():
+                rec.text_vector("warm up")
+                rec.image_vector(blank)
+        log.info("serve: models loaded in %.1f s", time.perf_counter() - t0)
+
+    # --- validation -----------------------------------------------------------------------------------
+
+    def _category(self, category: str | None) -> str:
+        if category is None or category == "":
+            return self.categories[0]
+        if category not in self.recommenders:
+            raise ServiceError(422, f"unknown category {category!r} (served: {', '.join(self.categories)})")
+        return category
+
+    def check_product(self, category: str, pid: str) -> str:
+        """The id if the category's catalog has it (404 otherwise); ids come from the index manifest."""
+        category = self._category(category)
+        if pid not in self.details[category].index:
+            raise ServiceError(404, f"unknown product {pid!r} in category {category}")
+        return pid
+
+    def decode_upload(self, data: bytes) -> Any:
+        """An uploaded image, checked and prepared like the catalog's photos (PIL RGB); ServiceError if bad.
+
+        Call from one thread at a time: Pillow's bomb limit is process-global (`pillow_limits`).
+        """
+        cfg = self.image_config
+        if len(data) > self.max_upload_bytes:
+            raise ServiceError(413, f"image upload of {len(data)} B > {self.max_upload_bytes} B")
+        if not data:
+            raise ServiceError(422, "image upload is empty")
+        try:
+            with pillow_limits(cfg.max_pixels):
+                jpeg = process_image(data, cfg)
+        except ImageFailure as f:
+            raise ServiceError(IMAGE_STATUS.get(f.status, 422), f"image upload: {f.status}: {f}") from f
+        return decode_jpeg(jpeg)
+
+    # --- search ---------------------------------------------------------------------------------------
+
+    def _validate(self, req: SearchRequest) -> tuple[str, list[str]]:
+        """(category, variants) of a request; ServiceError for what the client must change."""
+        category = self._category(req.category)
+        if req.variant not in VARIANT_CHOICES:
+            raise ServiceError(422, f"unknown variant {req.variant!r} (one of {', '.join(VARIANT_CHOICES)})")
+        variants = list(paths.VARIANTS) if req.variant == "both" else [req.variant]
+        if req.text is not None and not req.text.strip():
+            req.text = None
+        if req.product and (req.text or req.image is not None):
+            raise ServiceError(422, "product (more like this) cannot be combined with text or image")
+        if not (req.text or req.image is not None or req.product):
+            raise ServiceError(422, "no query: give text, image and/or product")
+        if req.weight is not None and not 0.0 <= req.weight <= 1.0:
+            raise ServiceError(422, f"weight must be in [0, 1], not {req.weight}")
+        if req.k < 1:
+            raise ServiceError(422, f"k must be >= 1, not {req.k}")
+        if req.product:
+            self.check_product(category, req.product)
+            for v in variants:
+                if req.product not in self.recommenders[category][v].position:
+                    raise ServiceError(
+                        404, f"product {req.product!r} is in the catalog but has no embedding (no image)"
+                    )
+        return category, variants
+
+    def search(self, req: SearchRequest) -> dict[str, Any]:
+        """Ranked results per variant (+ the ids both variants found), like `cliprec recommend`."""
+        t0 = time.perf_counter()
+        category, variants = self._validate(req)
+        image = self.decode_upload(req.image) if req.image is not None else None
+        weight = self.text_weight if req.weight is None else float(req.weight)
+        results = {v: self._search_one(self.recommenders[category][v], req, image, weight) for v in variants}
+        return self._answer(category, req, results, weight if (req.text and image is not None) else None, t0)
+
+    def search_many(self, reqs: Sequence[SearchRequest]) -> list[dict[str, Any] | ServiceError]:
+        """Answers (or errors) of several searches; the text-only ones share one text-encoder batch.
+
+        A lone text query takes `search`, i.e. `Recommender.recommend`, exactly. In a batch the texts are
+        padded to the longest, which changes the float summation order: vectors move by ~1e-7, so a
+        score can move in its 6th decimal (rankings of the demo's test titles came out identical).
+        """
+        out: list[dict[str, Any] | ServiceError | None] = [None] * len(reqs)
+        texts: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+        for i, req in enumerate(reqs):
+            try:
+                category, variants = self._validate(req)
+            except ServiceError as e:
+                out[i] = e
+                continue
+            if req.text and req.image is None and not req.product:
+                texts.setdefault((category, tuple(variants)), []).append(i)
+            else:
+                out[i] = self._answer_or_error(req)
+        for (category, variants), rows in texts.items():
+            if len(rows) == 1:
+                out[rows[0]] = self._answer_or_error(reqs[rows[0]])
+                continue
+            t0 = time.perf_counter()
+            try:
+                vectors = {
+                    v: self.recommenders[category][v].text_vectors([reqs[i].text for i in rows])
+                    for v in variants
+                }
+            except RecommendError as e:
+                log.error("serve: %s: %s", category, e)
+                for i in rows:
+                    out[i] = ServiceError(500, f"{category}: {e}")
+                continue
+            for row, i in enumerate(rows):
+                results = {
+                    v: self._hits(self.recommenders[category][v], vectors[v][row : row + 1], reqs[i].k)
+                    for v in variants
+                }
+                out[i] = self._answer(category, reqs[i], results, None, t0)
+        return out  # every slot is filled above
+
+    def _answer_or_error(self, req: SearchRequest) -> dict[str, Any] | ServiceError:
+        try:
+            return self.search(req)
+        except ServiceError as e:
+            return e
+
+    def _answer(
+        self,
+        category: str,
+        req: SearchRequest,
+        results: dict[str, list[dict]],
+        weight: float | None,
+        t0: float,
+    ) -> dict[str, Any]:
+        ranked = [[h["id"] for h in hits] for hits in results.values()]
+        shared = [pid for pid in ranked[0] if all(pid in r for r in ranked[1:])] if len(ranked) > 1 else []
+        return {
+            "category": category,
+            "query": {
+                "kind": req.kind,
+                "text": req.text,
+                "image": req.image_name if req.image is not None else None,
+                "product": req.product,
+                "weight": weight,
+            },
+            "k": req.k,
+            "results": results,
+            "shared": shared,
+            "took_ms": round(1000 * (time.perf_counter() - t0), 2),
+        }
+
+    def _search_one(self, rec: Recommender, req: SearchRequest, image: Any, weight: float) -> list[dict]:
+        if image is None:
+            try:
+                hits = rec.recommend(Query(text=req.text, product=req.product), k=req.k)
+            except RecommendError as e:  # the request was validated: what is left is a server-side problem
+                log.error("serve: %s/%s: %s", rec.category, rec.variant, e)
+                raise ServiceError(500, f"{rec.category}/{rec.variant}: {e}") from e
+            return [self._hit(rec.category, h) for h in hits]
+        try:
+            vector = rec.image_vector(image)
+            if req.text:
+                vector = np.asarray(fuse(rec.text_vector(req.text), vector, weight), dtype=np.float32)
+        except RecommendError as e:
+            log.error("serve: %s/%s: %s", rec.category, rec.variant, e)
+            raise ServiceError(500, f"{rec.category}/{rec.variant}: {e}") from e
+        return self._hits(rec, vector, req.k)
+
+    def _hits(self, rec: Recommender, vector: np.ndarray, k: int) -> list[dict]:
+        """Top-k of a query vector, ranked and rounded as Recommender.recommend does."""
+        ids, scores = rec.index.search(vector, k)
+        hits = [
+            Hit(rank=i + 1, id=pid, score=round(float(s), 6), title=rec.titles.get(pid, ""))
+            for i, (pid, s) in enumerate(zip(ids[0], scores[0]))
+        ]
+        return [self._hit(rec.category, h) for h in hits]
+
+    def _hit(self, category: str, hit: Hit) -> dict[str, Any]:
+        base = f"/api/products/{quote(category, safe='')}/{quote(hit.id, safe='')}"
+        return {
+            "rank": hit.rank,
+            "id": hit.id,
+            "score": hit.score,
+            "title": hit.title,
+            "image": f"{base}/thumb",
+            "photo": f"{base}/photo",
+        }
+
+    # --- products, info -------------------------------------------------------------------------------
+
+    def product(self, category: str, pid: str) -> dict[str, Any]:
+        """Catalog fields of one product, its stored photos and whether each variant has it indexed."""
+        category = self._category_path(category)
+        self.check_product(category, pid)
+        row = self.details[category].loc[pid]
+        base = f"/api/products/{quote(category, safe='')}/{quote(pid, safe='')}"
+        detail = {c: _plain(row[c]) for c in self.details[category].columns}
+        detail["category"] = category
+        detail["photos"] = {v: f"{base}/photo?view={v}" for v in self.photos[category].views(pid)}
+        detail["thumb"] = f"{base}/thumb"
+        detail["indexed"] = {v: pid in r.position for v, r in self.recommenders[category].items()}
+        return detail
+
+    def _category_path(self, category: str) -> str:
+        """A category named in a URL path: unknown is 404 there."""
+        if category not in self.recommenders:
+            raise ServiceError(404, f"unknown category {category!r} (served: {', '.join(self.categories)})")
+        return category
+
+    def photo(self, category: str, pid: str, view: str = "main", thumb: bool = False) -> bytes:
+        """The stored JPEG (or its thumbnail) of a product's view; 404 when there is none."""
+        category = self._category_path(category)
+        self.check_product(category, pid)
+        store = self.photos[category]
+        data = store.thumbnail(pid, view) if thumb else store.photo(pid, view)
+        if data is None:
+            raise ServiceError(404, f"product {pid!r} has no {view!r} photo")
+        return data
+
+    def info(self) -> dict[str, Any]:
+        """Model, variants, index type and size, commit, and the committed metrics (CIs where present)."""
+        cats: dict[str, Any] = {}
+        for cat in self.categories:
+            variants = {}
+            for v, rec in self.recommenders[cat].items():
+                manifest = rec.index.manifest
+                variants[v] = {
+                    "index": (manifest.get("factory") or {}).get("resolved"),
+                    "ntotal": int(manifest.get("ntotal", rec.index.index.ntotal)),
+                    "d": rec.index.d,
+                    "metric": manifest.get("metric"),
+                    "adapter": manifest.get("adapter"),
+                    "metrics": _read_json(self.root / paths.metrics_path(cat, v)),
+                }
+            cats[cat] = {
+                "products": len(self.details[cat]),
+                "photos": len(self.photos[cat].locations),
+                "variants": variants,
+                "train": _read_json(self.root / paths.live_dir(cat) / "metrics.json"),
+            }
+        return {
+            "model": self.model_name,
+            "text_weight": self.text_weight,
+            "variants": list(paths.VARIANTS),
+            "commit": self.commit,
+            "categories": cats,
+        }

@@ -1,0 +1,297 @@
+"""The web page in a real browser: Debian's headless Chromium driven by selenium through chromium-driver.
+
+The page is served by `cliprec serve`'s app (uvicorn in a thread) over the tiny project of test_recommend,
+made a DVC project holding this repository's committed metrics, so that the plots section has real plots.
+Chromium's network log must show no request outside the server (nothing from a CDN).
+
+Screenshots go to $CLIPREC_SCREENSHOTS (default: a temp dir). The README's screenshot comes from the demo
+project itself: after `dvc repro`,
+
+    CLIPREC_BROWSER_ROOT=. CLIPREC_SCREENSHOTS=docs pytest tests/test_serve_browser.py
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_recommend import CAT, shared_project
+
+from cliprec.serve import ServeSettings, create_app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _major(program: str | None) -> str | None:
+    """The major version `program --version` prints (Chromium 156.0... / ChromeDriver 156.0...)."""
+    if program is None:
+        return None
+    try:
+        out = subprocess.run([program, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = [w for w in out.split() if w[:1].isdigit()]
+    return words[0].split(".")[0] if words else None
+
+
+def _skip_reason() -> str | None:
+    if not (CHROMIUM and CHROMEDRIVER):
+        return (
+            "needs Debian's chromium and chromium-driver: apt-get install -y chromium chromium-driver "
+            "(.ci/run installs them)"
+        )
+    browser, driver = _major(CHROMIUM), _major(CHROMEDRIVER)
+    if browser is None or browser != driver:
+        return f"{CHROMIUM} is version {browser} but {CHROMEDRIVER} is {driver}: install matching ones"
+    return None
+
+
+SKIP = _skip_reason()
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+webdriver = pytest.importorskip(
+    "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
+)
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+)
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    out = Path(os.environ.get("CLIPREC_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, str]:
+    """(root, category): $CLIPREC_BROWSER_ROOT with its first category, or a DVC copy of the tiny project."""
+    if os.environ.get("CLIPREC_BROWSER_ROOT"):
+        from cliprec.service import configured_categories
+
+        root = Path(os.environ["CLIPREC_BROWSER_ROOT"]).resolve()
+        return root, configured_categories(root)[0]
+    root = tmp_path_factory.mktemp("browser") / "project"
+    shutil.copytree(shared_project(tmp_path_factory), root)
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "metrics", root / "metrics", dirs_exist_ok=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    return root, CAT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(project):
+    import httpx
+    import uvicorn
+
+    root, category = project
+    app = create_app(root, categories=[category], settings=ServeSettings(max_upload_bytes=2_000_000))
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the server did not get ready")
+    yield url
+    srv.should_exit = True
+    thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    browser.set_page_load_timeout(WAIT_S)
+    yield browser
+    browser.quit()
+
+
+def wait(driver, condition, what: str):
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.1).until(lambda d: condition(d), message=what)
+
+
+def hit_ids(driver, variant: str) -> list[str]:
+    return [e.get_attribute("data-id") for e in driver.find_elements(By.CSS_SELECTOR, f"#col-{variant} .hit")]
+
+
+def ink(png: bytes) -> float:
+    """Fraction of the picture's pixels that are not (nearly) white."""
+    grey = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+    return float((grey < 200).mean())
+
+
+def network_requests(driver) -> list[str]:
+    """Every http(s)/ws URL the browser asked for since the last call (Chromium's DevTools log)."""
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return [u for u in urls if u.startswith(("http:", "https:", "ws:", "wss:"))]
+
+
+def test_search_upload_and_more_like_this(server, project, driver, shots, tmp_path):
+    import httpx
+
+    root, category = project
+    driver.get(server)
+    wait(driver, lambda d: d.find_element(By.ID, "status").text.startswith("ready"), "page ready")
+
+    # a text query: both columns fill, and the products both variants found are marked
+    box = driver.find_element(By.ID, "text")
+    box.send_keys("a red shirt", Keys.ENTER)
+    wait(driver, lambda d: len(hit_ids(d, "lora")) == 10 and len(hit_ids(d, "zeroshot")) == 10, "results")
+    api = httpx.post(f"{server}/api/search", data={"text": "a red shirt", "category": category}).json()
+    assert hit_ids(driver, "lora") == [h["id"] for h in api["results"]["lora"]]
+    assert hit_ids(driver, "zeroshot") == [h["id"] for h in api["results"]["zeroshot"]]
+    marked = {
+        e.get_attribute("data-id") for e in driver.find_elements(By.CSS_SELECTOR, "#col-lora .hit.shared")
+    }
+    assert marked == set(api["shared"])
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#col-lora .hit.shared .badge")) == len(api["shared"])
+    assert all(
+        d.get_attribute("naturalWidth") != "0" for d in driver.find_elements(By.CSS_SELECTOR, ".hit img")
+    )  # the thumbnails arrived
+
+    # a photo upload (one of the catalog's other views) together with the text, weight 0.3
+    top = api["results"]["lora"][0]["id"]
+    photo = tmp_path / "query-photo.jpg"
+    photo.write_bytes(
+        httpx.get(f"{server}/api/products/{category}/{top}/photo", params={"view": "alt"}).content
+    )
+    driver.find_element(By.ID, "image").send_keys(str(photo))
+    wait(driver, lambda d: d.find_element(By.ID, "preview").is_displayed(), "photo preview")
+    slider = driver.find_element(By.ID, "weight")
+    assert slider.is_enabled()
+    driver.execute_script(
+        "arguments[0].value = '0.3'; arguments[0].dispatchEvent(new Event('input'));", slider
+    )
+    driver.find_element(By.ID, "search-btn").click()
+    summary = driver.find_element(By.ID, "summary")
+    wait(
+        driver,
+        lambda d: "photo query-photo.jpg" in summary.text and "weight 0.3" in summary.text,
+        "photo search",
+    )
+    assert len(hit_ids(driver, "lora")) == 10
+    driver.save_screenshot(str(shots / "serve.png"))
+
+    # "more like this": click a result; the page searches by that product, which is left out
+    first = driver.find_element(By.CSS_SELECTOR, "#col-lora .hit")
+    clicked = first.get_attribute("data-id")
+    first.click()
+    wait(driver, lambda d: f"more like {clicked}" in d.find_element(By.ID, "summary").text, "more like this")
+    assert driver.find_element(By.ID, "more-like").is_displayed()
+    assert driver.find_element(By.ID, "more-like-id").text == clicked
+    assert clicked not in hit_ids(driver, "lora") and clicked not in hit_ids(driver, "zeroshot")
+    assert len(hit_ids(driver, "lora")) == 10
+    driver.save_screenshot(str(shots / "serve-more-like-this.png"))
+
+    # a bad upload: the error is shown plainly, the page keeps working
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("<html>not a picture</html>")
+    driver.find_element(By.ID, "image").send_keys(str(bad))
+    driver.find_element(By.ID, "search-btn").click()
+    error = driver.find_element(By.ID, "error")
+    wait(driver, lambda d: error.is_displayed() and "415" in error.text, "error shown")
+    assert "not_image" in error.text
+    driver.save_screenshot(str(shots / "serve-error.png"))
+
+    outside = [u for u in network_requests(driver) if not u.startswith(server)]
+    assert not outside, outside  # everything came from the server itself
+    severe = [
+        e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "status of 415" not in e["message"]
+    ]
+    assert not severe, severe
+
+
+def test_plots_are_drawn_offline(server, driver, shots):
+    import httpx
+
+    # the page's plots section: the project's DVC plots drawn by the vendored vega
+    n_plots = len(httpx.get(f"{server}/api/plots").json()["plots"])
+    assert n_plots >= 4
+    driver.get(f"{server}/#plots")
+    body = driver.find_element(By.ID, "plots-body")
+    wait(driver, lambda d: body.get_attribute("data-rendered") == str(n_plots), "plots drawn")
+    assert len(body.find_elements(By.CSS_SELECTOR, ".vega-embed svg.marks")) == n_plots
+    assert ink(body.screenshot_as_png) > 0.01
+    driver.save_screenshot(str(shots / "serve-plots.png"))
+
+    # `dvc plots show` of this repository, opened from disk with no server: the offline template
+    subprocess.run([sys.executable, "-m", "dvc", "plots", "show"], cwd=REPO, check=True, capture_output=True)
+    network_requests(driver)  # drop what the page above asked for
+    driver.get((REPO / "dvc_plots" / "index.html").as_uri())
+    wait(
+        driver,
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, ".vega-embed canvas, .vega-embed svg.marks"))
+            == len(d.find_elements(By.CSS_SELECTOR, ".vega-embed"))
+            >= 4
+        ),
+        "dvc plots drawn",
+    )
+    assert driver.find_element(By.ID, "offline-check").text == ""  # vega-embed loaded
+    assert ink(driver.get_screenshot_as_png()) > 0.01
+    driver.save_screenshot(str(shots / "dvc-plots.png"))
+    assert network_requests(driver) == []  # all from disk
+
+
+def test_api_docs_render_offline(server, driver, shots):
+    network_requests(driver)  # drop earlier requests
+    driver.get(f"{server}/docs")
+    wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 5, "Swagger UI operations")
+    paths = {e.text for e in driver.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/api/search", "/api/info", "/healthz"} <= paths
+    outside = [u for u in network_requests(driver) if not u.startswith(server)]
+    assert not outside, outside
+    driver.save_screenshot(str(shots / "serve-docs.png"))
