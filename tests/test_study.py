@@ -114,7 +114,8 @@ def test_amazon_source_reads_a_local_hub_copy_through_the_same_call(small, tmp_p
     assert report["source"] == "amazon" and report["n_products"] == 12
     assert report["dropped"]["no_title"] >= 1 and report["dropped"]["duplicate_id"] >= 1
     products = catalog.read_products(tmp_path / "out" / "products.parquet")
-    assert all(u.startswith("file:///") for urls in products["image_urls"] for u in urls)
+    # per product, per photo: its URLs hi_res -> large -> thumb
+    assert all(u.startswith("file:///") for photos in products["image_urls"] for urls in photos for u in urls)
 
 
 # --- the study path at small shapes ----------------------------------------------------------------------
