@@ -56,8 +56,9 @@ def make_project(root: Path, n: int, args: argparse.Namespace) -> None:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params.update(categories=[CATEGORY], epochs=args.epochs, seed=args.seed)
     params["images"]["side"] = args.image_side
-    params["setups"]["demo"]["ingest"] = {"source": "jsonl", "path": "catalog/meta_{category}.jsonl",
-                                          "n_products": None}  # fmt: skip
+    params["setups"]["demo"]["ingest"].update(
+        source="jsonl", path="catalog/meta_{category}.jsonl", n_products=None
+    )
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
