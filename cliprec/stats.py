@@ -16,6 +16,7 @@ ranks, the seed and the number of resamples.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -48,10 +49,23 @@ class Comparison:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-def bootstrap_counts(n: int, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, n) multinomial counts: how often each query is drawn in each bootstrap resample."""
+BLOCK_VALUES = 2**22  # resamples x queries drawn at a time (32 MB of float64): memory stays flat with n
+
+
+def _block_rows(n: int, resamples: int) -> int:
+    """Resamples per block: a multiple of 4 (so int8 draws never leave a buffered byte behind)."""
+    return min(resamples, max(4, BLOCK_VALUES // max(n, 1) // 4 * 4))
+
+
+def bootstrap_counts(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Blocks of the (resamples, n) multinomial counts: how often each query is drawn in each resample.
+
+    One generator draws the blocks in turn, so the concatenated blocks equal one (resamples, n) draw.
+    """
     rng = np.random.default_rng([seed, SALT_BOOTSTRAP])
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=resamples).astype(np.float64)
+    rows = _block_rows(n, resamples)
+    for start in range(0, resamples, rows):
+        yield rng.multinomial(n, np.full(n, 1.0 / n), size=min(rows, resamples - start)).astype(np.float64)
 
 
 def bootstrap_ci(
@@ -63,16 +77,19 @@ def bootstrap_ci(
     if n == 0:
         nan = np.full(len(values), np.nan)
         return nan, nan
-    means = bootstrap_counts(n, resamples, seed) @ values.T / n  # (resamples, m)
+    means = np.concatenate([c @ values.T / n for c in bootstrap_counts(n, resamples, seed)])  # (resamples, m)
     tail = (1.0 - confidence) / 2
     low, high = np.quantile(means, [tail, 1.0 - tail], axis=0)
     return low, high
 
 
-def sign_flips(n: int, resamples: int, seed: int) -> np.ndarray:
-    """(resamples, n) random signs +-1 for the permutation test."""
+def sign_flips(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Blocks of (resamples, n) random signs +-1 for the permutation test (one generator, as above)."""
     rng = np.random.default_rng([seed, SALT_PERMUTE])
-    return rng.integers(0, 2, size=(resamples, n), dtype=np.int8).astype(np.float64) * 2.0 - 1.0
+    rows = _block_rows(n, resamples)
+    for start in range(0, resamples, rows):
+        size = (min(rows, resamples - start), n)
+        yield rng.integers(0, 2, size=size, dtype=np.int8).astype(np.float64) * 2.0 - 1.0
 
 
 def paired_comparisons(
@@ -89,7 +106,7 @@ def paired_comparisons(
         return [Comparison(*(np.nan,) * 8, 0, 0, 0, np.nan) for _ in range(m)]
     observed = diff.mean(axis=1)
     low, high = bootstrap_ci(diff, resamples, confidence, seed)
-    flipped = sign_flips(n, resamples, seed) @ diff.T / n  # (resamples, m): means under the null
+    flipped = np.concatenate([f @ diff.T / n for f in sign_flips(n, resamples, seed)])  # means under H0
     eps = 1e-12 * np.maximum(1.0, np.abs(observed))  # an observed mean is among the flips it equals
     extreme = (np.abs(flipped) >= np.abs(observed) - eps).sum(axis=0)
     as_low = (flipped <= observed + eps).sum(axis=0)

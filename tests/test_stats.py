@@ -7,13 +7,14 @@ import itertools
 import numpy as np
 import pytest
 
+from cliprec import stats
 from cliprec.stats import bootstrap_ci, bootstrap_counts, paired_comparisons, sign_flips
 
 
 def test_bootstrap_ci_is_the_percentile_interval_of_resampled_means():
     rng = np.random.default_rng(3)
     values = np.stack([rng.random(40) < 0.3, rng.random(40)]).astype(float)  # a hit@k and an MRR-like row
-    counts = bootstrap_counts(40, 500, seed=7)
+    counts = np.concatenate(list(bootstrap_counts(40, 500, seed=7)))
     for row, (low, high) in zip(values, zip(*bootstrap_ci(values, 500, 0.9, seed=7), strict=True)):
         means = []
         for draw in counts:  # the reference: one resample at a time, by hand
@@ -80,4 +81,22 @@ def test_results_are_a_function_of_the_seed():
     a, b = np.random.default_rng(4).random((2, 2, 80))
     one, two, other = (paired_comparisons(a, b, 5000, seed=s) for s in (0, 0, 1))
     assert one == two and one != other
-    assert set(np.unique(sign_flips(50, 100, 0))) == {-1.0, 1.0}
+    assert set(np.unique(np.concatenate(list(sign_flips(50, 100, 0))))) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("n", [3, 37, 250])
+def test_draws_in_blocks_equal_one_draw_so_memory_stays_flat(n, monkeypatch):
+    # a big test set must not hold resamples x queries at once (1.2 GB at 15,000 queries); drawing in
+    # blocks from one generator must give exactly the numbers of one big draw
+    whole_counts = np.concatenate(list(bootstrap_counts(n, 1000, seed=5)))
+    whole_flips = np.concatenate(list(sign_flips(n, 1000, seed=5)))
+    a, b = np.random.default_rng(n).random((2, 3, n))
+    whole = paired_comparisons(a, b, 1000, seed=5)
+    monkeypatch.setattr(stats, "BLOCK_VALUES", 8 * n)  # blocks of 8 resamples
+    blocks = list(bootstrap_counts(n, 1000, seed=5))
+    assert max(len(block) for block in blocks) == 8 and len(blocks) == 125
+    assert np.array_equal(np.concatenate(blocks), whole_counts)
+    assert np.array_equal(np.concatenate(list(sign_flips(n, 1000, seed=5))), whole_flips)
+    blocked = paired_comparisons(a, b, 1000, seed=5)
+    for one, other in zip(blocked, whole, strict=True):  # BLAS may sum a block's products in another order
+        assert one.__dict__ == pytest.approx(other.__dict__, rel=1e-12, abs=1e-15)
