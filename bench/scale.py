@@ -2,6 +2,8 @@
 
     python bench/scale.py                                  # 2k, 20k, 200k products (~1 h on 2 cores)
     python bench/scale.py --sizes 1000 10000 --quick       # smoke test
+    python bench/scale.py --sizes 1000 10000 100000 --keep /tmp/scale --reuse --stages evaluate
+        # after a code change: rerun stages on the kept projects, replacing their rows in the results
 
 For each size a fresh project (this checkout's cliprec/, stages/, params.yaml, models/) gets a synthetic
 Amazon-2023 catalog of that many products as its own JSONL (`source: jsonl`, catalog/meta_<cat>.jsonl;
@@ -89,7 +91,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="scale")
     p.add_argument("--keep", type=Path, help="keep the projects under this directory")
     p.add_argument("--quick", action="store_true", help="default sizes 500 and 5000, results to scale.quick")
+    p.add_argument("--stages", nargs="+", choices=[s for s, _ in STAGES], help="run only these stages")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="run on the projects kept under --keep (their code refreshed from this checkout) and replace "
+        "those rows of the existing results",
+    )
     args = p.parse_args(argv)
+    if args.reuse and not args.keep:
+        p.error("--reuse needs --keep DIR, the projects of an earlier run")
+    if args.stages and not args.reuse:
+        p.error("--stages needs --reuse: a stage reads what the stages before it wrote")
     if args.quick and args.sizes == p.get_default("sizes"):
         args.sizes = [500, 5000]
     if args.quick and args.out == "scale":
@@ -100,11 +113,19 @@ def main(argv: list[str] | None = None) -> None:
         base = args.keep or Path(tmp)
         for n in args.sizes:
             root = base / f"n{n}"
-            print(f"\n== {n} products: drawing the catalog ...", flush=True)
-            started = time.perf_counter()
-            make_project(root, n, args)
-            print(f"   drawn in {time.perf_counter() - started:.0f} s", flush=True)
+            if args.reuse:
+                print(f"\n== {n} products: the kept project, this checkout's code", flush=True)
+                for name in ("cliprec", "stages"):
+                    shutil.rmtree(root / name)
+                    shutil.copytree(REPO_ROOT / name, root / name)
+            else:
+                print(f"\n== {n} products: drawing the catalog ...", flush=True)
+                started = time.perf_counter()
+                make_project(root, n, args)
+                print(f"   drawn in {time.perf_counter() - started:.0f} s", flush=True)
             for stage, stage_argv in STAGES:
+                if args.stages and stage not in args.stages:
+                    continue
                 row = {"n_products": n, "stage": stage, **run_stage(root, stage, stage_argv)}
                 print(f"   {stage}: {row['wall_s']} s, {row['peak_rss_mb']} MB", flush=True)
                 rows.append(row)
@@ -114,6 +135,12 @@ def main(argv: list[str] | None = None) -> None:
                 **{d.name: disk_mb(d) for d in sorted((root / "data").iterdir()) if d.is_dir()},
                 "catalog_photos": disk_mb(root / "catalog"),
             }
+    earlier: dict[str, Any] = {}
+    if args.reuse:  # the other rows (and the disk use) stay as the earlier run measured them
+        earlier = json.loads((REPO_ROOT / "bench" / "results" / f"{args.out}.json").read_text())
+        rerun = {(r["n_products"], r["stage"]): r for r in rows}
+        rows = [rerun.pop((r["n_products"], r["stage"]), r) for r in earlier["rows"]] + list(rerun.values())
+        disk = {**earlier["disk_mb"], **disk}
     print_table(rows, ["n_products", "stage", "wall_s", "peak_rss_mb"], title="Stages by catalog size")
     print(json.dumps(disk, indent=2))
     out = write_results(
@@ -124,6 +151,12 @@ def main(argv: list[str] | None = None) -> None:
             "image_side": args.image_side,
             "epochs": args.epochs,
             "seed": args.seed,
+            # with --reuse: which stages this run measured; the other rows are the earlier run's
+            **(
+                {"rerun": {"stages": args.stages, "earlier_machine": earlier["machine"]}}
+                if args.reuse
+                else {}
+            ),
         },
     )
     print(f"\nwrote {out}")
