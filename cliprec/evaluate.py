@@ -85,6 +85,20 @@ def _rows(arr: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr[rows], dtype=np.float32)
 
 
+def _top_columns(scores: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the columns of the k highest scores, best first; among ties the lower column first.
+
+    The same as a stable argsort of -scores cut at k, in linear time: a partition finds each row's k-th
+    score, the ties at it are taken in column order, and only the k picked columns are sorted.
+    """
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]
+    above, tied = scores > kth, scores == kth
+    take = above | (tied & (np.cumsum(tied, axis=1) <= k - above.sum(axis=1, keepdims=True)))
+    cols = np.nonzero(take)[1].reshape(len(scores), k)  # ascending column order within each row
+    order = np.argsort(-np.take_along_axis(scores, cols, 1), axis=1, kind="stable")
+    return np.take_along_axis(cols, order, 1)
+
+
 def exact_topk(
     queries: np.ndarray, base: np.ndarray, k: int, q_chunk: int = 256, b_chunk: int = 16_384
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -103,8 +117,7 @@ def exact_topk(
             scores = q @ np.asarray(base[bs : bs + b_chunk], dtype=np.float32).T
             all_s = np.concatenate([cur_s, scores], axis=1)
             all_i = np.concatenate([cur_i, np.arange(bs, bs + scores.shape[1])[None].repeat(len(q), 0)], 1)
-            # stable sort on -score keeps the lower position first among ties: deterministic
-            order = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
+            order = _top_columns(all_s, k)
             cur_s = np.take_along_axis(all_s, order, 1)
             cur_i = np.take_along_axis(all_i, order, 1)
         best_s[qs : qs + q_chunk], best_i[qs : qs + q_chunk] = cur_s, cur_i

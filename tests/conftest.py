@@ -5,6 +5,7 @@ from pathlib import Path
 
 import faiss
 import pytest
+import torch
 
 # Subprocesses (stage scripts, accelerate launch, dvc repro) import the cliprec of this checkout, whatever
 # checkout an editable install points at.
@@ -19,3 +20,12 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(old)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and spinning OpenMP threads crawl on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -176,6 +176,19 @@ def test_exact_topk_is_tie_aware_and_blockwise():
     assert np.allclose(scores[:, :4], 1.0, atol=1e-6)
 
 
+def test_exact_topk_equals_a_stable_full_sort_on_tied_scores():
+    # the reference: sort every score of a row (stable, so the lower position wins a tie), cut at k
+    rng = np.random.default_rng(2)
+    for trial in range(40):
+        base = rng.integers(-2, 3, size=(int(rng.integers(8, 50)), 4)).astype(np.float32)  # many ties
+        q = rng.integers(-2, 3, size=(int(rng.integers(1, 9)), 4)).astype(np.float32)
+        k = int(rng.integers(1, 8))
+        want = np.argsort(-(q @ base.T), axis=1, kind="stable")[:, :k]
+        positions, scores = exact_topk(q, base, k, q_chunk=3, b_chunk=int(rng.integers(k, 20)))
+        assert positions.tolist() == want.tolist(), trial
+        assert np.array_equal(scores, np.take_along_axis(q @ base.T, want, 1))
+
+
 def test_stale_or_foreign_index_is_refused(tmp_path):
     fx = make_fixture(tmp_path)
     other = tmp_path / "other"

@@ -203,6 +203,20 @@ def test_changed_config_discards_the_checkpoint_and_amp_runs_on_cpu(tiny, tmp_pa
     assert summary["amp"] and summary["dtype"] == "bfloat16" and summary["epochs_run"] == 1
 
 
+def _launch_two_ranks(script: Path, tiny: dict, cfg: tr.TrainConfig, root: Path, timeout: int):
+    """`accelerate launch` script on 2 CPU processes (gloo) with argv: cfg, train paths, root/ranks."""
+    (root / "ranks").mkdir(parents=True)
+    paths = {"products_path": str(tiny["products"]), "summaries_path": str(tiny["summaries"]),
+             "images_dir": str(tiny["images"]), "out_dir": str(root / "out"),
+             "checkpoint_dir": str(root / "ckpt"), "live_dir": str(root / "live")}  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    args = [json.dumps(dataclasses.asdict(cfg)), json.dumps(paths), str(root / "ranks")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [*launch, str(script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow  # ~20 s: two fresh processes import torch + transformers
 def test_two_process_ddp_matches_one_process(tiny, tmp_path):
     # dropout 0: the only randomness left is seeded identically, so 2 x 8 rows == 1 x 16 rows per step
@@ -219,16 +233,7 @@ def test_two_process_ddp_matches_one_process(tiny, tmp_path):
         "open(f'{ranks}/rank{rank}.json', 'w').write(json.dumps({'rank': rank, 'world_size': world}))\n"
     )
     root = tmp_path / "ddp"
-    (root / "ranks").mkdir(parents=True)
-    paths = {"products_path": str(tiny["products"]), "summaries_path": str(tiny["summaries"]),
-             "images_dir": str(tiny["images"]), "out_dir": str(root / "out"),
-             "checkpoint_dir": str(root / "ckpt"), "live_dir": str(root / "live")}  # fmt: skip
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    args = [json.dumps(dataclasses.asdict(cfg)), json.dumps(paths), str(root / "ranks")]
-    cmd = [*launch, str(script), *args]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    done = _launch_two_ranks(script, tiny, cfg, root, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads(p.read_text()) for p in sorted((root / "ranks").glob("rank*.json"))]
     assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
@@ -282,15 +287,7 @@ def test_ddp_decisions_are_rank_zeros(tiny, tmp_path):
         "                                                      'evaluations': calls['n']}))\n"
     )
     root = tmp_path / "ddp"
-    (root / "ranks").mkdir(parents=True)
-    paths = {"products_path": str(tiny["products"]), "summaries_path": str(tiny["summaries"]),
-             "images_dir": str(tiny["images"]), "out_dir": str(root / "out"),
-             "checkpoint_dir": str(root / "ckpt"), "live_dir": str(root / "live")}  # fmt: skip
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
-    args = [json.dumps(dataclasses.asdict(cfg)), json.dumps(paths), str(root / "ranks")]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launch, str(script), *args], env=env, capture_output=True, text=True, timeout=150)
+    done = _launch_two_ranks(script, tiny, cfg, root, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((root / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks == [{"epochs_run": 3, "evaluations": 4}, {"epochs_run": 3, "evaluations": 0}]
