@@ -93,6 +93,7 @@ FEATURES = Features(
     }
 )
 
+ROWS_PER_CHUNK = 8192  # records normalised and written at a time: ingest's memory stays flat
 PRODUCTS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
@@ -421,6 +422,31 @@ def write_products(rows: list[dict[str, Any]], path: str | Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=PRODUCTS_SCHEMA), path)
 
 
+def _main_urls(ds: datasets.Dataset) -> list[list[str]]:
+    """Each record's MAIN photo URLs (all its sizes), from the `images` column alone."""
+    urls: list[list[str]] = []
+    for batch in ds.select_columns(["images"]).iter(batch_size=ROWS_PER_CHUNK):
+        urls.extend(choose_images(images)[0][0] for images in batch["images"])
+    return urls
+
+
+def _write_rows(ds: datasets.Dataset, groups: list[str], splits: list[str], path: Path) -> None:
+    """Normalise the records of ds and write them with their group and split, ROWS_PER_CHUNK at a time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(path, PRODUCTS_SCHEMA) as writer:
+        rows: list[dict[str, Any]] = []
+        for i, rec in enumerate(tqdm(ds, desc="normalise", unit="rec", mininterval=2.0)):
+            row, reason = normalize_record(rec)
+            if row is None:  # cannot happen: _screen applied the same drop_reason
+                raise AssertionError(f"record {rec.get('parent_asin')!r} passed screening but not {reason}")
+            rows.append({**row, "group": groups[i], "split": splits[i]})
+            if len(rows) == ROWS_PER_CHUNK:
+                writer.write_table(pa.Table.from_pylist(rows, schema=PRODUCTS_SCHEMA))
+                rows = []
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=PRODUCTS_SCHEMA))
+
+
 def build_catalog(
     category: str,
     source: str,
@@ -484,37 +510,31 @@ def build_catalog(
 
         kept = _screen(ds, counts) if ds is not None else {}
         chosen = sample_ids(kept, n_products, seed)
-        rows: list[dict[str, Any]] = []
-        if chosen:
-            for rec in tqdm(
-                ds.select([kept[i] for i in chosen]), desc="normalise", unit="rec", mininterval=2.0
-            ):
-                row, reason = normalize_record(rec)
-                if row is None:  # cannot happen: _screen applied the same drop_reason
-                    raise AssertionError(
-                        f"record {rec.get('parent_asin')!r} passed screening but not {reason}"
-                    )
-                rows.append(row)
-        del ds  # release the Arrow files before the temporary cache goes away
+        picked = ds.select([kept[i] for i in chosen]) if chosen else None
+        # the split follows the photo group, so a relisted product never lands in another split than its
+        # copy; grouping needs only each product's MAIN photo URLs (a light pass), so the full rows
+        # stream from the Arrow files to the parquet file a chunk at a time: memory does not hold the catalog
+        groups = photo_groups(chosen, _main_urls(picked)) if picked is not None else []
+        splits = [assign_split(group, split) for group in groups]
+        if picked is not None:
+            _write_rows(picked, groups, splits, out_dir / "products.parquet")
+        else:
+            write_products([], out_dir / "products.parquet")
+        del ds, picked  # release the Arrow files before the temporary cache goes away
 
-    groups = photo_groups([r["id"] for r in rows], [r["image_urls"][0] for r in rows])
-    for row, group in zip(rows, groups, strict=True):
-        # the split follows the group, so a relisted product never lands in another split than its copy
-        row["group"], row["split"] = group, assign_split(group, split)
     sizes = Counter(groups)
-    write_products(rows, out_dir / "products.parquet")
     report = {
         "source": source,
         "category": category,
         "rows_read": rows_read,
         "kept": len(kept),
         "dropped": counts,
-        "n_products": len(rows),
+        "n_products": len(chosen),
         "photo_groups": {  # MAIN photos shared by several products (relistings)
             "groups_with_copies": sum(n > 1 for n in sizes.values()),
             "products_in_them": sum(n for n in sizes.values() if n > 1),
         },
-        "splits": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
+        "splits": {s: splits.count(s) for s in SPLITS},
     }
     with open(out_dir / "report.json", "w") as f:
         json.dump(report, f, indent=2)
@@ -526,14 +546,14 @@ def build_catalog(
         rows_read,
         len(kept),
         counts,
-        len(rows),
+        len(chosen),
         report["splits"],
     )
     if n_products is not None and len(kept) < n_products:
         logger.warning(
             "ingest %s: only %d usable products for n_products=%d", category, len(kept), n_products
         )
-    if not rows:
+    if not chosen:
         raise CliprecError(f"ingest {category}: no usable product (report: {out_dir / 'report.json'})")
     return report
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from cliprec import catalog
@@ -131,7 +132,6 @@ def test_jsonl_rows_are_normalised(jsonl_run):
 
 
 def _parquet_schema(path):
-    import pyarrow.parquet as pq
 
     return pq.read_schema(path)
 
@@ -335,6 +335,25 @@ def test_relisted_copies_share_a_group_and_a_split(tmp_path):
     assert df.loc[copies, "split"].iloc[0] == assign_split("R00", SPLIT)
     assert (df.loc["R01", "group"], df.loc["R01", "split"]) == ("R01", assign_split("R01", SPLIT))
     assert report["photo_groups"] == {"groups_with_copies": 1, "products_in_them": 5}
+
+
+def test_rows_stream_to_parquet_in_chunks_with_the_same_content(tmp_path, monkeypatch):
+    # a big catalog is normalised and written a chunk at a time (memory flat); chunking changes nothing
+    good = json.loads(_valid_lines()[0])
+    photo = {"thumb": None, "large": IMG + "shared._AC_.jpg", "hi_res": None, "variant": "MAIN"}
+    lines = [{**good, "parent_asin": f"S{i:02d}", "title": f"thing {i}",
+              "images": [photo if i % 5 == 0 else {**photo, "large": IMG + f"own{i}._AC_.jpg"}]}
+             for i in range(23)]  # fmt: skip
+    src = tmp_path / "meta_X.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    whole = build_catalog("X", "jsonl", tmp_path / "whole", path=str(src), seed=0)
+    monkeypatch.setattr(catalog, "ROWS_PER_CHUNK", 4)
+    chunked = build_catalog("X", "jsonl", tmp_path / "chunked", path=str(src), seed=0)
+    assert chunked == whole and whole["photo_groups"] == {"groups_with_copies": 1, "products_in_them": 5}
+    assert pq.ParquetFile(tmp_path / "chunked" / "products.parquet").metadata.num_row_groups == 6
+    one, many = (pd.read_parquet(tmp_path / d / "products.parquet") for d in ("whole", "chunked"))
+    pd.testing.assert_frame_equal(one, many)
+    assert set(many.loc[[i % 5 == 0 for i in range(23)], "group"]) == {"S00"}
 
 
 def test_products_schema_holds_candidates_per_image():
