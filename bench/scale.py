@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _common import REPO_ROOT, print_table, write_results
+from _common import REPO_ROOT, machine_info, print_table, write_results
 
 CATEGORY = "Amazon_Fashion"
 STAGES = (
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                 "catalog_photos": disk_mb(root / "catalog"),
             }
     earlier: dict[str, Any] = {}
+    rerun_machine = machine_info()
     if args.reuse:  # the other rows (and the disk use) stay as the earlier run measured them
         earlier = json.loads((REPO_ROOT / "bench" / "results" / f"{args.out}.json").read_text())
         rerun = {(r["n_products"], r["stage"]): r for r in rows}
@@ -151,9 +152,13 @@ def main(argv: list[str] | None = None) -> None:
             "image_side": args.image_side,
             "epochs": args.epochs,
             "seed": args.seed,
-            # with --reuse: which stages this run measured; the other rows are the earlier run's
+            # "machine" is the run that measured every stage; each --reuse run that replaced some of its
+            # rows is listed under "reruns", oldest first, with its own machine (and commit)
             **(
-                {"rerun": {"stages": args.stages, "earlier_machine": earlier["machine"]}}
+                {
+                    "machine": earlier["machine"],
+                    "reruns": [*earlier.get("reruns", []), {"stages": args.stages, "machine": rerun_machine}],
+                }
                 if args.reuse
                 else {}
             ),
