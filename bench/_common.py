@@ -8,8 +8,10 @@ import io
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -270,3 +272,17 @@ def synchronize(device: Any) -> None:
         import torch
 
         torch.cuda.synchronize(device)
+
+
+def group_watchdog(proc: subprocess.Popen, timeout_s: float) -> tuple[threading.Timer, threading.Event]:
+    """Started timer that SIGTERMs proc's process group after timeout_s (proc has start_new_session=True);
+    the event says whether it fired. Cancel the timer once proc is done."""
+    fired = threading.Event()
+
+    def kill() -> None:
+        fired.set()
+        os.killpg(proc.pid, signal.SIGTERM)
+
+    timer = threading.Timer(timeout_s, kill)
+    timer.start()
+    return timer, fired

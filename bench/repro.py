@@ -34,12 +34,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO_ROOT, RESULTS_DIR, machine_info, print_table, write_results
+from _common import REPO_ROOT, RESULTS_DIR, group_watchdog, machine_info, print_table, write_results
 
 GOAL_NOOP_S = 5.0
 GOAL_FULL_S = 300.0
@@ -155,14 +154,7 @@ def stream_repro(clone: Path, env: dict[str, str], timeout_s: float, echo: bool)
         bufsize=1,
         start_new_session=True,  # its own process group: a timeout stops dvc and the stage it runs
     )
-    timed_out = threading.Event()
-
-    def kill() -> None:
-        timed_out.set()
-        os.killpg(proc.pid, signal.SIGTERM)
-
-    watchdog = threading.Timer(timeout_s, kill)
-    watchdog.start()
+    watchdog, timed_out = group_watchdog(proc, timeout_s)
     t0 = time.perf_counter()
     starts: list[tuple[str, float]] = []
     tail: list[str] = []

@@ -46,7 +46,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -55,7 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import REPO_ROOT, RESULTS_DIR, print_table, write_results
+from _common import REPO_ROOT, RESULTS_DIR, group_watchdog, print_table, write_results
 
 RESULTS_NAME = "study_rehearsal"
 PROJECT_FILES = ("cliprec/", "stages/", "catalog/", "models/", "dvc.yaml", "params.yaml", ".dvcignore")
@@ -231,14 +230,7 @@ def run_pipeline(root: Path, args: list[str], env: dict[str, str], timeout_s: fl
     t0 = time.perf_counter()
     monitor = Monitor(proc.pid, t0)
     monitor.start()
-    timed_out = threading.Event()
-
-    def kill() -> None:
-        timed_out.set()
-        os.killpg(proc.pid, signal.SIGTERM)
-
-    watchdog = threading.Timer(timeout_s, kill)
-    watchdog.start()
+    watchdog, timed_out = group_watchdog(proc, timeout_s)
     segments: list[tuple[float, str, str | None]] = []  # (time, text, stage running then)
     stage, starts, buf = None, [], b""
     assert proc.stdout is not None

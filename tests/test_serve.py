@@ -534,6 +534,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, timeout_s: float, poll_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll url/healthz until 200; fail when timeout_s passes or proc (the server process, if any) exits."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc is None or proc.poll() is None, proc.stdout.read()
+        time.sleep(poll_s)
+    raise AssertionError(f"the server at {url} did not get ready in {timeout_s:.0f} s")
+
+
 def serve_process(root, port, *args) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "cliprec.cli", "--root", str(root), "serve", "--port", str(port), *args]
@@ -557,17 +573,7 @@ def test_serve_command_stops_gracefully(root, sig):
     proc = serve_process(root, port, "--category", CAT)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.2)
-        else:
-            raise AssertionError("cliprec serve did not get ready")
+        wait_healthy(url, 90, 0.2, proc)
         response = httpx.post(f"{url}/api/search", data={"text": "a red shirt", "k": "3"}, timeout=30)
         assert response.status_code == 200 and len(response.json()["results"]["lora"]) == 3
         proc.send_signal(sig)

@@ -16,17 +16,16 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from test_recommend import CAT, shared_project
+from test_serve import free_port, wait_healthy
 
 from cliprec.serve import ServeSettings, create_app
 
@@ -105,15 +104,8 @@ def project(tmp_path_factory) -> tuple[Path, str]:
     return root, CAT
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(project):
-    import httpx
     import uvicorn
 
     root, category = project
@@ -124,16 +116,7 @@ def server(project):
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    else:
-        raise AssertionError("the server did not get ready")
+    wait_healthy(url, WAIT_S, 0.1)
     yield url
     srv.should_exit = True
     thread.join(30)
