@@ -1,0 +1,12 @@
+"""`cliprec serve`: the JSON API, Prometheus metrics, offline OpenAPI docs and the web page.
+
+app (routes and error handlers), worker (the one search thread), middleware (metrics, body cap,
+admission), metrics (Prometheus), schemas (response models), settings (limits), server (uvicorn).
+"""
+
+from cliprec.serve.app import STATIC_DIR, create_app
+from cliprec.serve.schemas import ErrorResponse, SearchResponse
+from cliprec.serve.server import run
+from cliprec.serve.settings import ServeSettings
+
+__all__ = ["STATIC_DIR", "ErrorResponse", "SearchResponse", "ServeSettings", "create_app", "run"]
