@@ -364,11 +364,18 @@ def test_a_long_query_wraps(server, driver, shots):
     limit = httpx_get_json(f"{server}/api/info")["limits"]["max_text_chars"]
     set_query(driver, "x" * limit)  # one word as long as the server takes
     search_and_wait(driver, "long query")
-    width = driver.execute_script(
-        "const d = document.documentElement; return [d.scrollWidth, d.clientWidth];"
-    )
+    driver.execute_script("document.getElementById('info').open = true;")  # the metrics tables too
+    page_width = "const d = document.documentElement; return [d.scrollWidth, d.clientWidth];"
+    width = driver.execute_script(page_width)
     assert width[0] <= width[1], width  # no sideways scrolling
     driver.save_screenshot(str(shots / "serve-long-query.png"))
+    try:  # nor in a phone's width
+        driver.set_window_size(400, 900)
+        width = driver.execute_script(page_width)
+        assert width[0] <= width[1], width
+        driver.save_screenshot(str(shots / "serve-narrow.png"))
+    finally:
+        driver.set_window_size(1400, 1000)
 
 
 def test_metrics_show_confidence_intervals(server, driver, shots):
