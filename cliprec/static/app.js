@@ -1,5 +1,6 @@
 // cliprec web page: plain browser JavaScript, no build step, no CDN. Every value from the server is put
-// into the page with textContent or as an attribute, never as HTML.
+// into the page with textContent or as an attribute, never as HTML, and text that a user or the catalog wrote
+// goes into a <bdi>, so that a right-to-left override inside it cannot reorder the page around it.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -17,10 +18,13 @@ function el(tag, props = {}, children = []) {
   return node;
 }
 
-function showError(message) {
+const bdi = (text) => el("bdi", { text });
+
+// prefix is the page's own words, detail (the server's message, which may quote the query) is isolated
+function showError(prefix, detail = "") {
   const box = $("error");
-  box.textContent = message;
-  box.hidden = !message;
+  box.replaceChildren(prefix, ...(detail ? [bdi(detail)] : []));
+  box.hidden = !prefix;
 }
 
 async function getJSON(url, options) {
@@ -66,7 +70,7 @@ async function waitUntilReady() {
   try {
     state.info = await getJSON("/api/info");
   } catch (err) {
-    showError(`Cannot read /api/info: ${err.message}`);
+    showError("Cannot read /api/info: ", err.message);
     return false;
   }
   const select = $("category");
@@ -83,25 +87,40 @@ async function waitUntilReady() {
 
 // --- query photo: file input and drag and drop ---------------------------------------------------------
 
+// The preview shows only once the browser has decoded the file: a file that is not an image gets a note
+// instead of a broken picture (the server still decides; it may read formats the browser cannot show).
 function setFile(file) {
   state.file = file || null;
+  showError(""); // an error about the previous photo is no longer true
   const preview = $("preview");
   if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.removeAttribute("src");
+  preview.hidden = true;
+  $("file-note").hidden = true;
+  $("drop-hint").hidden = Boolean(state.file);
+  $("clear-image").hidden = !state.file;
   if (state.file) {
-    preview.src = URL.createObjectURL(state.file);
+    $("file-name").replaceChildren(bdi(state.file.name));
     preview.alt = `query photo ${state.file.name}`;
-    preview.hidden = false;
-    $("drop-hint").hidden = true;
-    $("clear-image").hidden = false;
+    preview.src = URL.createObjectURL(state.file);
     leaveProductMode();
   } else {
-    preview.removeAttribute("src");
-    preview.hidden = true;
-    $("drop-hint").hidden = false;
-    $("clear-image").hidden = true;
+    $("file-name").replaceChildren();
     $("image").value = "";
   }
   updateWeight();
+}
+
+function setupPreview() {
+  const preview = $("preview");
+  preview.addEventListener("load", () => {
+    if (state.file) preview.hidden = false;
+  });
+  preview.addEventListener("error", () => {
+    if (!state.file || !preview.getAttribute("src")) return;
+    preview.hidden = true;
+    $("file-note").hidden = false;
+  });
 }
 
 function updateWeight() {
@@ -114,6 +133,7 @@ function setupDrop() {
   const drop = $("drop");
   $("image").addEventListener("change", (event) => setFile(event.target.files[0]));
   $("clear-image").addEventListener("click", () => setFile(null));
+  setupPreview();
   drop.addEventListener("keydown", (event) => {
     if (event.key === "Enter" || event.key === " ") $("image").click();
   });
@@ -140,16 +160,25 @@ function leaveProductMode() {
   $("more-like").hidden = true;
 }
 
+// A product id means something only in its own category: a new category ends "more like this" and the
+// answers shown, which belong to the old one.
+function changeCategory() {
+  leaveProductMode();
+  showError("");
+  $("summary").textContent = "";
+  for (const variant of ["zeroshot", "lora"]) $(`col-${variant}`).hidden = true;
+}
+
 async function moreLikeThis(category, hit) {
-  state.product = hit.id;
   $("text").value = "";
   setFile(null);
-  state.product = hit.id; // setFile(null) does not touch it, but be explicit: this search is by product
+  $("category").value = category; // the product's own category, whatever the picker says now
+  state.product = hit.id;
   $("more-like").hidden = false;
   $("more-like-img").src = hit.image;
   $("more-like-img").alt = hit.title;
-  $("more-like-title").textContent = hit.title;
-  $("more-like-id").textContent = hit.id;
+  $("more-like-title").replaceChildren(bdi(hit.title));
+  $("more-like-id").replaceChildren(bdi(hit.id));
   $("more-like-detail").textContent = "";
   search();
   try {
@@ -192,7 +221,7 @@ async function search() {
     showError("");
     renderResults(answer);
   } catch (err) {
-    showError(`Search failed: ${err.message}`);
+    showError("Search failed: ", err.message);
     $("summary").textContent = "";
     for (const variant of ["zeroshot", "lora"]) $(`col-${variant}`).hidden = true; // no stale answers
   } finally {
@@ -215,7 +244,7 @@ function renderResults(answer) {
       const line = el("div", { class: "line" }, [
         el("span", { class: "rank", text: `#${hit.rank}` }),
         el("span", { class: "score", text: `score ${hit.score.toFixed(3)}` }),
-        el("span", { class: "pid", text: hit.id }),
+        el("span", { class: "pid" }, [bdi(hit.id)]),
       ]);
       if (isShared) line.append(el("span", { class: "badge", text: "in both" }));
       const item = el("li", {
@@ -225,7 +254,7 @@ function renderResults(answer) {
         title: "more like this",
       }, [
         el("img", { src: hit.image, alt: hit.title, loading: "lazy" }),
-        el("div", { class: "meta" }, [el("div", { class: "title", text: hit.title }), line]),
+        el("div", { class: "meta" }, [el("div", { class: "title" }, [bdi(hit.title)]), line]),
       ]);
       const open = () => moreLikeThis(answer.category, hit);
       item.addEventListener("click", open);
@@ -235,13 +264,22 @@ function renderResults(answer) {
       list.append(item);
     }
   }
+  renderSummary(answer);
+}
+
+function renderSummary(answer) {
   const q = answer.query;
-  const what = q.kind === "product" ? `more like ${q.product}`
-    : [q.text ? `“${q.text}”` : null, q.image ? `photo ${q.image}` : null].filter(Boolean).join(" + ");
+  const what = [];
+  if (q.kind === "product") what.push("more like ", bdi(q.product));
+  if (q.text) what.push("“", bdi(q.text), "”");
+  if (q.text && q.image) what.push(" + ");
+  if (q.image) what.push("photo ", bdi(q.image));
   const both = Object.keys(answer.results).length > 1;
-  $("summary").textContent = `${answer.category}: ${what} · top ${answer.k}` +
+  $("summary").replaceChildren(
+    bdi(answer.category), ": ", ...what, ` · top ${answer.k}` +
     (both ? ` · ${answer.shared.length} found by both variants (marked “in both”)` : "") +
-    (q.weight != null ? ` · text weight ${q.weight}` : "") + ` · ${answer.took_ms} ms`;
+    (q.weight != null ? ` · text weight ${q.weight}` : "") + ` · ${answer.took_ms} ms`
+  );
 }
 
 // --- plots and metrics ------------------------------------------------------------------------------------
@@ -269,7 +307,9 @@ async function loadPlots() {
     const target = el("div", { "data-name": plot.name }); // the spec carries its title
     body.append(el("div", { class: "plot" }, [target]));
     try {
-      await vegaEmbed(target, plot.spec, { actions: false, renderer: "svg" });
+      // DVC's templates are 300 px wide: fill the grid cell instead, legend included
+      const spec = { ...plot.spec, width: "container", autosize: { type: "fit-x", contains: "padding" } };
+      await vegaEmbed(target, spec, { actions: false, renderer: "svg" });
     } catch (err) {
       target.textContent = `cannot draw: ${err.message}`;
     }
@@ -281,14 +321,37 @@ async function loadPlots() {
 
 const METRIC_COLUMNS = ["recall_at_1", "recall_at_5", "recall_at_10", "mrr", "ndcg_at_10"];
 
-function withCI(mode, key) {
-  const value = mode[key];
-  if (typeof value !== "number") return "–";
-  let text = value.toFixed(3);
-  // a confidence interval, where the metrics file has one: <key>_ci: [lo, hi] or ci: {<key>: [lo, hi]}
-  const ci = mode[`${key}_ci`] || (mode.ci && mode.ci[key]);
-  if (Array.isArray(ci) && ci.length === 2) text += ` [${ci[0].toFixed(3)}, ${ci[1].toFixed(3)}]`;
-  return text;
+// The one place the page finds a confidence interval in /api/info: the variant's committed metrics file,
+// ci95: {<key>: {low, high}} per query mode. {low, high}, or null where there is none.
+function confidenceInterval(variantInfo, mode, key) {
+  const ci = variantInfo.metrics?.[mode]?.ci95?.[key];
+  return ci && typeof ci.low === "number" && typeof ci.high === "number" ? ci : null;
+}
+
+function metricCell(variantInfo, mode, key) {
+  const value = variantInfo.metrics[mode][key];
+  if (typeof value !== "number") return el("td", { text: "–" });
+  const ci = confidenceInterval(variantInfo, mode, key);
+  return el("td", {}, [
+    el("span", { class: "value", text: value.toFixed(3) }),
+    ...(ci ? [" ", el("span", { class: "ci", text: `[${ci.low.toFixed(3)}, ${ci.high.toFixed(3)}]` })] : []),
+  ]);
+}
+
+function metricsTable(variantInfo) {
+  const modes = Object.entries(variantInfo.metrics)
+    .filter(([, mode]) => mode && typeof mode === "object" && "recall_at_5" in mode);
+  const head = el("tr", {}, [
+    el("th", { text: "query mode" }), ...METRIC_COLUMNS.map((c) => el("th", { text: c })),
+    el("th", { text: "queries" }),
+  ]);
+  const rows = modes.map(([name, mode]) => el("tr", { "data-mode": name }, [
+    el("td", { text: name }), ...METRIC_COLUMNS.map((c) => metricCell(variantInfo, name, c)),
+    el("td", { text: mode.queries != null ? String(mode.queries) : "–" }),
+  ]));
+  const anyCI = modes.some(([name]) => METRIC_COLUMNS.some((c) => confidenceInterval(variantInfo, name, c)));
+  const caption = anyCI ? [el("caption", { text: "value [95 % confidence interval]" })] : [];
+  return el("table", { class: "metrics" }, [...caption, head, ...rows]);
 }
 
 function renderInfo() {
@@ -307,13 +370,10 @@ function renderInfo() {
         body.append(el("p", { class: "hint", text: "no metrics file yet (dvc repro evaluate)" }));
         continue;
       }
-      const head = el("tr", {}, [el("th", { text: "query mode" }), ...METRIC_COLUMNS.map((c) => el("th", { text: c }))]);
-      const rows = Object.entries(v.metrics)
-        .filter(([, mode]) => mode && typeof mode === "object" && "recall_at_5" in mode)
-        .map(([modeName, mode]) => el("tr", {}, [
-          el("td", { text: modeName }), ...METRIC_COLUMNS.map((c) => el("td", { text: withCI(mode, c) })),
-        ]));
-      body.append(el("table", { class: "metrics" }, [head, ...rows]));
+      const table = metricsTable(v);
+      table.dataset.category = name;
+      table.dataset.variant = variant;
+      body.append(table);
     }
   }
 }
@@ -332,6 +392,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   $("text").addEventListener("input", () => {
     updateWeight();
   });
+  $("category").addEventListener("change", changeCategory);
   $("weight").addEventListener("input", () => {
     $("weight-out").textContent = Number($("weight").value).toFixed(2);
   });
