@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         "--decode-workers", type=_positive, default=2, help="processes decoding image uploads (2)"
     )
     srv.add_argument(
-        "--decode-timeout", type=_positive_seconds, default=5.0, help="longest decode of an upload, s (5)"
+        "--decode-timeout", type=_positive_seconds, default=4.0, help="longest decode of an upload, s (4)"
     )
     srv.add_argument("--threads", type=_positive, help="torch/FAISS threads per query (default: all cores)")
     srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")

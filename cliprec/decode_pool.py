@@ -137,7 +137,7 @@ class _Decoder:
 class DecodePool:
     """`processes` decoder processes; `decode` bounds one upload's decode, and its wait, by timeout_s."""
 
-    def __init__(self, cfg: Images, processes: int = 2, timeout_s: float = 5.0) -> None:
+    def __init__(self, cfg: Images, processes: int = 2, timeout_s: float = 4.0) -> None:
         self.cfg, self.processes, self.timeout_s = cfg, processes, timeout_s
         self._idle: queue.SimpleQueue[_Decoder] = queue.SimpleQueue()
         self._all: set[_Decoder] = set()
@@ -168,6 +168,8 @@ class DecodePool:
             self._idle.put(decoder)
             return
         code = decoder.kill()
+        if self._closed:  # close() stopped it while it started: nothing went wrong
+            return
         log.error("serve: image %s did not start (exit code %s)", decoder.name, code)
         with self._lock:
             self._all.discard(decoder)
@@ -188,11 +190,15 @@ class DecodePool:
 
     def _ask(self, data: bytes, submitted: float) -> tuple[str, bytes]:
         """(kind, payload): a decoder's reply (ok, fail, bug), or busy, timeout, died."""
-        waited = time.monotonic() - submitted  # time queued for this thread counts too
-        try:
-            decoder = self._idle.get(timeout=max(0.0, self.timeout_s - waited))
-        except queue.Empty:
-            return "busy", b""
+        deadline = submitted + self.timeout_s  # time queued for this thread counts too
+        while True:
+            try:
+                decoder = self._idle.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return "busy", b""
+            if decoder.process.poll() is None:
+                break
+            self._retire(decoder)  # died while idle (killed from outside): not this upload's fault
         try:
             reply = decoder.ask(data, self.timeout_s)
         except (EOFError, OSError):
