@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from cliprec import paths
 from cliprec.images import ImageFailure, decode_jpeg, pillow_limits, process_image
 from cliprec.index import fuse
-from cliprec.params import load_params
+from cliprec.params import Images, load_params
 from cliprec.photos import PhotoStore
 from cliprec.recommend import Hit, Query, Recommender, RecommendError
 
@@ -79,9 +79,8 @@ def _image_config(params: Any) -> Any:
     """The images-stage settings that `process_image` checks uploads with (as `load_query_image` does)."""
     if not isinstance(params, Mapping):
         return params.images  # the validated images block is what the images stage takes
-    from cliprec.images import ImageConfig  # plain-dict params: build the stage's config from them
-
-    return ImageConfig.from_params(params.get("images") or {})
+    # plain-dict params: validate the block as params.yaml's is (cliprec.images has no ImageConfig)
+    return Images(**(params.get("images") or {}))
 
 
 def configured_categories(root: str | Path) -> list[str]:

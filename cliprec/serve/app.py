@@ -229,6 +229,8 @@ def create_app(
             "max_k": settings.max_k,
             "max_inflight": settings.max_inflight,
             "max_text_chars": settings.max_text_chars,
+            "max_jpeg_scans": svc.image_config.max_jpeg_scans,
+            "decode_timeout_s": settings.decode_timeout_s,
         }
         return JSONResponse(payload)
 
@@ -287,7 +289,8 @@ def create_app(
 
     @app.get("/api/products/{category}/{product_id}", responses=ERRORS)
     def product_detail(request: Request, category: str, product_id: str) -> JSONResponse:
-        """Catalog fields of a product, its photos and whether each variant has it indexed."""
+        """Catalog fields of a product, its photos, its `thumb` URL (null when it has no stored photo) and
+        whether each variant has it indexed."""
         return JSONResponse(service(request).product(category, product_id))
 
     def _jpeg(data: bytes) -> Response:
