@@ -170,19 +170,19 @@ def test_truncated_avif_is_422_and_no_one_else_sees_an_error(root):
 
 
 def test_sigterm_during_a_slow_decode_exits_in_time_without_tracebacks(uncapped_root):
-    with server(uncapped_root) as (url, proc, log), ThreadPoolExecutor(3) as pool:
+    with server(uncapped_root) as (url, proc, log), ThreadPoolExecutor(2) as pool:
         bombs = [pool.submit(upload, url, progressive_jpeg_bomb()) for _ in range(2)]
-        time.sleep(1.0)  # both decoders are busy with a bomb (the default limit: 4 s)
-        texts = [pool.submit(httpx.post, f"{url}/api/search", data={"text": "shirt"}, timeout=30)]
-        time.sleep(0.2)
+        time.sleep(1.0)  # both decoders are busy with a bomb until the time limit (default 4 s)
+        text = httpx.post(f"{url}/api/search", data={"text": "shirt"}, timeout=30)
+        assert text.status_code == 200 and not any(b.done() for b in bombs)
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # while both decodes run
         proc.wait(timeout=EXIT_BOUND_S + 5)
         exit_s = time.monotonic() - t0
-        answers = [f.result()[0] for f in bombs] + [f.result().status_code for f in texts]
+        answers = [b.result()[0] for b in bombs]
     # a graceful stop: uvicorn re-raises the signal once it is done (as in test_serve)
     assert exit_s <= EXIT_BOUND_S and proc.returncode == -signal.SIGTERM
-    assert answers == [413, 413, 200]  # each in-flight request got its answer before the exit
+    assert answers == [413, 413]  # each in-flight upload got its answer before the exit
     assert_quiet(log)
     assert any("serve: stopped" in line for line in log) and any("shutdown complete" in x for x in log)
 
