@@ -11,8 +11,10 @@ search worker then only embeds it.
 
 A decoder runs at a lower CPU priority than the server (nice +10), so a slow decode competes little with
 searches. One past its time is killed (SIGKILL) and replaced in the background; its request gets 413. A
-decoder that dies on an upload (a crash in a C decoder) is replaced too; its request gets 422. When every
-decoder stays busy for `timeout_s`, the next upload gets 503 with Retry-After instead of a growing wait.
+decoder that dies on an upload (a crash in a C decoder) is replaced too; its request gets 422. An upload
+that finds no decoder free within `timeout_s`, or finds 2 uploads per decoder in the pool already, gets 503
+with Retry-After instead of a growing wait: uploads never hold more than a few of the server's admission
+slots, whatever their number.
 A decoder is a fresh `python -m cliprec.decode_pool` (~0.6 s to start: Pillow, numpy, pandas through
 cliprec.images; no torch), not a fork of the server with its threads and models. It talks over a socket
 pair in plain bytes, not pickles: a decoder handles hostile bytes, so the server trusts nothing it sends.
@@ -42,6 +44,7 @@ log = logging.getLogger("cliprec.serve")
 
 NICE = 10  # decoders yield the CPU to the search worker
 READY_TIMEOUT_S = 60.0  # a decoder that does not start within this is a broken install: logged
+PENDING_PER_DECODER = 2  # uploads decoding or waiting per decoder; the next one gets 503 at once
 ORPHAN_CHECK_S = 1.0  # how often a decoder checks that the server still runs
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])  # decoders import the same cliprec as the server
 
@@ -144,6 +147,8 @@ class DecodePool:
         self._lock = threading.Lock()
         self._started = 0
         self._closed = False
+        self._pending = 0  # uploads decoding or waiting for a decoder
+        self.max_pending = PENDING_PER_DECODER * processes
         # one thread per decoder: a thread waits on its decoder's socket, the event loop never does
         self._threads = ThreadPoolExecutor(max_workers=processes, thread_name_prefix="cliprec-decode")
         t0 = time.perf_counter()
@@ -184,8 +189,15 @@ class DecodePool:
 
     async def decode(self, data: bytes) -> bytes:
         """The upload as the images stage stores it (side x side JPEG); ServiceError when refused."""
-        submitted = time.monotonic()
-        kind, payload = await asyncio.wrap_future(self._threads.submit(self._ask, data, submitted))
+        if self._pending >= self.max_pending:
+            # refused at once: uploads waiting here hold admission slots that searches need
+            return self._answer("busy", b"")
+        self._pending += 1  # event-loop state: only touched from coroutines
+        try:
+            submitted = time.monotonic()
+            kind, payload = await asyncio.wrap_future(self._threads.submit(self._ask, data, submitted))
+        finally:
+            self._pending -= 1
         return self._answer(kind, payload)
 
     def _ask(self, data: bytes, submitted: float) -> tuple[str, bytes]:
@@ -225,7 +237,7 @@ class DecodePool:
         if kind == "died":
             raise ServiceError(422, f"image upload: decode_error: its decoder died (exit code {text})")
         if kind == "busy":
-            raise ServiceError(503, f"all {self.processes} image decoders busy for {limit}; retry")
+            raise ServiceError(503, f"all {self.processes} image decoders busy (limit {limit}); retry")
         log.error("serve: decoding an upload failed: %s", text)  # a bug: one line, this request only
         raise ServiceError(500, "internal error decoding the image (see the server log)")
 
