@@ -15,6 +15,7 @@ decoder that dies on an upload (a crash in a C decoder) is replaced too; its req
 that finds no decoder free within `timeout_s`, or finds 2 uploads per decoder in the pool already, gets 503
 with Retry-After instead of a growing wait: uploads never hold more than a few of the server's admission
 slots, whatever their number.
+
 A decoder is a fresh `python -m cliprec.decode_pool` (~0.6 s to start: Pillow, numpy, pandas through
 cliprec.images; no torch), not a fork of the server with its threads and models. It talks over a socket
 pair in plain bytes, not pickles: a decoder handles hostile bytes, so the server trusts nothing it sends.

@@ -17,9 +17,11 @@ Statuses (status.parquet `status`, report.json `counts`):
     read_error        local file exists but cannot be read (permissions, ...)
     bad_url           empty URL, unsupported scheme, file:// on another host, malformed URL
     not_image         bytes are not an image in an accepted format (HTML error page, empty body, EPS...)
-    too_large         more than max_bytes, or more than max_pixels pixels (decompression bomb); the
-                      error quotes the configured limit
+    too_large         more than max_bytes, more than max_pixels pixels (decompression bomb), or a JPEG
+                      of more than max_jpeg_scans scans (counted before decoding); the error quotes the
+                      configured limit
     decode_error      recognised image that does not decode: truncated, corrupt, unconvertible mode
+                      (whatever the decoder raised); only a file's first frame is decoded
     error             anything unexpected (a bug): logged with its traceback, error text kept
 
 Retries (per URL, `retries` times): exponential backoff from `backoff_s` with jitter (x0.5..1.5), so

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cliprec.service import SearchRequest, Service, request_error
+from cliprec.service import SearchRequest, Service, one_line, request_error
 
 log = logging.getLogger("cliprec.serve")
 
@@ -75,7 +75,7 @@ class SearchWorker:
                 "serve: a batch of %d searches failed (%s: %s); retrying each",
                 len(batch),
                 type(e).__name__,
-                e,
+                one_line(e),
             )
         answers: list[Any] = []
         for service, req, _, _ in batch:
