@@ -356,3 +356,16 @@ def test_a_request_cancelled_at_shutdown_logs_one_line_and_gets_503(caplog):
     assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 503
     records = [r for r in caplog.records if "cancelled" in r.getMessage()]
     assert len(records) == 1 and records[0].exc_info is None
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="Pillow built without AVIF")
+def test_recommend_prints_one_line_for_a_truncated_avif(root, tmp_path, capsys):
+    from cliprec.cli import main
+
+    (tmp_path / "bad.avif").write_bytes(truncated_avif())
+    code = main(["--root", str(root), "recommend", "--category", CAT, "--image", str(tmp_path / "bad.avif")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    (line,) = err.strip().splitlines()  # one line, whatever libavif's words
+    assert line.startswith(f"cliprec recommend: error: unreadable image '{tmp_path / 'bad.avif'}'")
+    assert "decode_error (RuntimeError: " in line
