@@ -44,6 +44,10 @@ def _positive_mb(text: str) -> float:
     return _number(text, float, 0.001)
 
 
+def _positive_seconds(text: str) -> float:
+    return _number(text, float, 0.01)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cliprec", description="CLIP product recommendations (DVC project)."
@@ -100,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--max-upload-mb", type=_positive_mb, default=10.0, help="largest image upload (10 MB)")
     srv.add_argument("--max-k", type=_positive, default=100, help="largest k a search may ask for (100)")
+    srv.add_argument(
+        "--decode-workers", type=_positive, default=2, help="processes decoding image uploads (2)"
+    )
+    srv.add_argument(
+        "--decode-timeout", type=_positive_seconds, default=4.0, help="longest decode of an upload, s (4)"
+    )
     srv.add_argument("--threads", type=_positive, help="torch/FAISS threads per query (default: all cores)")
     srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     return parser
@@ -169,6 +179,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_k=args.max_k,
         max_inflight=args.max_inflight,
         threads=args.threads,
+        decode_workers=args.decode_workers,
+        decode_timeout_s=args.decode_timeout,
     )
     try:
         return run(args.root, args.host, args.port, args.category, settings, access_log=args.access_log)

@@ -17,9 +17,11 @@ Statuses (status.parquet `status`, report.json `counts`):
     read_error        local file exists but cannot be read (permissions, ...)
     bad_url           empty URL, unsupported scheme, file:// on another host, malformed URL
     not_image         bytes are not an image in an accepted format (HTML error page, empty body, EPS...)
-    too_large         more than max_bytes, or more than max_pixels pixels (decompression bomb); the
-                      error quotes the configured limit
+    too_large         more than max_bytes, more than max_pixels pixels (decompression bomb), or a JPEG
+                      of more than max_jpeg_scans scans (counted before decoding); the error quotes the
+                      configured limit
     decode_error      recognised image that does not decode: truncated, corrupt, unconvertible mode
+                      (whatever the decoder raised); only a file's first frame is decoded
     error             anything unexpected (a bug): logged with its traceback, error text kept
 
 Retries (per URL, `retries` times): exponential backoff from `backoff_s` with jitter (x0.5..1.5), so
@@ -239,7 +241,31 @@ def _open_formats() -> tuple[str, ...]:
     return tuple(f for f in ACCEPTED_FORMATS if f in Image.OPEN)
 
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, KeyError, TypeError)
+# What Pillow's decoders raise on bad bytes: OSError (truncated), SyntaxError (bad structure; also a
+# plainly cut AVIF), RuntimeError (the AVIF plugin when the AV1 decoder fails), ValueError, EOFError,
+# struct.error and the lookup errors of Python plugins reading garbage fields, ZeroDivisionError and
+# OverflowError (zero or huge header fields), MemoryError (an allocation the header asked for). Any of
+# them is the file's fault, so it is this image's decode_error and never a crash of the caller.
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    RuntimeError,
+    EOFError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    OverflowError,
+    MemoryError,
+)
+JPEG_FORMATS = ("JPEG", "MPO")  # an MPO's first frame, the one decoded, is a plain JPEG
+# In entropy-coded data a 0xFF data byte is stuffed as FF 00 and FF D0..D7 are restart markers: any other
+# FF xx ends the scan. Between segments libjpeg skips garbage up to the next FF xx (xx not 00 or FF).
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xff]")
+_STANDALONE = frozenset((0x01, *range(0xD0, 0xD9)))  # TEM, RSTn, SOI: markers without a length
 
 
 _DELAY_SECONDS = re.compile(r"\d+(?:\.\d+)?")
@@ -252,6 +278,46 @@ def _check_pixels(w: int, h: int, max_pixels: int) -> None:
     if w * h > max_pixels:
         raise ImageFailure(
             "too_large", f"{w}x{h} = {w * h:,} px > max_pixels {max_pixels:,} (decompression bomb?)"
+        )
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """Scans (SOS segments) of a JPEG's first image, counted up to stop_after + 1 by walking its markers.
+
+    libjpeg decodes every scan over the whole coefficient buffer and Pillow sets no scan limit, so a
+    progressive JPEG repeating one tiny scan thousands of times costs minutes within any pixel limit
+    (libjpeg-turbo's own tools have a -maxscans option for this). The walk jumps segment to segment (a
+    regex finds each scan's end) and stops at EOI: it costs O(stop_after) steps, never a decode.
+    """
+    pos, scans, n = 2, 0, len(data)
+    while pos + 1 < n and scans <= stop_after:
+        if data[pos] != 0xFF or data[pos + 1] in (0x00, 0xFF):  # garbage or fill bytes: as libjpeg, skip
+            m = _NEXT_MARKER.search(data, pos + 1)
+            if m is None:
+                break
+            pos = m.start()
+            continue
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI: what follows (an MPO's other frames, trailing bytes) is not decoded
+            break
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            m = _SCAN_END.search(data, pos)
+            if m is None:
+                break
+            pos = m.start()
+    return scans
+
+
+def _check_scans(data: bytes, max_scans: int) -> None:
+    scans = jpeg_scans(data, max_scans)
+    if scans > max_scans:
+        raise ImageFailure(
+            "too_large", f"JPEG with more than {max_scans} scans > max_jpeg_scans {max_scans} (scan bomb?)"
         )
 
 
@@ -277,6 +343,8 @@ def process_image(data: bytes, cfg: Images) -> bytes:
         raise ImageFailure("decode_error", f"{type(e).__name__}: {e}") from e
     with im:
         _check_pixels(*im.size, cfg.max_pixels)
+        if im.format in JPEG_FORMATS:
+            _check_scans(data, cfg.max_jpeg_scans)
         try:
             # JPEG only (no-op elsewhere): decode at 1/2..1/8 scale in the DCT, the big speed win.
             im.draft(None, _draft_size(*im.size, cfg.side, cfg.resize))

@@ -101,6 +101,7 @@ class Images(_Block):
     backoff_s: float = Field(ge=0)
     max_bytes: int = Field(ge=1)
     max_pixels: int = Field(ge=1)
+    max_jpeg_scans: int = Field(ge=1)
     jpeg_quality: int = Field(ge=1, le=95)
     shard_size: int = Field(ge=1)
 

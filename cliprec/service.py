@@ -19,6 +19,7 @@ import logging
 import math
 import subprocess
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 from cliprec import paths
 from cliprec.images import ImageFailure, decode_jpeg, pillow_limits, process_image
 from cliprec.index import fuse
-from cliprec.params import load_params
+from cliprec.params import Images, load_params
 from cliprec.photos import PhotoStore
 from cliprec.recommend import Hit, Query, Recommender, RecommendError
 
@@ -78,9 +79,8 @@ def _image_config(params: Any) -> Any:
     """The images-stage settings that `process_image` checks uploads with (as `load_query_image` does)."""
     if not isinstance(params, Mapping):
         return params.images  # the validated images block is what the images stage takes
-    from cliprec.images import ImageConfig  # plain-dict params: build the stage's config from them
-
-    return ImageConfig.from_params(params.get("images") or {})
+    # plain-dict params: validate the block as params.yaml's is (cliprec.images has no ImageConfig)
+    return Images(**(params.get("images") or {}))
 
 
 def configured_categories(root: str | Path) -> list[str]:
@@ -137,6 +137,9 @@ class SearchRequest:
     product: str | None = None
     weight: float | None = None
     k: int = 10
+    # the upload as serve's decoder processes prepared it (the images stage's side x side JPEG); when
+    # None, `image` is decoded in this process
+    prepared: bytes | None = None
 
     @property
     def kind(self) -> str:
@@ -144,6 +147,17 @@ class SearchRequest:
         if self.product:
             return "product"
         return "+".join(k for k, v in (("text", self.text), ("image", self.image is not None)) if v)
+
+
+def request_error(req: SearchRequest, e: Exception) -> ServiceError:
+    """A request's failure as its own answer: ServiceError as is, anything else a 500 logged in one line."""
+    if isinstance(e, ServiceError):
+        return e
+    where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    at = f" at {Path(where.filename).name}:{where.lineno} in {where.name}" if where else ""
+    # one line, not a traceback: a request that trips a bug may be repeated by its client many times
+    log.error("serve: %s search failed: %s: %s%s", req.kind or "empty", type(e).__name__, one_line(e), at)
+    return ServiceError(500, "internal error (see the server log)")
 
 
 class Service:
@@ -209,16 +223,22 @@ class Service:
             raise ServiceError(404, f"unknown product {pid!r} in category {category}")
         return pid
 
-    def decode_upload(self, data: bytes) -> Any:
-        """An uploaded image, checked and prepared like the catalog's photos (PIL RGB); ServiceError if bad.
-
-        Call from one thread at a time: Pillow's bomb limit is process-global (`pillow_limits`).
-        """
-        cfg = self.image_config
+    def check_upload(self, data: bytes) -> None:
+        """ServiceError for an upload refused before any decoding: empty, or over max_upload_bytes."""
         if len(data) > self.max_upload_bytes:
             raise ServiceError(413, f"image upload of {len(data)} B > {self.max_upload_bytes} B")
         if not data:
             raise ServiceError(422, "image upload is empty")
+
+    def decode_upload(self, data: bytes) -> Any:
+        """An uploaded image, checked and prepared like the catalog's photos (PIL RGB); ServiceError if bad.
+
+        Decodes in this process, with no time limit: `cliprec serve` decodes in its decoder processes
+        (cliprec.decode_pool) instead. Call from one thread at a time: Pillow's bomb limit is
+        process-global (`pillow_limits`).
+        """
+        cfg = self.image_config
+        self.check_upload(data)
         try:
             with pillow_limits(cfg.max_pixels):
                 jpeg = process_image(data, cfg)
@@ -228,7 +248,7 @@ class Service:
 
     # --- search ---------------------------------------------------------------------------------------
 
-    def _validate(self, req: SearchRequest) -> tuple[str, list[str]]:
+    def validate(self, req: SearchRequest) -> tuple[str, list[str]]:
         """(category, variants) of a request; ServiceError for what the client must change."""
         category = self._category(req.category)
         if req.variant not in VARIANT_CHOICES:
@@ -256,14 +276,22 @@ class Service:
     def search(self, req: SearchRequest) -> dict[str, Any]:
         """Ranked results per variant (+ the ids both variants found), like `cliprec recommend`."""
         t0 = time.perf_counter()
-        category, variants = self._validate(req)
-        image = self.decode_upload(req.image) if req.image is not None else None
+        category, variants = self.validate(req)
+        image = None
+        if req.prepared is not None:
+            image = decode_jpeg(req.prepared)  # our own side x side JPEG: no limits needed
+        elif req.image is not None:
+            image = self.decode_upload(req.image)
         weight = self.text_weight if req.weight is None else float(req.weight)
         results = {v: self._search_one(self.recommenders[category][v], req, image, weight) for v in variants}
         return self._answer(category, req, results, weight if (req.text and image is not None) else None, t0)
 
     def search_many(self, reqs: Sequence[SearchRequest]) -> list[dict[str, Any] | ServiceError]:
         """Answers (or errors) of several searches; the text-only ones share one text-encoder batch.
+
+        Each request gets its own answer or error: a request that fails (a bad upload, or a bug: 500 and
+        one log line) never fails the others. When a shared text batch fails, its texts are answered one
+        by one, so only the request at fault fails.
 
         A lone text query takes `search`, i.e. `Recommender.recommend`, exactly. In a batch the texts are
         padded to the longest, which changes the float summation order: vectors move by ~1e-7, so a
@@ -273,9 +301,9 @@ class Service:
         texts: dict[tuple[str, tuple[str, ...]], list[int]] = {}
         for i, req in enumerate(reqs):
             try:
-                category, variants = self._validate(req)
-            except ServiceError as e:
-                out[i] = e
+                category, variants = self.validate(req)
+            except Exception as e:
+                out[i] = request_error(req, e)
                 continue
             if req.text and req.image is None and not req.product:
                 texts.setdefault((category, tuple(variants)), []).append(i)
@@ -285,30 +313,37 @@ class Service:
             if len(rows) == 1:
                 out[rows[0]] = self._answer_or_error(reqs[rows[0]])
                 continue
-            t0 = time.perf_counter()
             try:
-                vectors = {
-                    v: self.recommenders[category][v].text_vectors([reqs[i].text for i in rows])
-                    for v in variants
-                }
-            except RecommendError as e:
-                log.error("serve: %s: %s", category, e)
-                for i in rows:
-                    out[i] = ServiceError(500, f"{category}: {e}")
-                continue
-            for row, i in enumerate(rows):
-                results = {
-                    v: self._hits(self.recommenders[category][v], vectors[v][row : row + 1], reqs[i].k)
-                    for v in variants
-                }
-                out[i] = self._answer(category, reqs[i], results, None, t0)
+                answers = self._text_batch(category, list(variants), [reqs[i] for i in rows])
+            except Exception as e:  # one text may be at fault: answer each alone
+                log.warning(
+                    "serve: a batch of %d texts failed (%s); answering them one by one",
+                    len(rows),
+                    one_line(e),
+                )
+                answers = [self._answer_or_error(reqs[i]) for i in rows]
+            for i, answer in zip(rows, answers, strict=True):
+                out[i] = answer
         return out  # every slot is filled above
+
+    def _text_batch(self, category: str, variants: list[str], reqs: list[SearchRequest]) -> list[dict]:
+        """Answers of text-only searches of one category, their texts encoded in one batch."""
+        t0 = time.perf_counter()
+        vectors = {v: self.recommenders[category][v].text_vectors([r.text for r in reqs]) for v in variants}
+        answers = []
+        for row, req in enumerate(reqs):
+            results = {
+                v: self._hits(self.recommenders[category][v], vectors[v][row : row + 1], req.k)
+                for v in variants
+            }
+            answers.append(self._answer(category, req, results, None, t0))
+        return answers
 
     def _answer_or_error(self, req: SearchRequest) -> dict[str, Any] | ServiceError:
         try:
             return self.search(req)
-        except ServiceError as e:
-            return e
+        except Exception as e:
+            return request_error(req, e)
 
     def _answer(
         self,
@@ -383,7 +418,8 @@ class Service:
         detail = {c: _plain(row[c]) for c in self.details[category].columns}
         detail["category"] = category
         detail["photos"] = {v: f"{base}/photo?view={v}" for v in self.photos[category].views(pid)}
-        detail["thumb"] = f"{base}/thumb"
+        # null when there is no stored main photo: its thumb URL would only answer 404
+        detail["thumb"] = f"{base}/thumb" if "main" in detail["photos"] else None
         detail["indexed"] = {v: pid in r.position for v, r in self.recommenders[category].items()}
         return detail
 

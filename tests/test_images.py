@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
+from PIL import Image, features
 
 import cliprec.images as ci
 from cliprec.artifacts import ArtifactError
@@ -841,3 +841,84 @@ def test_a_photo_copy_never_sits_in_two_splits(tmp_path):
         and "same photo as P1 (split train)" in status.loc["P2", "error"]
     )
     # P4's MAIN is P1's second photo: only MAIN photos are compared, so it stays (it is P4's own MAIN)
+
+
+# --- work caps: JPEG scans, and every decoder exception is this image's decode_error --------------------
+
+
+def test_jpeg_scans_counts_what_libjpeg_decodes():
+    from bench.hostile import progressive_jpeg_bomb
+
+    noise = Image.effect_noise((64, 48), 40).convert("RGB")
+    assert ci.jpeg_scans(encode(noise, "JPEG"), 100) == 1  # baseline
+    assert ci.jpeg_scans(encode(noise, "JPEG", progressive=True), 100) == 10  # libjpeg's YCbCr progression
+    assert ci.jpeg_scans(encode(noise.convert("L"), "JPEG", progressive=True), 100) == 6
+    # FF DA bytes inside an APP1 segment are data, not scans: the walk jumps over segments
+    assert ci.jpeg_scans(encode(noise, "JPEG", exif=b"Exif\0\0" + b"\xff\xda" * 5000), 100) == 1
+    assert ci.jpeg_scans(progressive_jpeg_bomb(side=64, scans=250), 1000) == 250
+    # the walk stops one past the limit: a 23,000-scan bomb costs 101 steps
+    assert ci.jpeg_scans(progressive_jpeg_bomb(side=64, scans=23_000), 100) == 101
+
+
+def test_scan_bomb_is_too_large_before_decoding(monkeypatch):
+    from bench.hostile import progressive_jpeg_bomb
+
+    assert DEFAULTS["max_jpeg_scans"] == 100  # params.yaml's value
+    bomb = progressive_jpeg_bomb()  # 6000 x 6000, 23,000 scans: minutes of libjpeg work without the cap
+    big = images_cfg(**{**TEST_CFG, "max_pixels": 40_000_000})
+    loads = []
+    monkeypatch.setattr(ci.ImageFile.ImageFile, "load", lambda self: loads.append(self))
+    with ci.pillow_limits(big.max_pixels), pytest.raises(ci.ImageFailure) as failure:
+        process_image(bomb, big)
+    assert failure.value.status == "too_large" and "max_jpeg_scans 100" in str(failure.value)
+    assert loads == []  # refused from its markers: not one pixel decoded
+
+
+def test_jpeg_at_the_scan_cap_decodes():
+    from bench.hostile import progressive_jpeg_bomb
+
+    cfg = images_cfg(**{**TEST_CFG, "max_jpeg_scans": 40})
+    out = process_image(progressive_jpeg_bomb(side=300, scans=40), cfg)
+    assert Image.open(io.BytesIO(out)).size == (cfg.side, cfg.side)
+    with pytest.raises(ci.ImageFailure, match="max_jpeg_scans 40"):
+        process_image(progressive_jpeg_bomb(side=300, scans=41), cfg)
+
+
+def test_max_jpeg_scans_is_validated():
+    with pytest.raises(ValueError, match="max_jpeg_scans"):
+        images_cfg(max_jpeg_scans=0)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"])
+def test_truncated_file_of_every_format_is_a_decode_error(fmt):
+    from bench.hostile import truncated_image
+
+    with ci.pillow_limits(TEST_CFG["max_pixels"]), pytest.raises(ci.ImageFailure) as failure:
+        process_image(truncated_image(fmt), images_cfg(**TEST_CFG))
+    assert failure.value.status == "decode_error" and "\n" not in str(failure.value)
+
+
+@pytest.mark.skipif(not features.check("avif"), reason="Pillow built without AVIF")
+def test_truncated_avif_is_a_decode_error_not_a_runtime_error(tmp_path):
+    from bench.hostile import truncated_avif
+
+    with ci.pillow_limits(TEST_CFG["max_pixels"]), pytest.raises(ci.ImageFailure) as failure:
+        process_image(truncated_avif(), images_cfg(**TEST_CFG))
+    assert failure.value.status == "decode_error" and "RuntimeError" in str(failure.value)
+    (tmp_path / "bad.avif").write_bytes(truncated_avif())
+    res = fetch_image(str(tmp_path / "bad.avif"), images_cfg(**TEST_CFG))  # `recommend --image`'s path
+    assert res.status == "decode_error"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError, SyntaxError, ZeroDivisionError, OverflowError, MemoryError, struct.error, EOFError],
+)
+def test_any_decoder_exception_is_this_images_decode_error(monkeypatch, error):
+    def broken(self):
+        raise error("decoder says no")
+
+    monkeypatch.setattr(ci.ImageFile.ImageFile, "load", broken)
+    with pytest.raises(ci.ImageFailure) as failure:
+        process_image(GOOD_JPEG, images_cfg(**TEST_CFG))
+    assert failure.value.status == "decode_error" and error.__name__ in str(failure.value)

@@ -4,11 +4,15 @@ How work is bounded:
 - The Service (models, verified indexes, photo locations) loads once, in a thread started at startup,
   so the port answers at once: `/healthz` and the API say 503 (with Retry-After) until it is ready.
 - Searches run on ONE worker thread (SearchWorker): torch spreads one query over `threads` cores
-  (default: torch's own, every core), a Recommender's tokenizer is not safe to call from two threads at
-  once, and Pillow's decompression-bomb limit is process-global, so uploads are decoded one at a time.
-  What queued while the worker was busy is answered in one `Service.search_many` call, where the text
-  queries share one batch through the text encoder: one query alone costs a small model mostly Python
-  overhead, and the event loop competes with the worker for the GIL. bench/serve_load.py measures it.
+  (default: torch's own, every core) and a Recommender's tokenizer is not safe to call from two threads
+  at once. What queued while the worker was busy is answered in one `Service.search_many` call, where
+  the text queries share one batch through the text encoder: one query alone costs a small model mostly
+  Python overhead, and the event loop competes with the worker for the GIL. bench/serve_load.py
+  measures it. Each request of a batch gets its own answer or error.
+- Uploads are decoded before they reach the worker, in `decode_workers` decoder processes
+  (cliprec.decode_pool) with the images stage's checks (pixels, JPEG scans, ...) and a time limit
+  (`decode_timeout_s`, 413 past it): a costly upload never holds up a search.
+- /healthz says 503 when work has waited `stall_s` without the worker making progress (a heartbeat).
 - At most `max_inflight` requests to the work routes (/api/search, /api/products) are admitted at once,
   counted before their bodies are read; the next one gets 503 + Retry-After instead of a growing queue.
 - Request bodies are capped (Content-Length, and counted while streaming): 413 past the cap.
@@ -35,8 +39,10 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cliprec.decode_pool import DecodePool
 from cliprec.index import IndexIntegrityError
 from cliprec.recommend import RecommendError
+from cliprec.serve.cancel import CancelledInOneLine
 from cliprec.serve.metrics import Metrics
 from cliprec.serve.middleware import GuardMiddleware
 from cliprec.serve.schemas import ERRORS, ErrorResponse, SearchResponse
@@ -48,6 +54,7 @@ log = logging.getLogger("cliprec.serve")
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 VENDOR = "/static/vendor"
+WORKER_STOP_S = 1.0  # at shutdown, after uvicorn's graceful_s: keeps the exit within ~graceful_s
 USER_ERRORS = (RecommendError, IndexIntegrityError, ServiceError)  # logged without a traceback
 # the page loads only its own files; vega compiles expressions with Function() and injects its styles
 PAGE_CSP = (
@@ -101,13 +108,17 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 (FastAPI's lifespan protocol)
         state = app.state
-        state.service, state.load_error = None, None
+        state.service, state.load_error, state.decoders = None, None, None
         state.worker = SearchWorker(settings.max_batch, on_batch=metrics.batch.observe)
 
         def run_loader() -> None:
             t0 = time.perf_counter()
             try:
                 service = load()
+                # the decoders check uploads with the images stage's settings of the served project
+                state.decoders = DecodePool(
+                    service.image_config, settings.decode_workers, settings.decode_timeout_s
+                )
             except Exception as e:  # RecommendError, IndexIntegrityError, OSError, ...: say it, don't die
                 state.load_error = one_line(str(e)) or type(e).__name__
                 log.error("serve: cannot load: %s", state.load_error, exc_info=not isinstance(e, USER_ERRORS))
@@ -127,7 +138,10 @@ def create_app(
             yield
         finally:
             # in-flight searches finish (uvicorn waited for their requests); nothing new is accepted
-            state.worker.stop(timeout=settings.graceful_s)
+            # uvicorn has waited up to graceful_s for the requests: what the worker still does is for no one
+            state.worker.stop(timeout=WORKER_STOP_S)
+            if state.decoders is not None:
+                state.decoders.close()
             log.info("serve: stopped")
 
     app = FastAPI(
@@ -143,11 +157,13 @@ def create_app(
     app.state.service = None
     app.state.load_error = None
     app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
+    app.add_middleware(CancelledInOneLine)  # added last: the outermost layer
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return _error(exc.status, str(exc))
+        busy = {"Retry-After": str(settings.retry_after_s)} if exc.status == 503 else None
+        return _error(exc.status, str(exc), busy)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -191,12 +207,16 @@ def create_app(
 
     @app.get("/healthz", responses={503: {"model": ErrorResponse}})
     def healthz(request: Request) -> JSONResponse:
-        """200 once the models and verified indexes are loaded, 503 before (or when loading failed)."""
+        """200 once the models and verified indexes are loaded; 503 before, when loading failed, or when
+        the search worker has made no progress for `stall_s` with work waiting (restart the server)."""
         svc = request.app.state.service
         if svc is None:
             error = request.app.state.load_error
             payload = {"status": "failed", "error": error} if error else {"status": "loading"}
             return JSONResponse(payload, 503, headers={"Retry-After": str(settings.retry_after_s)})
+        stalled = request.app.state.worker.stalled(settings.stall_s)
+        if stalled:
+            return JSONResponse({"status": "stalled", "error": stalled}, 503)
         return JSONResponse({"status": "ok", "categories": svc.categories})
 
     @app.get("/api/info", responses=ERRORS)
@@ -209,6 +229,8 @@ def create_app(
             "max_k": settings.max_k,
             "max_inflight": settings.max_inflight,
             "max_text_chars": settings.max_text_chars,
+            "max_jpeg_scans": svc.image_config.max_jpeg_scans,
+            "decode_timeout_s": settings.decode_timeout_s,
         }
         return JSONResponse(payload)
 
@@ -255,6 +277,10 @@ def create_app(
             k=k,
         )
         t0 = time.perf_counter()
+        svc.validate(req)  # a request that will be refused costs no decode
+        if data is not None:
+            svc.check_upload(data)
+            req.prepared = await request.app.state.decoders.decode(data)
         payload = await request.app.state.worker.submit(svc, req)
         metrics.search.labels(req.kind).observe(time.perf_counter() - t0)
         return JSONResponse(payload)
@@ -263,7 +289,8 @@ def create_app(
 
     @app.get("/api/products/{category}/{product_id}", responses=ERRORS)
     def product_detail(request: Request, category: str, product_id: str) -> JSONResponse:
-        """Catalog fields of a product, its photos and whether each variant has it indexed."""
+        """Catalog fields of a product, its photos, its `thumb` URL (null when it has no stored photo) and
+        whether each variant has it indexed."""
         return JSONResponse(service(request).product(category, product_id))
 
     def _jpeg(data: bytes) -> Response:

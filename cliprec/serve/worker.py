@@ -1,19 +1,25 @@
 """The search worker: ONE thread answering searches, whatever queued while it worked in one batch.
 
-One thread, because torch spreads one query over `threads` cores, a Recommender's tokenizer is not safe
-to call from two threads at once, and Pillow's decompression-bomb limit is process-global. What queued
-while the worker was busy is answered in one `Service.search_many` call, where the text queries share
-one batch through the text encoder (bench/serve_load.py measures it).
+One thread, because torch spreads one query over `threads` cores and a Recommender's tokenizer is not
+safe to call from two threads at once. What queued while the worker was busy is answered in one
+`Service.search_many` call, where the text queries share one batch through the text encoder
+(bench/serve_load.py measures it). Uploads reach it decoded already (cliprec.decode_pool): it never
+waits on a decode.
+
+Each request of a batch gets its own answer or error (`Service.search_many`). The worker beats a
+heartbeat when it takes a batch and when it finishes one; `stalled` says when work has waited longer
+than a bound without a beat (or the thread died), which /healthz reports as 503.
 """
 
 import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
-from cliprec.service import SearchRequest, Service
+from cliprec.service import SearchRequest, Service, one_line, request_error
 
 log = logging.getLogger("cliprec.serve")
 
@@ -35,6 +41,8 @@ class SearchWorker:
         self.on_batch = on_batch
         # unbounded on purpose: GuardMiddleware admits at most max_inflight requests, which bounds it
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.beat = time.monotonic()  # last progress: a batch taken or finished
+        self._busy = False
         self._thread = threading.Thread(target=self._run, name="cliprec-search", daemon=True)
         self._thread.start()
 
@@ -50,6 +58,33 @@ class SearchWorker:
         """Searches queued and not yet taken by the worker."""
         return self._queue.qsize()
 
+    def stalled(self, bound_s: float) -> str | None:
+        """Why the worker looks stuck (dead, or no progress for bound_s with work waiting), else None."""
+        if not self._thread.is_alive():
+            return "the search worker thread has died"
+        idle_for = time.monotonic() - self.beat
+        if (self._busy or self.pending) and idle_for > bound_s:
+            return f"the search worker has made no progress for {idle_for:.0f} s (bound {bound_s:g} s)"
+        return None
+
+    def _answers(self, batch: list) -> list[Any]:
+        try:
+            return batch[0][0].search_many([b[1] for b in batch])
+        except Exception as e:  # a bug in search_many itself: retry alone, so only the one at fault fails
+            log.error(
+                "serve: a batch of %d searches failed (%s: %s); retrying each",
+                len(batch),
+                type(e).__name__,
+                one_line(e),
+            )
+        answers: list[Any] = []
+        for service, req, _, _ in batch:
+            try:
+                answers.extend(service.search_many([req]))
+            except Exception as e:
+                answers.append(request_error(req, e))
+        return answers
+
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
             batch = [item]
@@ -62,15 +97,13 @@ class SearchWorker:
                     self._queue.put(None)  # stop after this batch
                     break
                 batch.append(nxt)
+            self.beat, self._busy = time.monotonic(), True
             if self.on_batch is not None:
                 self.on_batch(len(batch))
-            try:
-                answers: list[Any] = batch[0][0].search_many([b[1] for b in batch])
-            except Exception as e:  # a bug: log it once, every request of the batch gets a 500
-                log.error("serve: search batch failed", exc_info=e)
-                answers = [e] * len(batch)
-            for (_, _, loop, future), answer in zip(batch, answers):
+            answers = self._answers(batch)
+            for (_, _, loop, future), answer in zip(batch, answers, strict=True):
                 loop.call_soon_threadsafe(_settle, future, answer)
+            self.beat, self._busy = time.monotonic(), False
 
     def stop(self, timeout: float | None = None) -> None:
         """Answer what is queued, then end the thread."""
