@@ -586,7 +586,7 @@ def test_serve_command_stops_gracefully(root, sig):
     # does (-15), Ctrl-C becomes exit status 130
     assert proc.returncode == (-signal.SIGTERM if sig == signal.SIGTERM else 130), out
     assert "Application shutdown complete" in out and "serve: stopped" in out and "Traceback" not in out
-    assert f"Uvicorn running on http://127.0.0.1:{port}" in out
+    assert f"serve: listening on http://127.0.0.1:{port}" in out
 
 
 def test_serve_command_exits_2_when_nothing_can_load(root, capsys):
