@@ -68,7 +68,7 @@ class RefusalLog:
 
 def json_response(status: int, message: str, extra: list[tuple[bytes, bytes]]) -> bytes:
     """A complete HTTP/1.1 response with a one-line JSON error body that closes the connection."""
-    body = json.dumps({"error": message}).encode()
+    body = json.dumps({"error": message}, separators=(",", ":")).encode()  # as the app's JSONResponse
     head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode()]
     head += [name + b": " + value for name, value in extra]
     head += [b"content-type: application/json", b"content-length: " + str(len(body)).encode()]
@@ -192,11 +192,13 @@ class GuardedProtocol(HttpToolsProtocol):
         self._head_timer = self._body_timer = None
 
     def _refuse(self, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None) -> None:
-        """Answer with one line of JSON (unless a response is under way) and close the connection."""
+        """Answer with one line of JSON and close the connection; only close it during a body (the app
+        answers that request, or has already)."""
+        in_body = self._in_body
         self._cancel_timers()
         if self.transport.is_closing():
             return
-        if self.cycle is None or self.cycle.response_complete:
+        if not in_body and (self.cycle is None or self.cycle.response_complete):
             headers = list(self.server_state.default_headers) + (extra or [])
             self.transport.write(json_response(status, message, headers))
         self.transport.close()
