@@ -24,6 +24,7 @@ from test_serve import REPO, free_port, wait_healthy
 
 LIMITS = ["--header-timeout", "2", "--body-timeout", "2", "--idle-timeout", "1", "--max-connections", "200"]
 INFLIGHT = 8
+TEXT_PART = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n'  # then its value, slowly
 
 
 def start_server(
@@ -103,9 +104,7 @@ def trickle(port: int, stop_at: float, answers: list[bytes]) -> None:
     """Keep one connection sending a search's body a byte every 0.5 s; reconnect when the server cuts it."""
     while time.monotonic() < stop_at:
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(
-                search_head(port, 1000) + b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n'
-            )
+            sock.sendall(search_head(port, 1000) + TEXT_PART)
             try:
                 while time.monotonic() < stop_at:
                     time.sleep(0.5)
@@ -257,3 +256,26 @@ def test_connection_cap_follows_the_open_file_limit(tmp_path_factory):
         assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
     finally:
         stop(proc)
+
+
+def test_sigterm_does_not_wait_for_slow_clients(tmp_path_factory):
+    log = tmp_path_factory.mktemp("sigterm") / "serve.log"
+    root = shared_project(tmp_path_factory)
+    proc, url = start_server(root, log, "--category", CAT, "--header-timeout", "60", "--body-timeout", "60")
+    port = port_of(url)
+    slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        for i, sock in enumerate(slow):  # half stuck in their heads, half in their bodies
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n" if i % 2 else search_head(port, 1000) + TEXT_PART)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.terminate()
+        proc.wait(30)
+        assert time.monotonic() - t0 < 5  # not the 10 s graceful limit, nor the 60 s deadlines
+        assert "Traceback" not in log.read_text()
+    finally:
+        for sock in slow:
+            sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

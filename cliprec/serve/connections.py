@@ -18,7 +18,8 @@ keeps httptools (measured as fast as plain httptools) and adds, per connection:
 - a deadline for the request body (a backstop: GuardMiddleware answers 408 at the same deadline while
   the app reads the body; this closes connections whose body nobody reads, e.g. one that trickles on
   after its response was sent);
-- one-line JSON for parser errors (400) and for every answer above.
+- one-line JSON for parser errors (400) and for every answer above;
+- at a graceful stop, requests still arriving are dropped at once instead of being waited for.
 
 It relies on uvicorn internals (the parser callbacks and attributes of `HttpToolsProtocol`);
 tests/test_serve_hostile_conn.py drives a real `cliprec serve` through each of them.
@@ -135,6 +136,16 @@ class GuardedProtocol(HttpToolsProtocol):
                 self.metrics.rejected.labels("header_too_large").inc()
                 limit = self.settings.max_header_bytes
                 self._refuse(431, f"request head larger than {limit} B")
+
+    def shutdown(self) -> None:
+        """Graceful stop: a request still arriving is dropped at once (slow clients would hold the stop
+        for `graceful_s`); a request being answered finishes."""
+        arriving = self._in_head or (self._in_body and not (self.cycle and self.cycle.response_started))
+        if arriving and not self.transport.is_closing():
+            self._cancel_timers()
+            self.transport.close()
+            return
+        super().shutdown()
 
     def send_400_response(self, msg: str) -> None:
         """A parser error: one line of JSON instead of uvicorn's plain text."""
