@@ -27,7 +27,7 @@ Goals (issue 12): 0 errors below saturation; HTTP text-query QPS >= 0.7 x in-pro
 Loopback only (127.0.0.1), bounded in count and time; the server is stopped at the end (SIGTERM).
 
 Run (from the repo root, after `dvc repro`):
-    python bench/serve_load.py           # ~10 min: 3 kinds x (10 s in process + 2 x 30 s), 5 min soak
+    python bench/serve_load.py           # ~11 min: 3 kinds x (10 s in process + 2 x 30 s), 5 min soak, attack
     python bench/serve_load.py --quick   # ~1 min smoke run -> bench/results/serve_load.quick.json
     python bench/serve_load.py --attack-only   # ~1 min: clean vs under attack, 30 s each
 Writes bench/results/serve_load.json. `--root DIR` reads the demo outputs of another checkout (this
