@@ -6,6 +6,8 @@ deadlines, 1 s idle timeout, 200 connections, 8 admitted searches) so that each 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
 import resource
@@ -279,3 +281,19 @@ def test_sigterm_does_not_wait_for_slow_clients(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_refusals_are_logged_at_most_once_a_period_and_none_is_lost(caplog):
+    from cliprec.serve.connections import RefusalLog
+
+    async def burst() -> None:
+        refusals = RefusalLog(every_s=0.2)
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            refusals.refused(loop, 200, 200)
+        await asyncio.sleep(0.4)  # the rest of the burst is reported once the period has passed
+
+    with caplog.at_level(logging.WARNING, logger="cliprec.serve"):
+        asyncio.run(burst())
+    lines = [r.getMessage() for r in caplog.records if "connection cap reached" in r.getMessage()]
+    assert len(lines) == 2 and "refused 1 connection" in lines[0] and "refused 4 connection" in lines[1]

@@ -27,6 +27,7 @@ tests/test_serve_hostile_conn.py drives a real `cliprec serve` through each of t
 
 from __future__ import annotations
 
+import asyncio
 import http
 import json
 import logging
@@ -51,12 +52,23 @@ class RefusalLog:
         self.every_s = every_s
         self.last = float("-inf")
         self.unlogged = 0
+        self.flush_at: Any = None  # a timer that reports what was refused since the last line
 
-    def refused(self, open_now: int, cap: int) -> None:
-        """Count one refusal; log when the period has passed."""
+    def refused(self, loop: asyncio.AbstractEventLoop, open_now: int, cap: int) -> None:
+        """Count one refusal; log now when the period has passed, else once it has."""
         self.unlogged += 1
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
+        wait = self.last + self.every_s - time.monotonic()
+        if wait <= 0:
+            self.flush(open_now, cap)
+        elif self.flush_at is None:
+            self.flush_at = loop.call_later(wait, self.flush, open_now, cap)
+
+    def flush(self, open_now: int, cap: int) -> None:
+        """Log the refusals not yet reported."""
+        if self.flush_at is not None:
+            self.flush_at.cancel()
+            self.flush_at = None
+        if self.unlogged:
             log.warning(
                 "serve: connection cap reached (%d open, --max-connections %d): refused %d connection(s)"
                 " since the last report",
@@ -64,7 +76,7 @@ class RefusalLog:
                 cap,
                 self.unlogged,
             )
-            self.last, self.unlogged = now, 0
+        self.last, self.unlogged = time.monotonic(), 0
 
 
 def json_response(status: int, message: str, extra: list[tuple[bytes, bytes]]) -> bytes:
@@ -112,7 +124,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.metrics.connections.set(len(self.connections))
         if len(self.connections) > self.max_connections:
             self.metrics.rejected.labels("connections").inc()
-            self.refusals.refused(len(self.connections) - 1, self.max_connections)
+            self.refusals.refused(self.loop, len(self.connections) - 1, self.max_connections)
             self._refuse(503, "too many connections; retry shortly", [(b"retry-after", b"1")])
             return
         self.timeout_keep_alive_task = self.loop.call_later(
