@@ -184,7 +184,7 @@ def test_never_ending_headers_are_cut_at_the_cap(server, line):
     assert answer.startswith(b"HTTP/1.1 431 ") and answer.endswith(
         b'{"error":"request head larger than 16384 B"}'
     )
-    assert sent < 4 * 2**20, sent  # cut soon after the 16 KiB cap (what the socket buffers held)
+    assert sent < 32 * 2**20, sent  # cut long before: the 16 KiB cap plus what loopback buffers held
     assert rss.memory_info().rss - before < 64 * 2**20
     assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
 
