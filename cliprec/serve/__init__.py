@@ -1,7 +1,8 @@
 """`cliprec serve`: the JSON API, Prometheus metrics, offline OpenAPI docs and the web page.
 
-app (routes and error handlers), worker (the one search thread), middleware (metrics, body cap,
-admission), metrics (Prometheus), schemas (response models), settings (limits), server (uvicorn).
+app (routes and error handlers), worker (the one search thread), middleware (metrics, body cap and
+deadline, admission), connections (connection limits: uvicorn's protocol, subclassed), metrics
+(Prometheus), schemas (response models), settings (limits), server (uvicorn, the listening socket).
 """
 
 from cliprec.serve.app import STATIC_DIR, create_app
