@@ -98,7 +98,9 @@ class GuardedProtocol(HttpToolsProtocol):
     refusals: ClassVar[RefusalLog]
 
     @classmethod
-    def configured(cls, settings: ServeSettings, metrics: Metrics, max_connections: int) -> type:
+    def configured(
+        cls, settings: ServeSettings, metrics: Metrics, max_connections: int
+    ) -> type[GuardedProtocol]:
         """A subclass bound to these limits (uvicorn instantiates the class it is given)."""
         attrs = {
             "settings": settings,
