@@ -14,15 +14,24 @@ clients than `--max-inflight`: the server must answer 503 + Retry-After, not que
 queries for `--soak-s` seconds (default 300) with the server's RSS sampled every second; growth is the
 last sample against the first (taken after the runs above warmed every cache).
 
+Under attack (issue 16): text-query QPS and p99 from `--attack-clients` clients, first clean, then while
+64 slow-body connections (a search's head, then a body byte a second), 64 slow-header connections (a
+request line, then a header line a second) and one decode bomb a second (bench/hostile.py's progressive
+JPEG, `--bomb-side` x `--bomb-side`, `--bomb-scans` scans) are in flight; the ratio of the two, and what
+became of each attacker (the server's answer when it cut them). `--attack-only` runs just this and adds
+it to the existing results file as `under_attack`, keeping every other figure.
+
 Goals (issue 12): 0 errors below saturation; HTTP text-query QPS >= 0.7 x in-process; soak RSS growth
 <= 10 %.
 
 Loopback only (127.0.0.1), bounded in count and time; the server is stopped at the end (SIGTERM).
 
 Run (from the repo root, after `dvc repro`):
-    python bench/serve_load.py           # ~10 min: 3 kinds x (10 s in process + 2 x 30 s), 5 min soak
+    python bench/serve_load.py           # ~11 min: 3 kinds x (10 s in process + 2 x 30 s), 5 min soak, attack
     python bench/serve_load.py --quick   # ~1 min smoke run -> bench/results/serve_load.quick.json
-Writes bench/results/serve_load.json.
+    python bench/serve_load.py --attack-only   # ~1 min: clean vs under attack, 30 s each
+Writes bench/results/serve_load.json. `--root DIR` reads the demo outputs of another checkout (this
+checkout's code serves them).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import signal
 import socket
@@ -45,7 +55,8 @@ from typing import Any
 
 import httpx
 import psutil
-from _common import REPO_ROOT, fill_defaults, print_table, write_results
+from _common import REPO_ROOT, RESULTS_DIR, fill_defaults, machine_info, print_table, write_results
+from hostile import progressive_jpeg_bomb
 
 from cliprec import paths
 from cliprec.images import read_image_table
@@ -53,6 +64,10 @@ from cliprec.images import read_image_table
 GOAL_TEXT_RATIO = 0.7
 GOAL_SOAK_GROWTH = 0.10
 KINDS = ("text", "image", "product")
+DATA_ROOT = REPO_ROOT  # where the demo outputs are read (--root)
+SLOW_CONNECTIONS = 64  # of each kind, as in the issue
+DRIP_S = 1.0  # a slow connection sends its next byte (body) or header line (head) this often
+REQUEST_TIMEOUT_S = 30.0  # a client gives up on an answer after this long
 
 
 # --- queries ----------------------------------------------------------------------------------------------
@@ -62,10 +77,10 @@ def load_queries(category: str, n: int) -> dict[str, list[Any]]:
     """Up to n test-split queries of each kind: titles, other-view photos (JPEG bytes), product ids."""
     import pandas as pd
 
-    products = pd.read_parquet(REPO_ROOT / paths.products_path(category), columns=["id", "title", "split"])
-    indexed = set((REPO_ROOT / paths.index_dir(category, "lora") / "ids.txt").read_text().split())
+    products = pd.read_parquet(DATA_ROOT / paths.products_path(category), columns=["id", "title", "split"])
+    indexed = set((DATA_ROOT / paths.index_dir(category, "lora") / "ids.txt").read_text().split())
     test = products[(products["split"] == "test") & products["id"].isin(indexed)].head(n)
-    photos = read_image_table(REPO_ROOT / paths.images_dir(category), columns=["id", "view", "jpeg"])
+    photos = read_image_table(DATA_ROOT / paths.images_dir(category), columns=["id", "view", "jpeg"])
     alt = photos[(photos["view"] == "alt") & photos["id"].isin(set(test["id"]))]
     return {
         "text": [str(t) for t in test["title"]],
@@ -128,7 +143,8 @@ async def _one_client(
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(requests[i % len(requests)])
             await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
+            # bounded: under attack an answer may never come in time (a timeout is a transport failure)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
             lines = head.decode("latin-1").split("\r\n")
             status = int(lines[0].split(" ", 2)[1])
             headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
@@ -149,17 +165,118 @@ async def _one_client(
         writer.close()
 
 
-def drive(port: int, requests: list[bytes], clients: int, seconds: float) -> list[tuple[float, int]]:
-    """Run `clients` concurrent clients for `seconds`; (latency, status) of every request."""
+def drive(
+    port: int, requests: list[bytes], clients: int, seconds: float, attack: Attack | None = None
+) -> list[tuple[float, int]]:
+    """Run `clients` concurrent clients for `seconds` (while `attack` runs, if given); (latency, status)
+    of every request."""
     out: list[tuple[float, int]] = []
 
     async def main() -> None:
         deadline = time.perf_counter() + seconds
         step = max(1, len(requests) // clients)
-        await asyncio.gather(*(_one_client(port, requests, c * step, deadline, out) for c in range(clients)))
+        clients_done = asyncio.gather(
+            *(_one_client(port, requests, c * step, deadline, out) for c in range(clients))
+        )
+        if attack is None:
+            await clients_done
+        else:
+            await asyncio.gather(clients_done, attack.run(port, deadline))
 
     asyncio.run(main())
     return out
+
+
+def _status(answer: bytes) -> str:
+    """The status code of a raw HTTP answer, or 'closed' when the server closed without one."""
+    parts = answer.split(b" ", 2)
+    return parts[1].decode() if len(parts) > 1 and answer.startswith(b"HTTP/1.") else "closed"
+
+
+class Attack:
+    """Slow-body and slow-header connections and decode bombs, for as long as the clients run."""
+
+    def __init__(self, port: int, category: str, bomb: bytes | None, slow: int = SLOW_CONNECTIONS) -> None:
+        self.slow = slow
+        body, ctype = multipart({}, None)
+        head = f"POST /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {ctype}\r\n"
+        boundary = ctype.rsplit("=", 1)[1]
+        part = f'--{boundary}\r\nContent-Disposition: form-data; name="text"\r\n\r\n'.encode()
+        self.slow_body = (head + "Content-Length: 100000\r\n\r\n").encode() + part
+        self.slow_head = head.encode()
+        self.bomb = raw_requests("image", [bomb], category, "lora", 10, port)[0] if bomb else None
+        self.cut: dict[str, dict[str, int]] = {"slow_body": {}, "slow_header": {}}
+        self.bombs: list[tuple[float, str]] = []  # (seconds to the answer, status)
+
+    async def run(self, port: int, deadline: float) -> None:
+        """Every attacker until the deadline (bombs still unanswered then are waited for 5 s more)."""
+        slow = [self._slow(port, self.slow_body, b"x", "slow_body", deadline) for _ in range(self.slow)]
+        slow += [
+            self._slow(port, self.slow_head, b"X-Slow: 1\r\n", "slow_header", deadline)
+            for _ in range(self.slow)
+        ]
+        bombs = [] if self.bomb is None else [self._bombs(port, deadline)]
+        await asyncio.gather(*slow, *bombs)
+
+    async def _slow(self, port: int, first: bytes, drip: bytes, kind: str, deadline: float) -> None:
+        counts = self.cut[kind]
+        while time.perf_counter() < deadline:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                counts["refused"] = counts.get("refused", 0) + 1
+                await asyncio.sleep(DRIP_S)
+                continue
+            writer.write(first)
+            answer = asyncio.ensure_future(reader.read())  # all the server sends until it closes
+            while not answer.done() and time.perf_counter() < deadline:
+                await asyncio.wait({answer}, timeout=DRIP_S)
+                if not answer.done():
+                    writer.write(drip)
+            if answer.done():
+                status = "closed" if answer.exception() else _status(answer.result())
+                counts[status] = counts.get(status, 0) + 1
+            else:
+                answer.cancel()
+                counts["open_at_end"] = counts.get("open_at_end", 0) + 1
+            writer.close()
+
+    async def _bombs(self, port: int, deadline: float) -> None:
+        tasks = []
+        while time.perf_counter() < deadline:
+            tasks.append(asyncio.ensure_future(self._one_bomb(port, deadline + 5)))
+            await asyncio.sleep(1.0)
+        await asyncio.gather(*tasks)
+
+    async def _one_bomb(self, port: int, give_up: float) -> None:
+        t0 = time.perf_counter()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(self.bomb)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), give_up - t0)
+            status = _status(head)
+            writer.close()
+        except TimeoutError:  # before OSError, of which it is a subclass
+            status = "unanswered"
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            status = f"closed ({type(e).__name__})"
+        self.bombs.append((time.perf_counter() - t0, status))
+
+    def summary(self) -> dict:
+        """What became of the attackers."""
+        answered = sorted(t for t, s in self.bombs if s[0].isdigit())
+        statuses: dict[str, int] = {}
+        for _, s in self.bombs:
+            statuses[s] = statuses.get(s, 0) + 1
+        return {
+            "slow_connections_each": self.slow,
+            "drip_every_s": DRIP_S,
+            "slow_body_outcomes": self.cut["slow_body"],
+            "slow_header_outcomes": self.cut["slow_header"],
+            "bombs_sent": len(self.bombs),
+            "bomb_statuses": statuses,
+            "bomb_answer_s_max": round(answered[-1], 2) if answered else None,
+        }
 
 
 class RssSampler:
@@ -217,18 +334,64 @@ def summarize(
     }
 
 
-def http_run(pid: int, port: int, kind: str, requests: list[bytes], clients: int, seconds: float) -> dict:
+def http_run(
+    pid: int,
+    port: int,
+    kind: str,
+    requests: list[bytes],
+    clients: int,
+    seconds: float,
+    attack: Attack | None = None,
+) -> dict:
     """One load run with the server's RSS sampled; its summary, with the server's CPU per request."""
     server = psutil.Process(pid)
     cpu0, server0 = time.process_time(), server.cpu_times()
     with RssSampler(pid, 0.25) as rss:
-        results = drive(port, requests, clients, seconds)
+        results = drive(port, requests, clients, seconds, attack)
     row = summarize(kind, clients, seconds, results, time.process_time() - cpu0)
     server1 = server.cpu_times()
     server_cpu = (server1.user + server1.system) - (server0.user + server0.system)
     row["server_cpu_ms_per_request"] = round(1000 * server_cpu / max(1, row["requests"]), 3)
     row["peak_rss_mb"] = rss.peak_mb
     return row
+
+
+def under_attack(pid: int, port: int, requests: list[bytes], args: argparse.Namespace) -> dict:
+    """Text queries clean, then under attack, same clients and duration; both runs and their ratio."""
+    bomb = progressive_jpeg_bomb(args.bomb_side, args.bomb_scans) if args.bomb_scans else None
+    clean = http_run(pid, port, "text", requests, args.attack_clients, args.seconds)
+    attack = Attack(port, args.category, bomb)
+    hostile = http_run(pid, port, "text", requests, args.attack_clients, args.seconds, attack)
+    print(f"text x{args.attack_clients}: clean {clean['qps']} QPS, p99 {clean['p99_ms']} ms; under attack "
+          f"{hostile['qps']} QPS, p99 {hostile['p99_ms']} ms; attackers {attack.summary()}")  # fmt: skip
+    return {
+        "settings": {
+            "clients": args.attack_clients,
+            "seconds": args.seconds,
+            "bomb_side": args.bomb_side,
+            "bomb_scans": args.bomb_scans,
+            "bomb_bytes": len(bomb) if bomb else 0,
+            "load_average_at_end": os.getloadavg(),
+            "note": args.note,
+        },
+        "clean": clean,
+        "attack": hostile,
+        "attackers": attack.summary(),
+        "qps_ratio": round(hostile["qps"] / clean["qps"], 3) if clean["qps"] else None,
+        "p99_ratio": round(hostile["p99_ms"] / clean["p99_ms"], 3) if clean["p99_ms"] else None,
+        "machine": machine_info(),
+    }
+
+
+def add_section(name: str, key: str, section: dict) -> Path:
+    """Put `section` under `key` of bench/results/<name>.json, keeping everything else in it."""
+    path = RESULTS_DIR / f"{name}.json"
+    payload = json.loads(path.read_text()) if path.is_file() else {}
+    payload[key] = section
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 # --- in-process baseline ----------------------------------------------------------------------------------
@@ -308,7 +471,7 @@ def free_port() -> int:
 def start_server(category: str, port: int, max_inflight: int, threads: int) -> subprocess.Popen:
     """`cliprec serve` of this checkout on 127.0.0.1:port, ready (healthz 200)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "cliprec.cli", "--root", str(REPO_ROOT), "serve", "--port", str(port)]
+    cmd = [sys.executable, "-m", "cliprec.cli", "--root", str(DATA_ROOT), "serve", "--port", str(port)]
     cmd += ["--category", category, "--max-inflight", str(max_inflight), "--threads", str(threads)]
     log = open(REPO_ROOT / "bench" / "scratch" / "serve_load.server.log", "w")  # noqa: SIM115 (kept open)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -339,8 +502,8 @@ def stop_server(proc: subprocess.Popen) -> int | None:
 # --- main -------------------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    """Measure, print, write bench/results/serve_load[.quick].json."""
+def parse_args() -> argparse.Namespace:
+    """The command line, defaults filled in (quick or full)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -359,18 +522,53 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch/FAISS threads per query, server and in process (1)"
     )
     parser.add_argument("--quick", action="store_true", help="5 s runs, 20 s soak")
+    parser.add_argument("--root", type=Path, default=REPO_ROOT, help="where the demo outputs are (.)")
+    parser.add_argument("--attack-only", action="store_true", help="only the clean vs under-attack runs")
+    parser.add_argument("--attack-clients", type=int, default=16, help="text clients of those runs (16)")
+    parser.add_argument("--bomb-side", type=int, default=6000, help="decode bomb side, px (6000)")
+    parser.add_argument("--bomb-scans", type=int, default=23_000, help="its scans (23000; 0: no bombs)")
+    parser.add_argument("--note", default="", help="a remark kept with the under-attack results")
     args = parser.parse_args()
     quick = {"clients": [16, 64], "seconds": 5.0, "inproc_s": 3.0, "soak_s": 20.0}
     full = {"clients": [16, 64], "seconds": 30.0, "inproc_s": 10.0, "soak_s": 300.0}
-    fill_defaults(args, quick if args.quick else full)
+    return fill_defaults(args, quick if args.quick else full)
+
+
+def attack_only(args: argparse.Namespace) -> None:
+    """Only the clean and under-attack runs, added to the results file as `under_attack`."""
+    queries = load_queries(args.category, args.queries)
+    port = free_port()
+    proc = start_server(args.category, port, args.max_inflight, args.threads)
+    requests = raw_requests("text", queries["text"], args.category, args.variant, args.k, port)
+    try:
+        variant = "lora" if args.variant == "both" else args.variant
+        check_answer(port, "text", queries["text"][0], args.category, variant, args.k)
+        section = under_attack(proc.pid, port, requests, args)
+    finally:
+        stop_server(proc)
+    print_table(
+        [section["clean"], section["attack"]], ["kind", "clients", "qps", "p50_ms", "p99_ms", "errors"]
+    )
+    path = add_section("serve_load.quick" if args.quick else "serve_load", "under_attack", section)
+    print(f"qps ratio {section['qps_ratio']}, p99 ratio {section['p99_ratio']}; wrote {path}")
+
+
+def main() -> None:
+    """Measure, print, write bench/results/serve_load[.quick].json."""
+    global DATA_ROOT
+    args = parse_args()
+    DATA_ROOT = args.root.resolve()
     (REPO_ROOT / "bench" / "scratch").mkdir(parents=True, exist_ok=True)
+    if args.attack_only:
+        attack_only(args)
+        return
 
     from cliprec.recommend import Recommender
 
     load_at_start = os.getloadavg()
     queries = load_queries(args.category, args.queries)
     variant = "lora" if args.variant == "both" else args.variant
-    rec = Recommender(args.category, variant, root=REPO_ROOT)
+    rec = Recommender(args.category, variant, root=DATA_ROOT)
     port = free_port()
     proc = start_server(args.category, port, args.max_inflight, args.threads)
     default_threads = max(args.threads, len(os.sched_getaffinity(0)))
@@ -424,6 +622,7 @@ def main() -> None:
                 ],
             )
             print(f"soak {args.soak_s:.0f} s: RSS {soak['rss_start_mb']} -> {soak['rss_end_mb']} MiB")
+        attacked = under_attack(pid, port, requests["text"], args)
         metrics_text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     finally:
         exit_status = stop_server(proc)
@@ -448,6 +647,7 @@ def main() -> None:
         "runs": runs,
         "saturation": saturation,
         "soak": soak,
+        "under_attack": attacked,
         "server_exit_status_after_sigterm": exit_status,
         "server_rejected_total": [
             line for line in metrics_text.splitlines() if line.startswith("cliprec_http_rejected_total")

@@ -1,7 +1,7 @@
 """The `cliprec` command: recommend, report, gate, serve.
 
 Exit codes: 0 success (gate: passed), 1 gate failed, 2 a usage or input problem (one line on stderr;
-the traceback with --debug or CLIPREC_DEBUG=1).
+the traceback with --debug or CLIPREC_DEBUG=1); `serve`: 3 when its address cannot be bound.
 """
 
 from __future__ import annotations
@@ -44,8 +44,12 @@ def _positive_mb(text: str) -> float:
     return _number(text, float, 0.001)
 
 
-def _positive_seconds(text: str) -> float:
-    return _number(text, float, 0.01)
+def _seconds(text: str) -> float:
+    return _number(text, float, 0.1, 3600)
+
+
+def _positive_kb(text: str) -> int:
+    return int(_number(text, int, 1, 1024))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,11 +112,35 @@ def _parser() -> argparse.ArgumentParser:
         "--decode-workers", type=_positive, default=2, help="processes decoding image uploads (2)"
     )
     srv.add_argument(
-        "--decode-timeout", type=_positive_seconds, default=4.0, help="longest decode of an upload, s (4)"
+        "--decode-timeout", type=_seconds, default=4.0, help="longest decode of an upload, s (4)"
     )
-    srv.add_argument("--threads", type=_positive, help="torch/FAISS threads per query (default: all cores)")
+    srv.add_argument(
+        "--threads", type=_positive, default=1, help="torch/FAISS threads per query (default 1; README: Load)"
+    )
     srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    _serve_connection_options(srv)
     return parser
+
+
+def _serve_connection_options(srv: argparse.ArgumentParser) -> None:
+    """The connection limits of `cliprec serve` (README: Serve, the limits table)."""
+    srv.add_argument(
+        "--max-connections",
+        type=_positive,
+        help="open connections; more are refused with 503 (default 10000, at most half the fd limit)",
+    )
+    srv.add_argument(
+        "--max-header-kb", type=_positive_kb, default=16, help="request line + headers; more get 431 (16)"
+    )
+    srv.add_argument(
+        "--header-timeout", type=_seconds, default=10.0, help="seconds for a request's head (10); then 408"
+    )
+    srv.add_argument(
+        "--body-timeout", type=_seconds, default=30.0, help="seconds for a request's body (30); then 408"
+    )
+    srv.add_argument(
+        "--idle-timeout", type=_seconds, default=5.0, help="seconds a connection may wait idle (5)"
+    )
 
 
 def _recommend(args: argparse.Namespace) -> int:
@@ -168,6 +196,7 @@ def _gate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from cliprec.serve import ServeSettings, run
+    from cliprec.serve.server import LISTEN_ERROR_EXIT, ListenError
 
     if not args.verbose:
         from transformers.utils import logging as hf_logging
@@ -181,9 +210,17 @@ def _serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         decode_workers=args.decode_workers,
         decode_timeout_s=args.decode_timeout,
+        max_connections=args.max_connections,
+        max_header_bytes=args.max_header_kb * 1024,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        idle_timeout_s=args.idle_timeout,
     )
     try:
         return run(args.root, args.host, args.port, args.category, settings, access_log=args.access_log)
+    except ListenError as e:  # a port taken is not a usage problem: its own status, for supervisors
+        print(f"cliprec serve: error: {e}", file=sys.stderr)
+        return LISTEN_ERROR_EXIT
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled, after its graceful shutdown
         return 130
 

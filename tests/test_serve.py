@@ -239,6 +239,8 @@ def png_bomb(side: int = 50_000) -> bytes:
         ({"text": "x", "k": "ten"}, None, 422, "^k: "),
         ({"text": "x", "weight": 1.5}, None, 422, "^weight: "),
         ({"text": "x", "variant": "best"}, None, 422, "^variant: "),
+        ({"text": "x", "variant": ""}, None, 422, "^variant: must not be empty"),  # not the default
+        ({"text": "x", "k": ""}, None, 422, "^k: must not be empty"),
         ({"text": "x", "category": "Nope"}, None, 422, "unknown category 'Nope'"),
         ({"text": "x" * 1001}, None, 422, "^text: .*at most 1000"),
         ({"product": "NOPE"}, None, 404, "unknown product 'NOPE'"),
@@ -251,7 +253,8 @@ def png_bomb(side: int = 50_000) -> bytes:
         ({"product": "P0001"}, {"image": ("q.jpg", jpeg_bytes(), "image/jpeg")}, 422, "cannot be combined"),
     ],
     ids=[
-        "no-query", "product+text", "k0", "k-too-big", "k-not-int", "weight", "variant", "category",
+        "no-query", "product+text", "k0", "k-too-big", "k-not-int", "weight", "variant", "blank-variant",
+        "blank-k", "category",
         "text-too-long", "unknown-product", "path-like-product", "no-embedding", "not-image", "truncated",
         "bomb", "empty-image", "product+image",
     ],
@@ -260,7 +263,21 @@ def test_bad_search_input(client, fields, files, status, pattern):
     assert_error(search(client, files=files, **fields), status, pattern)
 
 
+def rejected(client, reason: str) -> float:
+    text = client.get("/metrics").text
+    found = re.search(rf'cliprec_http_rejected_total\{{reason="{reason}"\}} ([0-9.]+)', text)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_over_long_form_field_is_422(client):
+    # multipart: the form parser refuses the part (starlette says 400); the API says 422, as for any field
+    long_field = {"text": (None, "red " * 50_000)}
+    assert_error(client.post("/api/search", files=long_field), 422, "form field is longer than 65536 B")
+    assert_error(search(client, text="red " * 50_000), 422, "form field is longer")  # url-encoded too
+
+
 def test_upload_size_limit(client):
+    too_large = rejected(client, "too_large")
     big = b"\xff" * 300_000  # > max_upload_bytes + 64 KiB of form overhead
     assert_error(search(client, files={"image": ("big.jpg", big, "image/jpeg")}), 413, "larger than")
     # also without a Content-Length: the body is counted while it streams in
@@ -282,6 +299,8 @@ def test_upload_size_limit(client):
         "/api/search", content=chunks(), headers={"content-type": f"multipart/form-data; boundary={boundary}"}
     )
     assert_error(response, 413, "larger than")
+    assert response.headers["connection"] == "close"  # the rest of the body is not read
+    assert rejected(client, "too_large") == too_large + 2  # with and without a Content-Length
     # just under the cap the upload itself is checked (and is no image)
     just_under = b"\xff" * (SETTINGS.max_upload_bytes - 10)
     assert_error(search(client, files={"image": ("x.jpg", just_under, "image/jpeg")}), 415, "not_image")
@@ -489,6 +508,23 @@ def test_docs_work_offline(client):
     )
 
 
+def test_openapi_tells_what_a_form_can_send(client):
+    spec = client.get("/openapi.json").json()
+    search_op = spec["paths"]["/api/search"]["post"]
+    assert {"400", "408", "413", "415", "422", "503"} <= set(search_op["responses"])
+    ref = search_op["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]
+    fields = spec["components"]["schemas"][ref]["properties"]
+    assert {"text", "image", "product", "weight", "category", "variant", "k"} == set(fields)
+    assert "null" not in json.dumps(fields)  # a multipart form cannot send a null
+    assert fields["text"]["type"] == "string" and fields["weight"]["type"] == "number"
+
+
+def test_head_of_page_and_health(client):
+    for path in ("/", "/healthz"):
+        response = client.head(path)
+        assert response.status_code == 200 and response.content == b"", path
+
+
 def test_page_loads_only_local_files(client):
     page = client.get("/")
     assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
@@ -586,7 +622,18 @@ def test_serve_command_stops_gracefully(root, sig):
     # does (-15), Ctrl-C becomes exit status 130
     assert proc.returncode == (-signal.SIGTERM if sig == signal.SIGTERM else 130), out
     assert "Application shutdown complete" in out and "serve: stopped" in out and "Traceback" not in out
-    assert f"Uvicorn running on http://127.0.0.1:{port}" in out
+    assert f"serve: listening on http://127.0.0.1:{port}" in out
+
+
+def test_serve_command_exits_3_when_its_port_is_taken(root, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["--root", str(root), "serve", "--port", str(port), "--category", CAT])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert err == f"cliprec serve: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
 
 def test_serve_command_exits_2_when_nothing_can_load(root, capsys):

@@ -4,7 +4,7 @@ How work is bounded:
 - The Service (models, verified indexes, photo locations) loads once, in a thread started at startup,
   so the port answers at once: `/healthz` and the API say 503 (with Retry-After) until it is ready.
 - Searches run on ONE worker thread (SearchWorker): torch spreads one query over `threads` cores
-  (default: torch's own, every core) and a Recommender's tokenizer is not safe to call from two threads
+  (`cliprec serve`'s default: 1) and a Recommender's tokenizer is not safe to call from two threads
   at once. What queued while the worker was busy is answered in one `Service.search_many` call, where
   the text queries share one batch through the text encoder: one query alone costs a small model mostly
   Python overhead, and the event loop competes with the worker for the GIL. bench/serve_load.py
@@ -14,8 +14,9 @@ How work is bounded:
   (`decode_timeout_s`, 413 past it): a costly upload never holds up a search.
 - /healthz says 503 when work has waited `stall_s` without the worker making progress (a heartbeat).
 - At most `max_inflight` requests to the work routes (/api/search, /api/products) are admitted at once,
-  counted before their bodies are read; the next one gets 503 + Retry-After instead of a growing queue.
-- Request bodies are capped (Content-Length, and counted while streaming): 413 past the cap.
+  counted once their bodies have arrived (middleware.Admission); the next one gets 503 + Retry-After.
+- Request bodies are capped (Content-Length, and counted while streaming): 413 past the cap; a body not
+  complete within `body_timeout_s` gets 408. Connection limits: cliprec/serve/connections.py.
 - Every error answer is one line of JSON, `{"error": "..."}`; tracebacks go to the log, never to a client.
 - uvicorn turns SIGINT/SIGTERM into a graceful shutdown: stop accepting, finish in-flight requests (at
   most `graceful_s`), then stop the worker.
@@ -31,21 +32,22 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from cliprec.decode_pool import DecodePool
 from cliprec.index import IndexIntegrityError
 from cliprec.recommend import RecommendError
 from cliprec.serve.cancel import CancelledInOneLine
 from cliprec.serve.metrics import Metrics
-from cliprec.serve.middleware import GuardMiddleware
-from cliprec.serve.schemas import ERRORS, ErrorResponse, SearchResponse
+from cliprec.serve.middleware import Admission, GuardMiddleware
+from cliprec.serve.schemas import ERRORS, SEARCH_ERRORS, ErrorResponse, SearchResponse, forms_not_nullable
 from cliprec.serve.settings import ServeSettings
 from cliprec.serve.worker import SearchWorker
 from cliprec.service import SearchRequest, Service, ServiceError, one_line
@@ -66,6 +68,27 @@ PAGE_CSP = (
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": one_line(message)}, status_code=status, headers=headers)
+
+
+# the form's own fields are short (text: max_text_chars characters); a longer part is refused early
+FORM_LIMITS = {"max_part_size": 64 * 1024, "max_fields": 32, "max_files": 1}
+NOT_BLANK = ("variant", "k", "weight", "category")  # a blank choice or number is no value, not "default"
+
+
+async def _no_blank_choices(request: Request) -> None:
+    """Search dependency: 422 for `variant=""` and the like (FastAPI takes a blank field as omitted)."""
+    form = await request.form()  # the form FastAPI already read (cached)
+    blank = [name for name in NOT_BLANK if form.get(name) == ""]
+    if blank:
+        raise StarletteHTTPException(422, f"{blank[0]}: must not be empty")
+
+
+def _form_error(exc: StarletteHTTPException) -> tuple[int, str] | None:
+    """Starlette's 400 for a form part over FORM_LIMITS' size is a too-long field: 422, as pydantic's."""
+    cause = exc.__context__
+    if exc.status_code == 400 and isinstance(cause, MultiPartException) and "maximum size" in cause.message:
+        return 422, f"a form field is longer than {FORM_LIMITS['max_part_size']} B"
+    return None
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -158,6 +181,8 @@ def create_app(
     app.state.load_error = None
     app.add_middleware(GuardMiddleware, settings=settings, metrics=metrics)
     app.add_middleware(CancelledInOneLine)  # added last: the outermost layer
+    forms_not_nullable(app)
+    work = [Depends(Admission(settings, metrics).slot)]  # the work routes share one budget
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(ServiceError)
@@ -167,7 +192,8 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+        status, message = _form_error(exc) or (exc.status_code, str(exc.detail))
+        return _error(status, message, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -189,6 +215,7 @@ def create_app(
     # --- pages -----------------------------------------------------------------------------------------
 
     @app.get("/", include_in_schema=False)
+    @app.head("/", include_in_schema=False)
     def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Content-Security-Policy": PAGE_CSP})
 
@@ -206,6 +233,7 @@ def create_app(
     # --- health, info, metrics -------------------------------------------------------------------------
 
     @app.get("/healthz", responses={503: {"model": ErrorResponse}})
+    @app.head("/healthz", include_in_schema=False)  # load balancers probe with HEAD
     def healthz(request: Request) -> JSONResponse:
         """200 once the models and verified indexes are loaded; 503 before, when loading failed, or when
         the search worker has made no progress for `stall_s` with work waiting (restart the server)."""
@@ -240,7 +268,13 @@ def create_app(
 
     # --- search ----------------------------------------------------------------------------------------
 
-    @app.post("/api/search", response_model=SearchResponse, responses=ERRORS)
+    @app.post(
+        "/api/search",
+        response_model=SearchResponse,
+        responses=SEARCH_ERRORS,
+        dependencies=[*work, Depends(_no_blank_choices)],
+        form_limits=FORM_LIMITS,
+    )
     async def search(
         request: Request,
         text: Annotated[
@@ -287,7 +321,7 @@ def create_app(
 
     # --- products --------------------------------------------------------------------------------------
 
-    @app.get("/api/products/{category}/{product_id}", responses=ERRORS)
+    @app.get("/api/products/{category}/{product_id}", responses=ERRORS, dependencies=work)
     def product_detail(request: Request, category: str, product_id: str) -> JSONResponse:
         """Catalog fields of a product, its photos, its `thumb` URL (null when it has no stored photo) and
         whether each variant has it indexed."""
@@ -302,6 +336,7 @@ def create_app(
         "/api/products/{category}/{product_id}/photo",
         response_class=Response,
         responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
+        dependencies=work,
     )
     def product_photo(request: Request, category: str, product_id: str, view: View = "main") -> Response:
         """A stored product photo (the images stage's JPEG)."""
@@ -311,6 +346,7 @@ def create_app(
         "/api/products/{category}/{product_id}/thumb",
         response_class=Response,
         responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
+        dependencies=work,
     )
     def product_thumb(request: Request, category: str, product_id: str, view: View = "main") -> Response:
         """A thumbnail of a stored product photo."""

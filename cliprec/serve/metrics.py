@@ -30,7 +30,14 @@ class Metrics:
             "cliprec_http_work_in_flight", "Admitted requests to the work routes", registry=self.registry
         )
         self.rejected = Counter(
-            "cliprec_http_rejected", "Requests refused before any work, by reason", ["reason"],
+            "cliprec_http_rejected",
+            "Requests and connections refused before any work, by reason (too_large, saturated,"
+            " connections, header_too_large, header_timeout, body_timeout, bad_request)",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.connections = Gauge(
+            "cliprec_http_connections", "Open HTTP connections (refused ones until closed)",
             registry=self.registry,
         )  # fmt: skip
         self.batch = Histogram(
