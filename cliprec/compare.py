@@ -2,8 +2,10 @@
 
 Two evaluations are paired only on the same test set (the same gallery ids, in order: the digest in
 `test_set.ids_sha256`); a query counts when both evaluations ranked it. The `compare` stage writes LoRA
-vs zero-shot per category as a DVC metrics file (`metrics/<cat>/compare.json`); `cliprec report` and
-`cliprec gate` make the same comparisons against other experiments and revisions.
+vs zero-shot per category: every difference with its CI, p-values and counts to
+`metrics/<cat>/compare.detail.json`, and the headline (`HEADLINE`: value and p-value) to the DVC metrics
+file `metrics/<cat>/compare.json`, so that `dvc exp show` fits a terminal. `cliprec report` and
+`cliprec gate` make the same comparisons from the ranks, against other experiments and revisions.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from cliprec.artifacts import write_json
 from cliprec.errors import CliprecError
 from cliprec.metrics import per_query
 from cliprec.stats import Comparison, paired_comparisons
+
+KEY = "lora_minus_zeroshot"
+# what the DVC metrics file compare.json holds: (mode, metric) -> fields of the comparison
+HEADLINE = {("text_to_image", "recall_at_5"): ("value", "p_value")}
 
 
 class UnpairedTestSets(CliprecError):
@@ -82,21 +88,36 @@ def comparison_doc(comparisons: dict[str, dict[str, Comparison]]) -> dict[str, A
     return {mode: {m: c.as_dict() for m, c in metrics.items()} for mode, metrics in comparisons.items()}
 
 
+def headline(doc: dict[str, Any]) -> dict[str, Any]:
+    """compare.json's few numbers (`HEADLINE`) out of the full comparison document."""
+    out: dict[str, Any] = {}
+    for (mode, metric), fields in HEADLINE.items():
+        c = doc[KEY].get(mode, {}).get(metric)
+        if c is not None:  # e.g. evaluate.ks without 5
+            out.setdefault(KEY, {}).setdefault(mode, {})[metric] = {f: c[f] for f in fields}
+    return out
+
+
 def write_comparison(
     lora: str | Path,
     zeroshot: str | Path,
     out: str | Path,
+    detail: str | Path,
     resamples: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The `compare` stage: LoRA minus zero-shot of one category -> a DVC metrics file; returns it."""
+    """The `compare` stage: LoRA minus zero-shot of one category -> `detail` and its headline `out`.
+
+    Returns the full document (what `detail` holds).
+    """
     doc = {
-        "lora_minus_zeroshot": comparison_doc(
+        KEY: comparison_doc(
             compare_ranks(load_ranks(lora), load_ranks(zeroshot), resamples, confidence, seed)
         ),
         "resamples": resamples,
         "confidence": confidence,
     }
-    write_json(doc, out)
+    write_json(doc, detail)
+    write_json(headline(doc), out)
     return doc

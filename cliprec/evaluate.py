@@ -18,6 +18,10 @@ Every relevance metric gets a 95 % bootstrap CI over the queries (`ci95`, clipre
 per-query ranks of every mode go to a file of their own (`<variant>.ranks.json`, with the test set's
 id digest), from which the `compare` stage and the CI gate make paired comparisons.
 
+Files: the DVC metrics file `<variant>.json` holds the headline only (`HEADLINE`, no CIs), so that
+`dvc exp show` stays a table that fits a terminal; everything this module computes, with its CIs, is in
+`<variant>.detail.json`, which `cliprec report` and the server's `/api/info` read.
+
 Also reported, for comparison with the seed project:
 - avg_mean_similarity_at_5: for each test product's fused vector, the mean inner product of its 5
   nearest OTHER products among all catalog fused vectors, averaged. It measures how tight the
@@ -52,6 +56,8 @@ CURVE_KS = tuple(range(1, 11))
 SEED_K = 5
 ANN_K = 10
 TIE_EPS = 1e-5  # float32 inner products of equal vectors can differ in the last bits
+# the DVC metrics file's columns: {mode: metrics}; a metric that `evaluate.ks` leaves out is left out here
+HEADLINE = {"text_to_image": ("recall_at_5", "mrr")}
 
 
 class Embeddings:
@@ -289,6 +295,15 @@ def _check_keys(value: Any, where: str = "") -> None:
             _check_keys(v, f"{where}{k}/")
 
 
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The DVC metrics file's few numbers: `HEADLINE`'s metrics out of `evaluate`'s, without CIs."""
+    return {
+        mode: {name: metrics[mode][name] for name in names if name in metrics[mode]}
+        for mode, names in HEADLINE.items()
+        if mode in metrics
+    }
+
+
 def write_outputs(
     metrics: dict[str, Any],
     curve: list[dict[str, Any]],
@@ -296,10 +311,12 @@ def write_outputs(
     metrics_path: str | Path,
     plot_path: str | Path,
     ranks_path: str | Path,
+    detail_path: str | Path,
 ) -> None:
-    """Write metrics/<cat>/<variant>.json, its per-query ranks and the recall@k plot file."""
+    """Write metrics/<cat>/<variant>.json (the headline), .detail.json, .ranks.json and the recall@k plot."""
     _check_keys(metrics)
-    write_json(metrics, metrics_path)
+    write_json(headline(metrics), metrics_path)
+    write_json(metrics, detail_path)
     write_json(curve, plot_path)
     atomic_write_bytes(ranks_path, (json.dumps(ranks, separators=(",", ":")) + "\n").encode())
-    log.info("evaluate: wrote %s, %s and %s", metrics_path, ranks_path, plot_path)
+    log.info("evaluate: wrote %s, %s, %s and %s", metrics_path, detail_path, ranks_path, plot_path)

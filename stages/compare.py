@@ -1,4 +1,6 @@
-"""Stage `compare`: LoRA minus zero-shot on one category's test queries, paired -> metrics/<cat>/compare.json.
+"""Stage `compare`: LoRA minus zero-shot on one category's test queries, paired.
+
+Writes metrics/<cat>/compare.detail.json (every difference) and compare.json (its headline, a DVC metric).
 
 Usage: python stages/compare.py <category>
 """
@@ -19,6 +21,7 @@ def main(argv: list[str]) -> None:
         paths.ranks_path(category, "lora"),
         paths.ranks_path(category, "zeroshot"),
         paths.compare_path(category),
+        paths.compare_detail_path(category),
         resamples=p.evaluate.resamples,
         confidence=p.evaluate.confidence,
         seed=p.seed,

@@ -36,6 +36,7 @@ def main(argv: list[str]) -> None:
         paths.metrics_path(category, variant),
         paths.recall_plot_path(category, variant),
         paths.ranks_path(category, variant),
+        paths.metrics_detail_path(category, variant),
     )
 
 

@@ -15,7 +15,7 @@ from cliprec import paths
 from cliprec.artifacts import ArtifactError, write_manifest
 from cliprec.embed import fuse
 from cliprec.errors import CliprecError
-from cliprec.evaluate import MODES, evaluate, exact_topk, gallery_digest, write_outputs
+from cliprec.evaluate import MODES, evaluate, exact_topk, gallery_digest, headline, write_outputs
 from cliprec.index import IndexIntegrityError, build_from_embeddings
 from cliprec.metrics import metrics_from_ranks
 
@@ -220,10 +220,15 @@ def test_outputs_are_dvc_friendly(tmp_path):
         tmp_path / "m" / "lora.json",
         tmp_path / "m" / "plots" / "r.json",
         tmp_path / "r",
+        tmp_path / "m" / "lora.detail.json",
     )
     assert json.loads((tmp_path / "r").read_text()) == ranks
-    saved = json.loads((tmp_path / "m" / "lora.json").read_text())
+    saved = json.loads((tmp_path / "m" / "lora.detail.json").read_text())
     assert saved == metrics
+    # the DVC metrics file: a few headline columns for `dvc exp show`, the same values, no CIs
+    shown = json.loads((tmp_path / "m" / "lora.json").read_text())
+    t2i = metrics["text_to_image"]
+    assert shown == {"text_to_image": {"recall_at_5": t2i["recall_at_5"], "mrr": t2i["mrr"]}}
 
     def leaves(d, prefix=""):
         for k, v in d.items():
@@ -237,7 +242,7 @@ def test_outputs_are_dvc_friendly(tmp_path):
     plot = json.loads((tmp_path / "m" / "plots" / "r.json").read_text())
     assert plot == curve and set(plot[0]) == {"k", *MODES}
     with pytest.raises(ValueError, match="dot"):
-        write_outputs({"a.b": 1}, [], {}, tmp_path / "x.json", tmp_path / "y.json", tmp_path / "z.json")
+        write_outputs({"a.b": 1}, [], {}, *(tmp_path / f"{n}.json" for n in "wxyz"))
 
 
 def test_stages_write_the_paths_dvc_expects(tmp_path, monkeypatch):
@@ -252,8 +257,9 @@ def test_stages_write_the_paths_dvc_expects(tmp_path, monkeypatch):
     shutil.copytree(fx["embed"], paths.embed_dir(cat, "lora"))
     runpy.run_path(str(REPO / "stages" / "index.py"))["main"]([cat, "lora"])
     runpy.run_path(str(REPO / "stages" / "evaluate.py"))["main"]([cat, "lora"])
-    metrics = json.loads(paths.metrics_path(cat, "lora").read_text())
-    assert metrics["text_to_image"]["recall_at_1"] == 1.0
+    metrics = json.loads(paths.metrics_detail_path(cat, "lora").read_text())
+    assert metrics["text_to_image"]["recall_at_1"] == 1.0 and "ci95" in metrics["text_to_image"]
+    assert json.loads(paths.metrics_path(cat, "lora").read_text()) == headline(metrics)
     assert len(json.loads(paths.recall_plot_path(cat, "lora").read_text())) == 10
     manifest = json.loads((paths.index_dir(cat, "lora") / "manifest.json").read_text())
     assert manifest["factory"]["requested"] == "auto" and manifest["factory"]["resolved"] == "Flat"
@@ -272,6 +278,7 @@ def test_other_ks(tmp_path):
     fx = make_fixture(tmp_path)
     metrics, curve, _ = evaluate(fx["products"], fx["embed"], fx["index"], ks=(1, 3))
     assert {k for k in metrics["image_to_text"] if k.startswith("recall")} == {"recall_at_1", "recall_at_3"}
+    assert headline(metrics) == {"text_to_image": {"mrr": metrics["text_to_image"]["mrr"]}}  # no R@5 to show
     assert len(curve) == 10  # the plot always covers k = 1..10
 
 
