@@ -151,7 +151,7 @@ def project(tmp_path):
 def write_metrics(root: Path, cat: str, variant: str, detail: dict) -> None:
     """What the evaluate stage writes: the detail file and its headline, the DVC metrics file."""
     (root / paths.metrics_detail_path(cat, variant)).write_text(json.dumps(detail))
-    (root / paths.metrics_path(cat, variant)).write_text(json.dumps(headline(detail)))
+    (root / paths.metrics_path(cat, variant)).write_text(json.dumps(headline(detail, cat, variant)))
 
 
 def commit_amp_ranks(project: Path, top5: int = 52) -> str:

@@ -22,7 +22,7 @@ def test_info_returns_every_metric_with_its_ci95_from_the_detail_file(tmp_path_f
     shutil.copytree(shared_project(tmp_path_factory), root)
     (root / paths.metrics_path(CAT, "lora")).parent.mkdir(parents=True, exist_ok=True)
     # as the evaluate stage writes them now: the DVC metrics file is the headline, the CIs are in the detail
-    (root / paths.metrics_path(CAT, "lora")).write_text(json.dumps(headline(DETAIL)))
+    (root / paths.metrics_path(CAT, "lora")).write_text(json.dumps(headline(DETAIL, CAT, "lora")))
     (root / paths.metrics_detail_path(CAT, "lora")).write_text(json.dumps(DETAIL))
     # as a project evaluated before the detail files existed has it: everything in the metrics file
     (root / paths.metrics_path(CAT, "zeroshot")).write_text(json.dumps(DETAIL))
