@@ -555,7 +555,11 @@ def _train(
         files = [p.relative_to(out_dir).as_posix() for p in adapter_dir.rglob("*") if p.is_file()]
         write_manifest(out_dir, [*files, SUMMARY_FILE], {"model": cfg.model})
         if summary["adapter_is_identity"]:
-            log.warning("no epoch beat zero-shot on val: the saved adapter is the identity (B = 0)")
+            why = "; the val split is too small to tell them apart (summary.json warnings)"
+            log.warning(
+                "no epoch beat zero-shot on val: the saved adapter is the identity (B = 0)%s",
+                why if summary["warnings"] else "",
+            )
         log.info(
             "best epoch %d: %s -> %s (%s, %.0f s)",
             state["best"]["epoch"], _fmt(state["best"]), adapter_dir,

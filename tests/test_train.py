@@ -258,7 +258,7 @@ def test_two_process_ddp_matches_one_process(tiny, tmp_path):
     assert any(want[k].abs().max() > 1e-3 for k in want if "lora_B" in k)  # it did train
 
 
-def test_zero_shot_is_a_candidate_and_can_win(tiny, tmp_path, monkeypatch):
+def test_zero_shot_is_a_candidate_and_can_win(tiny, tmp_path, monkeypatch, caplog):
     # an adapter worse than none on val must not ship: rig val so the untouched model scores best
     real, calls = tr.evaluate, {"n": 0}
 
@@ -267,7 +267,9 @@ def test_zero_shot_is_a_candidate_and_can_win(tiny, tmp_path, monkeypatch):
         return {**real(*args, **kwargs), "val_recall_at_5": 1.0 if calls["n"] == 1 else 0.5}
 
     monkeypatch.setattr(tr, "evaluate", rigged)
-    summary = _run(tiny, tmp_path, _cfg(tiny, epochs=2))
+    with caplog.at_level(logging.WARNING):
+        summary = _run(tiny, tmp_path, _cfg(tiny, epochs=2))
+    assert any("identity (B = 0); the val split is too small" in r.getMessage() for r in caplog.records)
     assert calls["n"] == 3 and summary["epochs_run"] == 2
     assert summary["best_epoch"] == 0 and summary["adapter_is_identity"] is True
     assert summary["best"]["val_recall_at_5"] == summary["zeroshot"]["val_recall_at_5"] == 1.0
