@@ -18,6 +18,10 @@ Every relevance metric gets a 95 % bootstrap CI over the queries (`ci95`, clipre
 per-query ranks of every mode go to a file of their own (`<variant>.ranks.json`, with the test set's
 id digest), from which the `compare` stage and the CI gate make paired comparisons.
 
+Files: the DVC metrics file `<variant>.json` holds the headline only (`HEADLINE`: T->I Recall@5, no
+CI), so that `dvc exp show` stays a table of a few columns; everything this module computes, with its
+CIs, is in `<variant>.detail.json`, which `cliprec report` and the server's `/api/info` read.
+
 Also reported, for comparison with the seed project:
 - avg_mean_similarity_at_5: for each test product's fused vector, the mean inner product of its 5
   nearest OTHER products among all catalog fused vectors, averaged. It measures how tight the
@@ -39,6 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cliprec import paths
 from cliprec.artifacts import atomic_write_bytes, verify_files, write_json
 from cliprec.errors import CliprecError
 from cliprec.index import LoadedIndex, fuse, load_index, read_ids
@@ -52,6 +57,10 @@ CURVE_KS = tuple(range(1, 11))
 SEED_K = 5
 ANN_K = 10
 TIE_EPS = 1e-5  # float32 inner products of equal vectors can differ in the last bits
+# The DVC metrics file's columns: `dvc exp show` has ~130 columns of params and deps before any metric, so
+# one per variant and category; the key names the category and variant, because DVC heads a column with
+# its key alone only where no other metrics file has the same key (else with the file's path, ~60 chars).
+HEADLINE = (("text_to_image", "recall_at_5", "t2i_r5"),)  # (mode, metric, key suffix)
 
 
 class Embeddings:
@@ -289,17 +298,38 @@ def _check_keys(value: Any, where: str = "") -> None:
             _check_keys(v, f"{where}{k}/")
 
 
+def headline(metrics: dict[str, Any], category: str, variant: str) -> dict[str, Any]:
+    """The DVC metrics file: `HEADLINE`'s metrics, as {category: {"<variant>_t2i_r5": value}}, no CIs.
+
+    A metric that `evaluate.ks` leaves out is left out.
+    """
+    values = {
+        f"{variant}_{suffix}": metrics[mode][metric]
+        for mode, metric, suffix in HEADLINE
+        if metric in metrics.get(mode, {})
+    }
+    return {category: values} if values else {}
+
+
 def write_outputs(
     metrics: dict[str, Any],
     curve: list[dict[str, Any]],
     ranks: dict[str, Any],
-    metrics_path: str | Path,
-    plot_path: str | Path,
-    ranks_path: str | Path,
+    category: str,
+    variant: str,
+    root: str | Path = ".",
 ) -> None:
-    """Write metrics/<cat>/<variant>.json, its per-query ranks and the recall@k plot file."""
+    """Write metrics/<cat>/<variant>.json (the headline), .detail.json, .ranks.json and the recall@k plot."""
     _check_keys(metrics)
-    write_json(metrics, metrics_path)
-    write_json(curve, plot_path)
-    atomic_write_bytes(ranks_path, (json.dumps(ranks, separators=(",", ":")) + "\n").encode())
-    log.info("evaluate: wrote %s, %s and %s", metrics_path, ranks_path, plot_path)
+    root = Path(root)
+    written = [
+        root / paths.metrics_path(category, variant),
+        root / paths.metrics_detail_path(category, variant),
+        root / paths.ranks_path(category, variant),
+        root / paths.recall_plot_path(category, variant),
+    ]
+    write_json(headline(metrics, category, variant), written[0])
+    write_json(metrics, written[1])
+    atomic_write_bytes(written[2], (json.dumps(ranks, separators=(",", ":")) + "\n").encode())
+    write_json(curve, written[3])
+    log.info("evaluate: wrote %s", ", ".join(map(str, written)))

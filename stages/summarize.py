@@ -20,7 +20,11 @@ def main(argv: list[str]) -> None:
     columns = ["id", "title", "features", "description"]
     products = pd.read_parquet(paths.products_path(category), columns=columns)
     summarize_catalog(
-        products, paths.summaries_dir(category), paths.summarize_progress_dir(category), p.active.summarize
+        products,
+        paths.summaries_dir(category),
+        paths.summarize_progress_dir(category),
+        p.active.summarize,
+        run_log=paths.run_log_path("summarize", category),
     )
 
 

@@ -24,6 +24,7 @@ def main(argv: list[str]) -> None:
         paths.train_dir(category),
         paths.checkpoint_dir(category),
         paths.live_dir(category),
+        run_log=paths.run_log_path("train", category),
     )
 
 

@@ -15,7 +15,7 @@ from cliprec import paths
 from cliprec.artifacts import ArtifactError, write_manifest
 from cliprec.embed import fuse
 from cliprec.errors import CliprecError
-from cliprec.evaluate import MODES, evaluate, exact_topk, gallery_digest, write_outputs
+from cliprec.evaluate import MODES, evaluate, exact_topk, gallery_digest, headline, write_outputs
 from cliprec.index import IndexIntegrityError, build_from_embeddings
 from cliprec.metrics import metrics_from_ranks
 
@@ -213,17 +213,15 @@ def test_no_test_products_is_a_clear_error(tmp_path):
 def test_outputs_are_dvc_friendly(tmp_path):
     fx = make_fixture(tmp_path)
     metrics, curve, ranks = run(fx)
-    write_outputs(
-        metrics,
-        curve,
-        ranks,
-        tmp_path / "m" / "lora.json",
-        tmp_path / "m" / "plots" / "r.json",
-        tmp_path / "r",
-    )
-    assert json.loads((tmp_path / "r").read_text()) == ranks
-    saved = json.loads((tmp_path / "m" / "lora.json").read_text())
+    cat = "Amazon_Fashion"
+    write_outputs(metrics, curve, ranks, cat, "lora", root=tmp_path)
+    assert json.loads((tmp_path / paths.ranks_path(cat, "lora")).read_text()) == ranks
+    saved = json.loads((tmp_path / paths.metrics_detail_path(cat, "lora")).read_text())
     assert saved == metrics
+    # the DVC metrics file: one headline column for `dvc exp show`, under a key no other metrics file has
+    # (DVC heads it with the key alone), the same value, no CI
+    shown = json.loads((tmp_path / paths.metrics_path(cat, "lora")).read_text())
+    assert shown == {cat: {"lora_t2i_r5": metrics["text_to_image"]["recall_at_5"]}}
 
     def leaves(d, prefix=""):
         for k, v in d.items():
@@ -234,10 +232,10 @@ def test_outputs_are_dvc_friendly(tmp_path):
                 yield f"{prefix}{k}", v
 
     assert all(isinstance(v, int | float) and not isinstance(v, bool) for _, v in leaves(saved))
-    plot = json.loads((tmp_path / "m" / "plots" / "r.json").read_text())
+    plot = json.loads((tmp_path / paths.recall_plot_path(cat, "lora")).read_text())
     assert plot == curve and set(plot[0]) == {"k", *MODES}
     with pytest.raises(ValueError, match="dot"):
-        write_outputs({"a.b": 1}, [], {}, tmp_path / "x.json", tmp_path / "y.json", tmp_path / "z.json")
+        write_outputs({"a.b": 1}, [], {}, cat, "lora", root=tmp_path / "dotted")
 
 
 def test_stages_write_the_paths_dvc_expects(tmp_path, monkeypatch):
@@ -252,8 +250,9 @@ def test_stages_write_the_paths_dvc_expects(tmp_path, monkeypatch):
     shutil.copytree(fx["embed"], paths.embed_dir(cat, "lora"))
     runpy.run_path(str(REPO / "stages" / "index.py"))["main"]([cat, "lora"])
     runpy.run_path(str(REPO / "stages" / "evaluate.py"))["main"]([cat, "lora"])
-    metrics = json.loads(paths.metrics_path(cat, "lora").read_text())
-    assert metrics["text_to_image"]["recall_at_1"] == 1.0
+    metrics = json.loads(paths.metrics_detail_path(cat, "lora").read_text())
+    assert metrics["text_to_image"]["recall_at_1"] == 1.0 and "ci95" in metrics["text_to_image"]
+    assert json.loads(paths.metrics_path(cat, "lora").read_text()) == headline(metrics, cat, "lora")
     assert len(json.loads(paths.recall_plot_path(cat, "lora").read_text())) == 10
     manifest = json.loads((paths.index_dir(cat, "lora") / "manifest.json").read_text())
     assert manifest["factory"]["requested"] == "auto" and manifest["factory"]["resolved"] == "Flat"
@@ -272,6 +271,7 @@ def test_other_ks(tmp_path):
     fx = make_fixture(tmp_path)
     metrics, curve, _ = evaluate(fx["products"], fx["embed"], fx["index"], ks=(1, 3))
     assert {k for k in metrics["image_to_text"] if k.startswith("recall")} == {"recall_at_1", "recall_at_3"}
+    assert headline(metrics, "Appliances", "zeroshot") == {}  # no R@5 to show
     assert len(curve) == 10  # the plot always covers k = 1..10
 
 

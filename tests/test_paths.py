@@ -44,10 +44,14 @@ def test_stage_outputs_match_paths():
         assert {Path(_fill(o, cat, variant)) for o in _outs("index")} == {paths.index_dir(cat, variant)}
         assert {Path(_fill(o, cat, variant)) for o in _outs("evaluate")} == {
             paths.metrics_path(cat, variant),
+            paths.metrics_detail_path(cat, variant),
             paths.recall_plot_path(cat, variant),
             paths.ranks_path(cat, variant),
         }
-    assert {Path(_fill(o, cat)) for o in _outs("compare")} == {paths.compare_path(cat)}
+    assert {Path(_fill(o, cat)) for o in _outs("compare")} == {
+        paths.compare_path(cat),
+        paths.compare_detail_path(cat),
+    }
 
 
 def test_every_stage_script_exists():

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -93,9 +94,55 @@ def test_forced_rerun_trains_again_and_reproduces_bit_for_bit(project, tmp_path)
     out = sh("dvc", "repro", "-f", "-s", f"train@{CAT}", cwd=root)
     assert "resuming" not in out and "finished run; training again" in out
     summary = json.loads((root / paths.train_dir(CAT) / "summary.json").read_text())
-    assert summary["resumed_from_epoch"] is None and summary["epochs_run"] == 1
+    assert summary["epochs_run"] == 1 and "resumed_from_epoch" not in summary
+    run = json.loads((root / paths.run_log_path("train", CAT)).read_text().splitlines()[-1])
+    assert run["resumed_from_epoch"] is None  # how the run went: logged outside the DVC outputs
     assert outs_of(root) == outs  # the same adapter, checkpoint, metrics and curves, bit for bit
     assert sh("git", "status", "--porcelain", "--", "metrics", cwd=root) == ""
+
+
+# A stage killed after `after` of its checkpoints (summarize: chunks, train: optimizer steps): the stage's
+# own command, run outside DVC, dies as `kill -9` would once that much is on disk.
+KILLED_STAGE = """
+import os, runpy, sys
+sys.path[0] = "stages"  # as `python stages/<stage>.py`: the cliprec that DVC's run of the stage imports
+import cliprec.summarize as summarize, cliprec.train as train
+stage, after = sys.argv[1], int(sys.argv[2])
+module, name = (summarize, "_write_chunk") if stage == "summarize" else (train, "_train_step")
+real, calls = getattr(module, name), []
+def dying(*args, **kwargs):
+    if len(calls) == after:
+        os._exit(137)
+    calls.append(1)
+    return real(*args, **kwargs)
+setattr(module, name, dying)
+sys.argv = [f"stages/{stage}.py", sys.argv[3]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_killed_and_resumed_run_leaves_the_same_dvc_lock(project, tmp_path):
+    # 3 summarize chunks and 2 epochs of 2 steps: killed after 2 chunks, and in the first step of epoch 2
+    def more_to_resume(raw: dict) -> None:
+        raw["epochs"] = 2
+        raw["setups"]["demo"]["summarize"]["chunk_size"] = 20
+
+    locks, runs = {}, {}
+    for how in ("whole", "killed"):
+        root = tmp_path / how
+        shutil.copytree(project, root, symlinks=True)
+        edit_params(root, more_to_resume)
+        for stage, after in (("summarize", 2), ("train", 3)):
+            if how == "killed":
+                done = subprocess.run([sys.executable, "-c", KILLED_STAGE, stage, str(after), CAT], cwd=root)
+                assert done.returncode == 137
+            sh("dvc", "repro", "-s", f"{stage}@{CAT}", cwd=root)
+        locks[how] = (root / "dvc.lock").read_text()
+        logs = [root / paths.run_log_path(stage, CAT) for stage in ("summarize", "train")]
+        runs[how] = [json.loads(f.read_text().splitlines()[-1]) for f in logs]
+    assert [runs["killed"][0]["resumed_chunks"], runs["killed"][1]["resumed_from_epoch"]] == [2, 1]
+    assert [runs["whole"][0]["resumed_chunks"], runs["whole"][1]["resumed_from_epoch"]] == [0, None]
+    assert locks["killed"] == locks["whole"]  # every output (and progress dir) hash, so every later stage
 
 
 def test_the_image_side_reaches_the_stored_images(project, tmp_path):
