@@ -354,8 +354,12 @@ def train(
     out_dir: str | Path,
     checkpoint_dir: str | Path,
     live_dir: str | Path,
+    lineage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune, resumably; write out_dir/adapter/ (best epoch) + out_dir/summary.json; return the latter."""
+    """Fine-tune, resumably; write out_dir/adapter/ (best epoch) + out_dir/summary.json; return the latter.
+
+    `lineage` (category, catalog_sha256: what the adapter was trained on) goes into manifest.json.
+    """
     from accelerate import Accelerator
 
     started = time.time()
@@ -375,8 +379,9 @@ def train(
     data = load_pairs(products_path, summaries_path, images_dir)
     try:
         return _train(
-            cfg, acc, model, processor, max_length, data, out_dir, checkpoint_dir, live_dir, started
-        )
+            cfg, acc, model, processor, max_length, data, out_dir, checkpoint_dir, live_dir, started,
+            lineage=lineage or {},
+        )  # fmt: skip
     finally:
         for split in data.values():
             split.close()
@@ -393,6 +398,7 @@ def _train(
     checkpoint_dir: Path,
     live_dir: Path,
     started: float,
+    lineage: Mapping[str, Any],
 ) -> dict[str, Any]:
     rank, world, device, is_main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
     train_data, val_data = data["train"], data["val"]
@@ -509,7 +515,7 @@ def _train(
         summary.update(resumed_from_epoch=resumed_from, **identity)
         write_json(summary, out_dir / SUMMARY_FILE)
         files = [p.relative_to(out_dir).as_posix() for p in adapter_dir.rglob("*") if p.is_file()]
-        write_manifest(out_dir, [*files, SUMMARY_FILE], {"model": cfg.model})
+        write_manifest(out_dir, [*files, SUMMARY_FILE], {"model": cfg.model, **lineage})
         if summary["adapter_is_identity"]:
             log.warning("no epoch beat zero-shot on val: the saved adapter is the identity (B = 0)")
         log.info(

@@ -35,8 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cliprec.index import IndexIntegrityError
-from cliprec.recommend import RecommendError
+from cliprec.errors import CliprecError
 from cliprec.serve.metrics import Metrics
 from cliprec.serve.middleware import GuardMiddleware
 from cliprec.serve.schemas import ERRORS, ErrorResponse, SearchResponse
@@ -48,7 +47,7 @@ log = logging.getLogger("cliprec.serve")
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 VENDOR = "/static/vendor"
-USER_ERRORS = (RecommendError, IndexIntegrityError, ServiceError)  # logged without a traceback
+USER_ERRORS = (CliprecError, ServiceError)  # logged without a traceback (e.g. a corrupt artefact)
 # the page loads only its own files; vega compiles expressions with Function() and injects its styles
 PAGE_CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; "
