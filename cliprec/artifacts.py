@@ -153,8 +153,8 @@ def check_built(directory: str | Path, manifest: Mapping[str, Any], expect: Mapp
         if what is None:
             raise ArtifactError(f"{path} was built for {key} {have}, not {want}: {_rebuild(directory)}")
         raise ArtifactError(
-            f"{path} was built from another {what} than the current one (sha256 {str(have)[:12]}, now "
-            f"{str(want)[:12]}): {_rebuild(directory)}"
+            f"{path} was not built from the current {what} (sha256 {str(have)[:12]} recorded, "
+            f"{str(want)[:12]} now): {_rebuild(directory)}"
         )
 
 

@@ -399,10 +399,6 @@ def load_index(
     for key in ("ntotal", "d", "model", "variant"):
         if key not in manifest:
             raise IndexIntegrityError(f"{index_dir / MANIFEST_FILE} lacks {key!r}: {rebuild}")
-    wanted = dict(expect or {})
-    if expect_variant is not None:
-        wanted["variant"] = expect_variant
-    check_built(index_dir, manifest, wanted)
     if expect_model is not None and manifest["model"] != expect_model:
         raise IndexIntegrityError(
             f"{index_dir}: index built with model {manifest['model']!r}, expected {expect_model!r}: {rebuild}"
@@ -411,6 +407,10 @@ def load_index(
         raise IndexIntegrityError(
             f"{index_dir}: index dimension {manifest['d']}, expected {expect_d}: {rebuild}"
         )
+    wanted = dict(expect or {})
+    if expect_variant is not None:
+        wanted["variant"] = expect_variant
+    check_built(index_dir, manifest, wanted)
     ids = read_ids(index_dir / IDS_FILE)
     try:
         index = faiss.read_index(str(index_dir / INDEX_FILE))
