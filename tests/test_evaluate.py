@@ -208,6 +208,21 @@ def test_stale_or_foreign_index_is_refused(tmp_path):
         evaluate(fx["products"], fx["embed"], fx3["index"])
 
 
+def test_another_category_or_variant_is_refused(tmp_path):
+    fx = make_fixture(tmp_path)
+    with pytest.raises(
+        ArtifactError, match=f"{tmp_path}/manifest.json was built for category Cat, not Other"
+    ):
+        run(fx, category="Other")
+    with pytest.raises(ArtifactError, match="embed/manifest.json was built for variant lora, not zeroshot"):
+        run(fx, category="Cat", variant="zeroshot")
+    # re-embedded since the index was built (same catalog, same ids): the index holds other vectors
+    embed = json.loads((fx["embed"] / "manifest.json").read_text())
+    write_manifest(fx["embed"], embed["files"], {**embed, "text_weight": 0.7})
+    with pytest.raises(ArtifactError, match="index/manifest.json was not built from the current embeddings"):
+        run(fx)
+
+
 def test_no_test_products_is_a_clear_error(tmp_path):
     fx = make_fixture(tmp_path)
     pd.DataFrame({"id": ["P0000"], "split": ["train"]}).to_parquet(fx["products"])
