@@ -24,6 +24,7 @@ from PIL import Image
 from test_recommend import CAT, photo_file, shared_project
 
 from cliprec import paths
+from cliprec.artifacts import ArtifactError
 from cliprec.cli import main
 from cliprec.recommend import RecommendError
 from cliprec.serve import STATIC_DIR, SearchResponse, ServeSettings, create_app
@@ -140,6 +141,16 @@ def test_load_failure_is_reported(root):
         assert response.json() == {"status": "failed", "error": "pipeline not run yet: no index"}
         assert_error(search(c, text="x"), 503, "not ready: pipeline not run yet")
     assert reported == ["pipeline not run yet: no index"]
+
+
+def test_the_service_refuses_another_variants_index(root, tmp_path):
+    # what `cliprec serve` loads goes through the Recommender's checks: a copied index is not served
+    swapped = tmp_path / "swapped"
+    shutil.copytree(root, swapped)
+    shutil.rmtree(swapped / paths.index_dir(CAT, "lora"))
+    shutil.copytree(root / paths.index_dir(CAT, "zeroshot"), swapped / paths.index_dir(CAT, "lora"))
+    with pytest.raises(ArtifactError, match=f"index/{CAT}/lora/manifest.json was built for variant zeroshot"):
+        Service(swapped, [CAT])
 
 
 # --- search: the same answers as `cliprec recommend` ------------------------------------------------------
