@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from datasets import Features, Json, List, Value
 from tqdm import tqdm
 
+from cliprec.artifacts import write_manifest
 from cliprec.errors import CliprecError, one_line
 from cliprec.hub import CATALOG_SETTING, hub_errors
 from cliprec.text import clean_text
@@ -539,6 +540,8 @@ def build_catalog(
     with open(out_dir / "report.json", "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
+    # written last: what every loader of products.parquet verifies (bytes, and the category it is of)
+    write_manifest(out_dir, ["products.parquet"], {"category": category})
     logger.info(
         "ingest %s (%s): read %d, kept %d, dropped %s, sampled %d, splits %s",
         category,

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,18 @@ import numpy as np
 import pandas as pd
 
 from cliprec import paths
-from cliprec.artifacts import atomic_write_bytes, verify_files, write_json
+from cliprec.artifacts import (
+    ArtifactError,
+    atomic_write_bytes,
+    catalog_identity,
+    manifest_sha256,
+    verify_artifact,
+    write_json,
+)
 from cliprec.errors import CliprecError
 from cliprec.index import LoadedIndex, fuse, load_index, read_ids
 from cliprec.metrics import per_query, target_ranks
+from cliprec.paths import rebuild_hint
 from cliprec.stats import bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -64,12 +73,13 @@ HEADLINE = (("text_to_image", "recall_at_5", "t2i_r5"),)  # (mode, metric, key s
 
 
 class Embeddings:
-    """The arrays of one embed directory (memory-mapped), verified against its manifest first."""
+    """The arrays of one embed directory (memory-mapped), verified against its manifest first (and, given
+    `expect`, checked to be the category, variant and catalog expected: `check_built`)."""
 
-    def __init__(self, embed_dir: str | Path):
+    def __init__(self, embed_dir: str | Path, expect: Mapping[str, Any] | None = None):
         embed_dir = Path(embed_dir)
         self.dir = embed_dir
-        self.manifest: dict[str, Any] = verify_files(embed_dir)
+        self.manifest: dict[str, Any] = verify_artifact(embed_dir, expect or {})
         self.ids = read_ids(embed_dir / "ids.txt")
         self.text = np.load(embed_dir / "text.npy", mmap_mode="r")
         self.image = np.load(embed_dir / "image.npy", mmap_mode="r")
@@ -180,9 +190,16 @@ def evaluate(
     resamples: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
+    category: str | None = None,
+    variant: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """(metrics, recall@k curve, per-query ranks) of one category/variant (see the module doc)."""
-    emb = Embeddings(embed_dir)
+    """(metrics, recall@k curve, per-query ranks) of one category/variant (see the module doc).
+
+    products.parquet, the embeddings and the index must be of one category (`category`, or the catalog's
+    own), of `variant` when given, and built from one another (their manifests' lineage); else ArtifactError.
+    """
+    catalog = catalog_identity(products_path, category)
+    emb = Embeddings(embed_dir, {**catalog, **({"variant": variant} if variant else {})})
     products = pd.read_parquet(products_path, columns=["id", "split"])
     test_ids = products.loc[products["split"] == "test", "id"].astype(str).tolist()
     gallery_rows = np.array([emb.row[pid] for pid in test_ids if pid in emb.row], dtype=np.int64)
@@ -255,10 +272,12 @@ def evaluate(
         nprobe=nprobe,
         ef_search=ef_search,
         k_factor=k_factor,
+        expect={**catalog, "embeddings_sha256": manifest_sha256(embed_dir)},
     )
     if index.ids != emb.ids:
-        raise ValueError(
-            f"evaluate: {index_dir} was built from other embeddings than {embed_dir}; rerun `dvc repro index`"
+        raise ArtifactError(
+            f"evaluate: {index_dir} was built from other embeddings than {embed_dir}: rebuild it with "
+            f"`{rebuild_hint(index_dir)}`"
         )
     k_ann = min(ANN_K, len(emb.ids))
     metrics["ann_recall_at_10"] = ann_recall(index, fused, emb.fused, top_s[:, :k_ann], k_ann)

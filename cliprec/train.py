@@ -384,10 +384,12 @@ def train(
     live_dir: str | Path,
     *,
     run_log: str | Path | None = None,
+    lineage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune, resumably; write out_dir/adapter/ (best epoch) + out_dir/summary.json; return the latter.
 
     `run_log`, if given, gets a line saying how the run went (`cliprec.provenance.append_run_log`).
+    `lineage` (category, catalog_sha256: what the adapter was trained on) goes into manifest.json.
     """
     from accelerate import Accelerator
 
@@ -408,8 +410,9 @@ def train(
     data = load_pairs(products_path, summaries_path, images_dir)
     try:
         summary, resumed_from = _train(
-            cfg, acc, model, processor, max_length, data, out_dir, checkpoint_dir, live_dir, started
-        )
+            cfg, acc, model, processor, max_length, data, out_dir, checkpoint_dir, live_dir, started,
+            lineage=lineage or {},
+        )  # fmt: skip
         if is_main and run_log is not None:
             run = {"stage": "train", "out": out_dir.as_posix(), "resumed_from_epoch": resumed_from,
                    "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
@@ -432,6 +435,7 @@ def _train(
     checkpoint_dir: Path,
     live_dir: Path,
     started: float,
+    lineage: Mapping[str, Any],
 ) -> tuple[dict[str, Any], int | None]:
     # (summary, the epoch the run resumed after: None from scratch)
     rank, world, device, is_main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
@@ -553,7 +557,7 @@ def _train(
         summary.update(warnings=split_warnings(len(val_data)), **identity)
         write_json(summary, out_dir / SUMMARY_FILE)
         files = [p.relative_to(out_dir).as_posix() for p in adapter_dir.rglob("*") if p.is_file()]
-        write_manifest(out_dir, [*files, SUMMARY_FILE], {"model": cfg.model})
+        write_manifest(out_dir, [*files, SUMMARY_FILE], {"model": cfg.model, **lineage})
         if summary["adapter_is_identity"]:
             why = "; the val split is too small to tell them apart (summary.json warnings)"
             log.warning(

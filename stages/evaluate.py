@@ -28,6 +28,8 @@ def main(argv: list[str]) -> None:
         resamples=p.evaluate.resamples,
         confidence=p.evaluate.confidence,
         seed=p.seed,
+        category=category,
+        variant=variant,
     )
     write_outputs(metrics, curve, ranks, category, variant)
 

@@ -15,7 +15,10 @@ def main(argv: list[str]) -> None:
     p, (category,) = stage_params(argv, "python stages/summarize.py <category>")
     import pandas as pd
 
+    from cliprec.artifacts import catalog_identity
     from cliprec.summarize import summarize_catalog
+
+    catalog_identity(paths.products_path(category), category)  # intact, and this category's
 
     columns = ["id", "title", "features", "description"]
     products = pd.read_parquet(paths.products_path(category), columns=columns)

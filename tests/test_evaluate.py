@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from cliprec import paths
-from cliprec.artifacts import ArtifactError, write_manifest
+from cliprec.artifacts import ArtifactError, catalog_identity, write_manifest
 from cliprec.embed import fuse
 from cliprec.errors import CliprecError
 from cliprec.evaluate import MODES, evaluate, exact_topk, gallery_digest, headline, write_outputs
@@ -39,6 +39,7 @@ def make_fixture(
     alt_noise: float = 0.0,
     factory: str = "Flat",
     model: str = "tiny",
+    category: str = "Cat",
 ) -> dict:
     """products.parquet + an embed dir + its index. Every 3rd product is test; product 2 (test) has no
     embedding; every other product has an alt image."""
@@ -48,6 +49,7 @@ def make_fixture(
     pd.DataFrame({"id": ids, "title": [f"thing {i}" for i in range(n)], "split": split}).to_parquet(
         root / "products.parquet"
     )
+    write_manifest(root, ["products.parquet"], {"category": category})  # as ingest does
     text = unit(rng.standard_normal((n, D)))
     image = text[rng.permutation(n)] if shuffle_images else text.copy()
     emb_ids = [pid for i, pid in enumerate(ids) if i != 2]  # product 2 failed its image download
@@ -64,7 +66,8 @@ def make_fixture(
     np.save(e / "fused.npy", fuse(text, image, 0.5))
     np.save(e / "alt_image.npy", alt_image)
     files = ["ids.txt", "alt_ids.txt", "text.npy", "image.npy", "fused.npy", "alt_image.npy"]
-    write_manifest(e, files, {"model": model, "variant": "lora", "d": D, "n": len(emb_ids)})
+    lineage = catalog_identity(root / "products.parquet")
+    write_manifest(e, files, {"model": model, "variant": "lora", "d": D, "n": len(emb_ids), **lineage})
     build_from_embeddings(e, root / "index", factory=factory, memory_budget_mb=64, variant="lora")
     return {"products": root / "products.parquet", "embed": e, "index": root / "index", "ids": emb_ids}
 
@@ -194,7 +197,9 @@ def test_stale_or_foreign_index_is_refused(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     fx2 = make_fixture(other, n=90)
-    with pytest.raises(ValueError, match="other embeddings"):
+    with pytest.raises(
+        ArtifactError, match="other/index/manifest.json was not built from the current catalog"
+    ):
         evaluate(fx["products"], fx["embed"], fx2["index"])
     fx3_dir = tmp_path / "m"
     fx3_dir.mkdir()
@@ -203,9 +208,28 @@ def test_stale_or_foreign_index_is_refused(tmp_path):
         evaluate(fx["products"], fx["embed"], fx3["index"])
 
 
+def test_another_category_or_variant_is_refused(tmp_path):
+    fx = make_fixture(tmp_path)
+    with pytest.raises(
+        ArtifactError, match=f"{tmp_path}/manifest.json was built for category Cat, not Other"
+    ):
+        run(fx, category="Other")
+    with pytest.raises(ArtifactError, match="embed/manifest.json was built for variant lora, not zeroshot"):
+        run(fx, category="Cat", variant="zeroshot")
+    # re-embedded since the index was built (same catalog, same ids): the index holds other vectors
+    embed = json.loads((fx["embed"] / "manifest.json").read_text())
+    write_manifest(fx["embed"], embed["files"], {**embed, "text_weight": 0.7})
+    with pytest.raises(ArtifactError, match="index/manifest.json was not built from the current embeddings"):
+        run(fx)
+
+
 def test_no_test_products_is_a_clear_error(tmp_path):
     fx = make_fixture(tmp_path)
     pd.DataFrame({"id": ["P0000"], "split": ["train"]}).to_parquet(fx["products"])
+    write_manifest(tmp_path, ["products.parquet"], {"category": "Cat"})
+    embed = json.loads((fx["embed"] / "manifest.json").read_text())
+    restamped = {**embed, **catalog_identity(fx["products"])}  # as if embedded from this catalog
+    write_manifest(fx["embed"], embed["files"], restamped)
     with pytest.raises(CliprecError, match="no test product"):
         run(fx)
 
@@ -241,11 +265,12 @@ def test_outputs_are_dvc_friendly(tmp_path):
 def test_stages_write_the_paths_dvc_expects(tmp_path, monkeypatch):
     """stages/index.py + stages/evaluate.py in a fake project (cwd = project root, as under dvc repro)."""
     cat = "Amazon_Fashion"
-    fx = make_fixture(tmp_path)
+    fx = make_fixture(tmp_path, category=cat)
     monkeypatch.chdir(tmp_path)
     shutil.copy(REPO / "params.yaml", "params.yaml")
     paths.products_path(cat).parent.mkdir(parents=True)
     shutil.copy(fx["products"], paths.products_path(cat))
+    shutil.copy(tmp_path / "manifest.json", paths.ingest_dir(cat) / "manifest.json")
     paths.embed_dir(cat, "lora").parent.mkdir(parents=True)
     shutil.copytree(fx["embed"], paths.embed_dir(cat, "lora"))
     runpy.run_path(str(REPO / "stages" / "index.py"))["main"]([cat, "lora"])
@@ -284,6 +309,7 @@ def test_gallery_photo_ties_are_counted(tmp_path):
     np.save(fx["embed"] / "image.npy", image)
     files = ["ids.txt", "alt_ids.txt", "text.npy", "image.npy", "fused.npy", "alt_image.npy"]
     write_manifest(fx["embed"], files, json.loads((fx["embed"] / "manifest.json").read_text()))
+    build_from_embeddings(fx["embed"], fx["index"], factory="Flat", variant="lora")  # as the stages would
     metrics, _, _ = run(fx)
     assert metrics["catalog"]["gallery_photo_ties"] == 3
     assert metrics["image_to_text"]["recall_at_1"] < 1.0  # the tie costs them their first place

@@ -3,6 +3,7 @@ import json
 import logging
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from tiny import make_catalog, make_clip
 
@@ -325,3 +327,23 @@ def test_ddp_decisions_are_rank_zeros(tiny, tmp_path):
     assert ranks == [{"epochs_run": 3, "evaluations": 4}, {"epochs_run": 3, "evaluations": 0}]
     epoch_lines = [line for line in done.stderr.splitlines() if "cliprec.train: epoch " in line]
     assert len(epoch_lines) == 3 and not any("[rank 1]" in line for line in epoch_lines)  # rank 0 speaks
+
+
+@pytest.mark.parametrize("swapped", ["ingest", "images"])
+def test_the_train_stage_refuses_another_categorys_catalog_or_photos(tmp_path, monkeypatch, capsys, swapped):
+    made = make_catalog(tmp_path / "data", category="Tiny")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "categories": ["Tiny"]}))
+    directory = made["products"].parent if swapped == "ingest" else made["images"]
+    manifest = json.loads((directory / "manifest.json").read_text())  # as if copied from category Other
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "category": "Other"}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["stages/train.py", "Tiny"])
+    with pytest.raises(SystemExit) as stop:  # before any model loads or anything is written
+        runpy.run_path(str(REPO / "stages" / "train.py"), run_name="__main__")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: data/{swapped}/Tiny/manifest.json was built for category Other, not Tiny: rebuild it with "
+        f"`dvc repro {swapped}@Tiny`\n"
+    )
+    assert not (tmp_path / "data" / "train").exists()
