@@ -50,12 +50,12 @@ from tqdm import tqdm
 
 from cliprec.errors import CliprecError, one_line
 from cliprec.hub import CATALOG_SETTING, hub_errors
+from cliprec.sources import AMAZON_META_PATH
 from cliprec.text import clean_text
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("amazon", "jsonl", "synthetic")
-AMAZON_META_PATH = "raw/meta_categories/meta_{category}.jsonl"  # inside the hub repo, or a local copy of it
 AMAZON_META_FILES = "hf://datasets/McAuley-Lab/Amazon-Reviews-2023/" + AMAZON_META_PATH
 DROP_REASONS = ("no_title", "no_image", "duplicate_id", "malformed_line", "invalid_id")
 SPLITS = ("train", "val", "test")

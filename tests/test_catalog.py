@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -597,8 +598,8 @@ def test_amazon_schema_mismatch_is_a_clear_error(tmp_path, monkeypatch):
         build_catalog("Amazon_Fashion", "amazon", tmp_path / "out")
 
 
-def test_ingest_stage_wiring(tmp_path, monkeypatch):
-    """stages/ingest.py reads params.yaml in the cwd and writes data/ingest/<category>/."""
+def test_catalog_and_ingest_stage_wiring(tmp_path, monkeypatch):
+    """stages/catalog.py fingerprints the category's file; stages/ingest.py checks it, writes data/ingest/."""
     import runpy
 
     import yaml
@@ -611,12 +612,49 @@ def test_ingest_stage_wiring(tmp_path, monkeypatch):
         "n_products": 5,
         "hub_root": None,
     }
-    stage = Path("stages/ingest.py").resolve()
+    catalog_stage, ingest_stage = (Path(f"stages/{s}.py").resolve() for s in ("catalog", "ingest"))
     (tmp_path / "catalog").mkdir()
     shutil.copy(FIXTURE, tmp_path / "catalog" / FIXTURE.name)
+    digest, line = hashlib.sha256(FIXTURE.read_bytes()).hexdigest(), _valid_lines()[0]
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    runpy.run_path(str(stage), run_name="stage")["main"](["Amazon_Fashion"])
+    runpy.run_path(str(catalog_stage), run_name="stage")["main"](["Amazon_Fashion"])
+    source = json.loads(Path("data/catalog/Amazon_Fashion/source.json").read_text())
+    assert source == {
+        "source": "jsonl",
+        "file": "catalog/meta_Amazon_Fashion.jsonl",
+        "sha256": digest,
+    }
+    ingest = runpy.run_path(str(ingest_stage), run_name="stage")["main"]
+    ingest(["Amazon_Fashion"])
     report = json.loads(Path("data/ingest/Amazon_Fashion/report.json").read_text())
     assert report["n_products"] == 5 and report["kept"] == 6 and report["source"] == "jsonl"
     assert len(pd.read_parquet("data/ingest/Amazon_Fashion/products.parquet")) == 5
+
+    with open("catalog/meta_Amazon_Fashion.jsonl", "a") as f:  # edited after the catalog stage ran
+        f.write(line + "\n")
+    with pytest.raises(
+        CliprecError, match="the catalog changed since .* run `dvc repro ingest@Amazon_Fashion`"
+    ):
+        ingest(["Amazon_Fashion"])
+
+
+def test_fingerprints_of_each_source(tmp_path, monkeypatch):
+    from types import SimpleNamespace as Ingest
+
+    from cliprec.sources import fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    hub_file = Path("catalog/hub/raw/meta_categories/meta_Appliances.jsonl")
+    hub_file.parent.mkdir(parents=True)
+    hub_file.write_text("{}\n")
+    assert fingerprint("Appliances", Ingest(source="synthetic", path=None, hub_root=None)) == {
+        "source": "synthetic",
+        "file": None,
+        "sha256": None,
+    }
+    assert fingerprint("Appliances", Ingest(source="amazon", path=None, hub_root=None))["file"] is None
+    found = fingerprint("Appliances", Ingest(source="amazon", path=None, hub_root="catalog/hub"))
+    assert found["file"] == hub_file.as_posix() and found["sha256"] == hashlib.sha256(b"{}\n").hexdigest()
+    with pytest.raises(CliprecError, match="catalog file catalog/meta_Appliances.jsonl does not exist"):
+        fingerprint("Appliances", Ingest(source="jsonl", path="catalog/meta_{category}.jsonl", hub_root=None))
