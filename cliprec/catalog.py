@@ -6,15 +6,19 @@ record normalisation (`drop_reason`, `normalize_record`):
   read with an explicit `FEATURES` schema because type inference breaks on it (price is a float in one
   block and "None" in the next; `details` is an object in the raw files and a JSON string elsewhere).
 - `jsonl`: a local file in the same schema. A pre-pass (`validate_jsonl`) parses each line with
-  json.loads and checks it against the schema; lines that are not JSON objects or don't fit the schema
-  are counted as `malformed_line` and the rest go to `load_meta` (one bad line would otherwise abort the
-  whole `datasets` build).
+  json.loads and checks it against the schema; lines that are not JSON objects, don't fit the schema or
+  nest deeper than MAX_NESTING are counted as `malformed_line` (report.json lists the first ones by line
+  number) and the rest go to `load_meta` (one bad line would otherwise abort the whole `datasets` build).
+  Bytes that are not UTF-8 become U+FFFD, counted in `invalid_text`: clean_text drops it from text
+  fields, and an id holding it is `invalid_id`.
 - `synthetic`: `cliprec.synthetic.generate_catalog` writes a raw JSONL + images, then as `jsonl`.
 
-Row selection, in this order: malformed (bad line, or no parent_asin) -> no_title (empty after
+Row selection, in this order: malformed (bad line, or no parent_asin) -> invalid_id (not intact text)
+-> malformed (details nested deeper than MAX_NESTING, from the amazon source) -> no_title (empty after
 clean_text) -> no_image (no product photo with a hi_res/large/thumb URL; video stills don't count, see
 `choose_images`) -> duplicate_id (an earlier record with the same parent_asin was kept; the first kept
-record wins). `rows_read == kept + sum(dropped)`.
+record wins). `rows_read == kept + sum(dropped)`. Prices: `read_price` reads numbers and strict price
+text; any other stated price is null, counted in `prices_unread` (never a guessed number).
 Images: `image_urls` holds one entry per product photo (MAIN first), each the list of that photo's URLs
 in preference order hi_res -> large -> thumb; the images stage tries them in that order for the same
 photo. `image_variants` is parallel to the outer list.
@@ -119,7 +123,7 @@ CATALOG_HINT = "a directory under catalog/ laid out like the hub repo: " + AMAZO
     category="<Category>"
 )
 
-MAX_NESTING = 64  # Amazon-2023 fields nest 3 levels at most; JSON deeper than this is no record of it
+MAX_NESTING = 64  # Amazon-2023 records nest a few levels; JSON deeper than this is no record of it
 MAX_LISTED_SKIPS = 100  # report.json lists the first skipped lines; its counts cover all of them
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # surrogateescape's stand-ins for undecodable bytes
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -435,6 +439,8 @@ def drop_reason(rec: Mapping[str, Any]) -> str | None:
         return "malformed_line"
     if not is_text(pid):
         return "invalid_id"
+    if nesting_depth(rec.get("details")) > MAX_NESTING:  # the jsonl pre-pass skips these already
+        return "malformed_line"
     if not clean_text(rec.get("title")):
         return "no_title"
     if not choose_images(rec.get("images"))[0]:
@@ -554,12 +560,14 @@ def photo_groups(ids: Sequence[str], main_urls: Sequence[Sequence[str]]) -> list
 def _screen(ds: datasets.Dataset, counts: dict[str, int]) -> dict[str, int]:
     """Pass over the light columns: {kept id: row index}; fills the drop counts."""
     kept: dict[str, int] = {}
-    light = ds.select_columns(["parent_asin", "title", "images"])
+    light = ds.select_columns(["parent_asin", "title", "images", "details"])
     with tqdm(total=len(ds), desc="screen records", unit="rec", mininterval=2.0) as bar:
         index = 0
         for batch in light.iter(batch_size=8192):
-            for pid, title, images in zip(batch["parent_asin"], batch["title"], batch["images"]):
-                reason = drop_reason({"parent_asin": pid, "title": title, "images": images})
+            for pid, title, images, details in zip(*(batch[c] for c in light.column_names)):
+                reason = drop_reason(
+                    {"parent_asin": pid, "title": title, "images": images, "details": details}
+                )
                 if reason is None and pid.strip() in kept:
                     reason = "duplicate_id"
                 if reason:
@@ -668,7 +676,7 @@ def build_catalog(
         "malformed_lines": scan.skipped,  # the first MAX_LISTED_SKIPS, by line number in the source
     }
     with open(out_dir / "report.json", "w") as f:
-        json.dump(report, f, indent=2, ensure_ascii=False)
+        json.dump(report, f, indent=2)
         f.write("\n")
     _log_summary(report, out_dir / "report.json", n_products)
     if not chosen:

@@ -343,6 +343,18 @@ def test_deeply_nested_records_are_malformed_lines_not_a_crash(tmp_path):
     assert catalog.nesting_depth(_deep(100_000)) == 100_000  # measured without recursion
 
 
+def test_deeply_nested_details_from_the_amazon_source_are_malformed_lines(tmp_path):
+    good = json.loads(_valid_lines()[0])
+    raw = tmp_path / "catalog" / "hub" / catalog.AMAZON_META_PATH.format(category="X")
+    raw.parent.mkdir(parents=True)
+    shallow = json.dumps({k: v for k, v in good.items() if k != "details"} | {"parent_asin": "DEEP"})
+    opened, closed = '{"a":' * 1_000, "}" * 1_000
+    deep = shallow[:-1] + f', "details": {opened}1{closed}}}'  # datasets reads it, json.dumps would recurse
+    raw.write_text(json.dumps(good) + "\n" + deep + "\n")
+    report = build_catalog("X", "amazon", tmp_path / "out", hub_root=str(tmp_path / "catalog" / "hub"))
+    assert report["rows_read"] == 2 and report["kept"] == 1 and report["dropped"]["malformed_line"] == 1
+
+
 def test_invalid_utf8_drops_ids_keeps_decodable_text_and_is_counted(tmp_path):
     good = json.loads(_valid_lines()[0])
 
