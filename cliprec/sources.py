@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any, Protocol
 
 from cliprec.errors import CliprecError
+
+log = logging.getLogger(__name__)
 
 AMAZON_META_PATH = "raw/meta_categories/meta_{category}.jsonl"  # inside the hub repo, or a local copy of it
 
@@ -64,14 +67,18 @@ def write_fingerprint(category: str, ingest: IngestSettings, out: Path) -> dict[
 def check_fingerprint(category: str, ingest: IngestSettings, recorded: Path) -> None:
     """Fail in one line when the file changed since `catalog@<category>` wrote `recorded`.
 
-    `dvc repro` always runs the catalog stage first; this catches `dvc repro -s ingest@<category>` (and
-    running the stage script by hand), which would otherwise record the old fingerprint with new products.
+    `dvc repro` always runs the catalog stage first; this catches `dvc repro -s ingest@<category>`, which
+    would otherwise record the old fingerprint next to products built from the new file. Without a
+    recorded fingerprint (the stage script run by hand, outside DVC) there is nothing to keep in step.
     """
+    if not recorded.is_file():
+        log.debug("ingest %s: no %s (not run by DVC): catalog fingerprint not checked", category, recorded)
+        return
     try:
         before = json.loads(recorded.read_text())
     except (OSError, ValueError) as e:
         raise CliprecError(
-            f"ingest {category}: cannot read {recorded}: run `dvc repro catalog@{category}`"
+            f"ingest {category}: cannot read {recorded}: run `dvc repro ingest@{category}`"
         ) from e
     if before != fingerprint(category, ingest):
         raise CliprecError(

@@ -654,7 +654,7 @@ def test_catalog_and_ingest_stage_wiring(tmp_path, monkeypatch):
 def test_fingerprints_of_each_source(tmp_path, monkeypatch):
     from types import SimpleNamespace as Ingest
 
-    from cliprec.sources import fingerprint
+    from cliprec.sources import check_fingerprint, fingerprint
 
     monkeypatch.chdir(tmp_path)
     hub_file = Path("catalog/hub/raw/meta_categories/meta_Appliances.jsonl")
@@ -668,5 +668,7 @@ def test_fingerprints_of_each_source(tmp_path, monkeypatch):
     assert fingerprint("Appliances", Ingest(source="amazon", path=None, hub_root=None))["file"] is None
     found = fingerprint("Appliances", Ingest(source="amazon", path=None, hub_root="catalog/hub"))
     assert found["file"] == hub_file.as_posix() and found["sha256"] == hashlib.sha256(b"{}\n").hexdigest()
+    jsonl = Ingest(source="jsonl", path="catalog/meta_{category}.jsonl", hub_root=None)
+    check_fingerprint("Appliances", jsonl, Path("data/none.json"))  # run by hand, outside DVC: no check
     with pytest.raises(CliprecError, match="catalog file catalog/meta_Appliances.jsonl does not exist"):
         fingerprint("Appliances", Ingest(source="jsonl", path="catalog/meta_{category}.jsonl", hub_root=None))
