@@ -137,3 +137,8 @@ def rebuild_hint(path: str | Path) -> str:
         if kind == "index" and len(rest) >= 2:
             return f"dvc repro index@{rest[0]}-{rest[1]}"
     return "dvc repro"
+
+
+def catalog_source_path(category: str) -> Path:
+    """What the category's ingest reads (source, local file, sha256): the catalog stage's output."""
+    return DATA / "catalog" / category / "source.json"

@@ -26,6 +26,7 @@ def _fill(template: str, category: str, variant: str | None = None) -> str:
 def test_stage_outputs_match_paths():
     cat = "Amazon_Fashion"
     expected = {
+        "catalog": {paths.catalog_source_path(cat)},
         "ingest": {paths.ingest_dir(cat)},
         "summarize": {paths.summaries_dir(cat), paths.summarize_progress_dir(cat)},
         "images": {paths.images_dir(cat)},

@@ -171,7 +171,7 @@ def test_an_own_catalog_file_is_a_dependency_of_ingest(project, tmp_path):
         root,
         lambda r: r["setups"]["demo"]["ingest"].update(source="jsonl", path="catalog/meta_{category}.jsonl"),
     )
-    sh("dvc", "repro", "-s", f"ingest@{CAT}", cwd=root)
+    sh("dvc", "repro", f"ingest@{CAT}", cwd=root)  # and catalog@CAT before it, which fingerprints the file
     assert f"ingest@{CAT}" not in sh("dvc", "status", f"ingest@{CAT}", cwd=root)
     before = json.loads((root / paths.ingest_dir(CAT) / "report.json").read_text())["rows_read"]
 
@@ -179,12 +179,73 @@ def test_an_own_catalog_file_is_a_dependency_of_ingest(project, tmp_path):
     record.update(parent_asin="B0APPENDED1", title="An appended record")
     with open(catalog, "a") as f:
         f.write(json.dumps(record) + "\n")
-    status = sh("dvc", "status", f"ingest@{CAT}", cwd=root)
-    assert f"ingest@{CAT}" in status and "catalog" in status
-    sh("dvc", "repro", "-s", f"ingest@{CAT}", cwd=root)
+    status = sh("dvc", "status", cwd=root)
+    assert f"catalog@{CAT}" in status and "modified:           catalog" in status
+    sh("dvc", "repro", f"ingest@{CAT}", cwd=root)
     after = json.loads((root / paths.ingest_dir(CAT) / "report.json").read_text())["rows_read"]
     assert after == before + 1
     assert "B0APPENDED1" in set(pd.read_parquet(root / paths.products_path(CAT))["id"])
+
+
+def test_editing_one_categorys_catalog_file_reruns_only_that_categorys_ingest(tmp_path):
+    """Two categories, each a jsonl file under catalog/: an edit to Appliances leaves Amazon_Fashion be."""
+    root = tmp_path / "project"
+    listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
+    for name in subprocess.run(listed, cwd=REPO, capture_output=True, text=True).stdout.splitlines():
+        if name.startswith(PROJECT_FILES) and (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    cats = ["Amazon_Fashion", "Appliances"]
+    for cat in cats:
+        shutil.copy(REPO / "tests" / "fixtures" / f"meta_{CAT}.jsonl", root / "catalog" / f"meta_{cat}.jsonl")
+    edit_params(root, lambda r: r.update(categories=cats))
+    edit_params(
+        root,
+        lambda r: r["setups"]["demo"]["ingest"].update(source="jsonl", path="catalog/meta_{category}.jsonl"),
+    )
+    sh("git", "init", "-q", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    sh("dvc", "add", *(f"catalog/meta_{cat}.jsonl" for cat in cats), cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "two own catalogs", cwd=root)
+    sh("dvc", "repro", "ingest", cwd=root)
+
+    with open(root / "catalog" / "meta_Appliances.jsonl", "a") as f:
+        f.write('{"parent_asin": "B0APPENDED1", "title": "An appended record"}\n')
+    out = sh("dvc", "repro", "ingest", cwd=root)
+    assert "Running stage 'ingest@Appliances'" in out
+    assert "Running stage 'ingest@Amazon_Fashion'" not in out
+    assert "Stage 'ingest@Amazon_Fashion' didn't change, skipping" in out
+    assert "up to date" in sh("dvc", "status", "--with-deps", "ingest", cwd=root)
+
+
+def test_an_in_place_append_to_a_tracked_file_keeps_its_old_version_in_the_cache(tmp_path):
+    """`>>` on a tracked catalog file (as root, which ignores its mode) must not reach into DVC's cache."""
+    root = tmp_path / "repo"
+    (root / "catalog").mkdir(parents=True)
+    sh("git", "init", "-q", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # this project's cache settings
+    catalog = root / "catalog" / f"meta_{CAT}.jsonl"
+    old = (REPO / "tests" / "fixtures" / f"meta_{CAT}.jsonl").read_bytes()
+    catalog.write_bytes(old)
+    sh("dvc", "add", "catalog/" + catalog.name, cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "catalog v1", cwd=root)
+
+    os.chmod(catalog, catalog.stat().st_mode | 0o200)  # what root's `>>` does whatever the mode says
+    with open(catalog, "ab") as f:  # in place: the same inode
+        f.write(b'{"parent_asin": "B0APPENDED1", "title": "An appended record"}\n')
+    new = catalog.read_bytes()
+    sh("dvc", "add", "catalog/" + catalog.name, cwd=root)
+    sh("git", "commit", "-qam", "catalog v2", cwd=root)
+
+    sh("git", "checkout", "HEAD~1", "--", f"catalog/{catalog.name}.dvc", cwd=root)
+    sh("dvc", "checkout", f"catalog/{catalog.name}.dvc", cwd=root)
+    assert catalog.read_bytes() == old
+    sh("git", "checkout", "HEAD", "--", f"catalog/{catalog.name}.dvc", cwd=root)
+    sh("dvc", "checkout", f"catalog/{catalog.name}.dvc", cwd=root)
+    assert catalog.read_bytes() == new
 
 
 def test_a_dvc_remote_carries_everything_to_a_fresh_clone(project, tmp_path):
