@@ -7,6 +7,13 @@ sha256. `verify_files` checks them before anything is read, so a missing, trunca
 deep inside numpy, parquet or safetensors. Hashes are streamed (1 MiB at a time: memory stays flat for
 multi-GB files) and remembered per process while a file's size and mtime stay the same, so a directory
 read twice is hashed once.
+
+A manifest also says what its artefact IS, so that a directory copied from another category or variant
+(manifest and bytes intact) is refused too: `category`, `variant` (embeddings, index) and the sha256 of
+what it was built from: `catalog_sha256` (products.parquet), `adapter_sha256` (the LoRA adapter: the
+train directory's manifest.json, which covers every adapter file) and `embeddings_sha256` (the
+embedding directory's manifest.json). Loaders pass what they expect to `verify_artifact`; a difference
+is one line naming the manifest, what it was built for and the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,12 @@ from cliprec.errors import CliprecError
 from cliprec.paths import rebuild_hint
 
 MANIFEST_FILE = "manifest.json"
+# lineage keys holding an upstream sha256 -> what that upstream is, for messages
+BUILT_FROM = {
+    "catalog_sha256": "catalog (products.parquet)",
+    "adapter_sha256": "LoRA adapter",
+    "embeddings_sha256": "embeddings",
+}
 _verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256 already checked
 
 
@@ -122,6 +135,57 @@ def verify_files(directory: str | Path, names: Iterable[str] | None = None) -> d
             )
         _verified[key] = want["sha256"]
     return manifest
+
+
+def check_built(directory: str | Path, manifest: Mapping[str, Any], expect: Mapping[str, Any]) -> None:
+    """ArtifactError unless the manifest records each `expect` key with the expected value."""
+    directory = Path(directory)
+    path = directory / MANIFEST_FILE
+    for key, want in expect.items():
+        have = manifest.get(key)
+        if have == want:
+            continue
+        what = BUILT_FROM.get(key)
+        if have is None:
+            raise ArtifactError(
+                f"{path} records no {what or key} (built by an older cliprec?): {_rebuild(directory)}"
+            )
+        if what is None:
+            raise ArtifactError(f"{path} was built for {key} {have}, not {want}: {_rebuild(directory)}")
+        raise ArtifactError(
+            f"{path} was not built from the current {what} (sha256 {str(have)[:12]} recorded, "
+            f"{str(want)[:12]} now): {_rebuild(directory)}"
+        )
+
+
+def verify_artifact(
+    directory: str | Path, expect: Mapping[str, Any], names: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """`verify_files`, then `check_built`: the files are intact AND the artefact is the one expected."""
+    manifest = verify_files(directory, names)
+    check_built(directory, manifest, expect)
+    return manifest
+
+
+def manifest_sha256(directory: str | Path) -> str:
+    """sha256 of a directory's manifest.json: the identity of everything it lists."""
+    read_manifest(directory)  # missing or unreadable: an ArtifactError with the rebuild command
+    return sha256_file(Path(directory) / MANIFEST_FILE)
+
+
+def catalog_identity(products_path: str | Path, category: str | None = None) -> dict[str, str]:
+    """{"category", "catalog_sha256"} of a verified products.parquet, built for `category` when given."""
+    products_path = Path(products_path)
+    if not products_path.is_file():
+        raise ArtifactError(f"{products_path} is missing: rebuild it with `{rebuild_hint(products_path)}`")
+    directory = products_path.parent
+    manifest = verify_files(directory, [products_path.name])
+    # with no category expected the manifest must still record one ("?" never matches): downstream compares it
+    check_built(directory, manifest, {"category": category or manifest.get("category") or "?"})
+    return {
+        "category": manifest["category"],
+        "catalog_sha256": manifest["files"][products_path.name]["sha256"],
+    }
 
 
 def _rebuild(directory: Path) -> str:

@@ -6,15 +6,19 @@ record normalisation (`drop_reason`, `normalize_record`):
   read with an explicit `FEATURES` schema because type inference breaks on it (price is a float in one
   block and "None" in the next; `details` is an object in the raw files and a JSON string elsewhere).
 - `jsonl`: a local file in the same schema. A pre-pass (`validate_jsonl`) parses each line with
-  json.loads and checks it against the schema; lines that are not JSON objects or don't fit the schema
-  are counted as `malformed_line` and the rest go to `load_meta` (one bad line would otherwise abort the
-  whole `datasets` build).
+  json.loads and checks it against the schema; lines that are not JSON objects, don't fit the schema or
+  nest deeper than MAX_NESTING are counted as `malformed_line` (report.json lists the first ones by line
+  number) and the rest go to `load_meta` (one bad line would otherwise abort the whole `datasets` build).
+  Bytes that are not UTF-8 become U+FFFD, counted in `invalid_text`: clean_text drops it from text
+  fields, and an id holding it is `invalid_id`.
 - `synthetic`: `cliprec.synthetic.generate_catalog` writes a raw JSONL + images, then as `jsonl`.
 
-Row selection, in this order: malformed (bad line, or no parent_asin) -> no_title (empty after
+Row selection, in this order: malformed (bad line, or no parent_asin) -> invalid_id (not intact text)
+-> malformed (details nested deeper than MAX_NESTING, from the amazon source) -> no_title (empty after
 clean_text) -> no_image (no product photo with a hi_res/large/thumb URL; video stills don't count, see
 `choose_images`) -> duplicate_id (an earlier record with the same parent_asin was kept; the first kept
-record wins). `rows_read == kept + sum(dropped)`.
+record wins). `rows_read == kept + sum(dropped)`. Prices: `read_price` reads numbers and strict price
+text; any other stated price is null, counted in `prices_unread` (never a guessed number).
 Images: `image_urls` holds one entry per product photo (MAIN first), each the list of that photo's URLs
 in preference order hi_res -> large -> thumb; the images stage tries them in that order for the same
 photo. `image_variants` is parallel to the outer list.
@@ -38,6 +42,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +52,17 @@ import pyarrow.parquet as pq
 from datasets import Features, Json, List, Value
 from tqdm import tqdm
 
+from cliprec.artifacts import write_manifest
 from cliprec.errors import CliprecError, one_line
 from cliprec.hub import CATALOG_SETTING, hub_errors
+from cliprec.sources import AMAZON_META_PATH
 from cliprec.text import clean_text
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("amazon", "jsonl", "synthetic")
-AMAZON_META_PATH = "raw/meta_categories/meta_{category}.jsonl"  # inside the hub repo, or a local copy of it
 AMAZON_META_FILES = "hf://datasets/McAuley-Lab/Amazon-Reviews-2023/" + AMAZON_META_PATH
-DROP_REASONS = ("no_title", "no_image", "duplicate_id", "malformed_line")
+DROP_REASONS = ("no_title", "no_image", "duplicate_id", "malformed_line", "invalid_id")
 SPLITS = ("train", "val", "test")
 IMAGE_KEYS = ("thumb", "large", "hi_res", "variant")
 # Preference among the sizes of one image: the largest first; the smaller ones are its fallbacks.
@@ -118,7 +124,34 @@ CATALOG_HINT = "a directory under catalog/ laid out like the hub repo: " + AMAZO
     category="<Category>"
 )
 
-_PRICE_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?|\.\d+")
+MAX_NESTING = 64  # Amazon-2023 records nest a few levels; JSON deeper than this is no record of it
+MAX_LISTED_SKIPS = 100  # report.json lists the first skipped lines; its counts cover all of them
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # surrogateescape's stand-ins for undecodable bytes
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+# Prices written as text: [from] one amount [- or to another], each [sign] [currency] [sign] number
+# [currency]; anything else is not read (a wrong number would be worse than none).
+_CURRENCY = r"(?:[$€£¥₹]|[A-Za-z]{1,2}\$|[A-Za-z]{3})"
+_NUMBER = r"\d(?:[\d.,' \u00a0\u202f]*\d)?"
+
+
+def _amount_pattern(end: str) -> str:
+    return (
+        rf"(?P<{end}_sign>[-−])?\s?(?P<{end}_cur>{_CURRENCY})?\s?(?P<{end}_sign2>[-−])?"
+        rf"(?P<{end}_num>{_NUMBER})\s?(?P<{end}_cur2>{_CURRENCY})?"
+    )
+
+
+_PRICE_TEXT = re.compile(
+    rf"(?:from\s)?{_amount_pattern('lo')}(?:\s?(?:-|–|to)\s?{_amount_pattern('hi')})?", re.IGNORECASE
+)
+_PRICE_MARK = re.compile("[.,' \u00a0\u202f]")
+PRICE_PROBLEMS = ("negative", "ambiguous", "not_a_price")
+_NO_PRICE = frozenset({"", "none", "null", "n/a", "na", "-"})
+# currencies whose prices are written 1,299.99: there a lone comma before three digits groups thousands
+_DOT_DECIMAL_CURRENCIES = frozenset(
+    {"$", "US$", "USD", "£", "GBP", "C$", "CAD", "A$", "AUD", "¥", "JPY", "₹", "INR"}
+)
 
 
 def amazon_data_files(category: str, hub_root: str | Path | None = None) -> str:
@@ -151,6 +184,9 @@ def record_problem(rec: Any) -> str | None:
     """Why a parsed JSON line can't be read with FEATURES (None if it can)."""
     if not isinstance(rec, dict):
         return "not a JSON object"
+    pid = rec.get("parent_asin")
+    if not isinstance(pid, str) or not pid.strip():
+        return "no parent_asin"  # drop_reason says the same for every source; here the line is known
     for key in _STRING_FIELDS:
         if rec.get(key) is not None and not isinstance(rec[key], str):
             return f"{key} is not a string"
@@ -186,56 +222,170 @@ def _project(rec: dict) -> dict:
     return out
 
 
-def validate_jsonl(src: str | Path, dst: str | Path) -> tuple[int, int]:
-    """Copy the records of `src` that fit FEATURES to `dst`; return (records read, malformed records).
+@dataclass
+class LineScan:
+    """What the jsonl pre-pass found: records read, lines skipped and why, text it had to repair."""
+
+    read: int = 0
+    malformed: int = 0
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # the first MAX_LISTED_SKIPS
+    invalid_text: dict[str, Any] = field(
+        default_factory=lambda: {
+            "lines": 0,
+            "bytes_replaced": 0,
+            "lone_surrogates_replaced": 0,
+            "first_lines": [],
+        }
+    )
+
+    def skip(self, src: Path, lineno: int, reason: str) -> None:
+        """Count a malformed line; its detail goes to report.json and the debug log."""
+        self.malformed += 1
+        if len(self.skipped) < MAX_LISTED_SKIPS:
+            self.skipped.append({"line": lineno, "reason": reason})
+        logger.debug("%s:%d: line skipped: %s", src, lineno, reason)
+
+
+def nesting_depth(value: Any) -> int:
+    """How deep lists and objects nest in a parsed JSON value (0 for a scalar); iterative, any depth."""
+    depth, level = 0, [value]
+    while level := [v for v in level if isinstance(v, (dict, list))]:
+        depth += 1
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+def _decode(raw: bytes, lineno: int, scan: LineScan) -> str:
+    """One line as text: undecodable bytes become U+FFFD (clean_text drops it; an id with it is dropped)."""
+    text, n = _ESCAPED_BYTE.subn("\ufffd", raw.decode("utf-8", "surrogateescape"))
+    if n:
+        bad = scan.invalid_text
+        bad["lines"] += 1
+        bad["bytes_replaced"] += n
+        if len(bad["first_lines"]) < MAX_LISTED_SKIPS:
+            bad["first_lines"].append(lineno)
+    return text
+
+
+def _parse_line(text: str) -> tuple[Any, str | None]:
+    """(record, None), or (None, why the line is not a record of the schema)."""
+    try:
+        rec = json.loads(text)
+    except ValueError as e:
+        return None, f"malformed JSON ({e})"
+    except RecursionError:  # json's C decoder recurses once per level
+        return None, f"JSON nests deeper than {MAX_NESTING} levels"
+    if nesting_depth(rec) > MAX_NESTING:
+        return None, f"JSON nests deeper than {MAX_NESTING} levels"
+    return rec, record_problem(rec)
+
+
+def validate_jsonl(src: str | Path, dst: str | Path) -> LineScan:
+    """Copy the records of `src` that fit FEATURES to `dst`; return what was read, skipped and repaired.
 
     Blank lines are not records and are not counted.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise CliprecError(f"ingest: catalog file {src} does not exist (see README 'Your own catalog')")
-    read = malformed = unknown_keys = 0
-    with open(src, encoding="utf-8", errors="replace") as fin, open(dst, "w", encoding="utf-8") as fout:
-        for lineno, line in enumerate(fin, 1):
-            if not line.strip():
+    scan, unknown_keys = LineScan(), 0
+    with open(src, "rb") as fin, open(dst, "w", encoding="utf-8") as fout:
+        for lineno, raw in enumerate(fin, 1):
+            if not raw.strip():
                 continue
-            read += 1
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                malformed += 1
-                logger.warning("%s:%d: malformed JSON line skipped (%s)", src, lineno, e)
-                continue
-            problem = record_problem(rec)
+            scan.read += 1
+            rec, problem = _parse_line(_decode(raw, lineno, scan))
             if problem:
-                malformed += 1
-                logger.warning("%s:%d: record skipped: %s", src, lineno, problem)
+                scan.skip(src, lineno, problem)
                 continue
             projected = _project(rec)
-            if len(projected) != len(rec):
-                unknown_keys += 1
-            fout.write(json.dumps(projected, ensure_ascii=False) + "\n")
+            unknown_keys += len(projected) != len(rec)
+            # a \udXXX escape of half a surrogate pair is no text either (and utf-8 cannot write it)
+            line, n = _SURROGATE.subn("\ufffd", json.dumps(projected, ensure_ascii=False))
+            scan.invalid_text["lone_surrogates_replaced"] += n
+            fout.write(line + "\n")
     if unknown_keys:
         logger.info("%s: ignored fields outside the Amazon-2023 schema in %d records", src, unknown_keys)
-    return read, malformed
+    return scan
 
 
 # --------------------------------------------------------------------------------------------------
 # record normalisation (shared by all sources)
 
 
-def parse_price(value: Any) -> float | None:
-    """A price as float: numbers as is, "$1,299.99" -> 1299.99, a range -> its lower end, "None" -> None."""
-    if value is None or isinstance(value, bool):
+class _Unreadable(ValueError):
+    """A price text that cannot be read as one number without guessing; args[0] is the reason."""
+
+
+def _amount(number: str, dot_decimal: bool) -> float:
+    """ "1.299,99" -> 1299.99, "1,299.99" -> 1299.99, "12,50" -> 12.5; raises _Unreadable when unsure.
+
+    With both "." and "," the last one is the decimal mark. A lone mark followed by exactly three digits
+    ("1,299", "1.299") is a thousands separator in one convention and a decimal mark in the other: read
+    only when the currency fixes the convention (`dot_decimal`: "$1,299" is 1299), else ambiguous.
+    """
+    marks = _PRICE_MARK.findall(number)
+    groups = _PRICE_MARK.split(number)
+    decimal = None
+    if len(set(marks)) == 2:
+        decimal = marks[-1]
+        if decimal not in ".," or decimal in marks[:-1]:
+            raise _Unreadable("not_a_price")
+    elif len(marks) == 1 and marks[0] in ".,":
+        if len(groups[-1]) != 3:
+            decimal = marks[0]
+        elif not (marks[0] == "," and dot_decimal):
+            raise _Unreadable("ambiguous")
+    whole = groups[:-1] if decimal else groups
+    if len(whole) > 1 and (len(whole[0]) > 3 or any(len(g) != 3 for g in whole[1:])):
+        raise _Unreadable("not_a_price")  # separators that do not group thousands
+    return float("".join(whole) + ("." + groups[-1] if decimal else ""))
+
+
+def _price_text(text: str) -> float | None:
+    """A price written as text, or None when it says there is none; raises _Unreadable."""
+    text = " ".join(text.split())
+    if text.casefold() in _NO_PRICE:
         return None
+    m = _PRICE_TEXT.fullmatch(text)
+    if not m:
+        raise _Unreadable("not_a_price")
+    ends = []
+    for end in ("lo", "hi"):
+        if m[f"{end}_num"] is None:
+            continue
+        if m[f"{end}_sign"] or m[f"{end}_sign2"]:
+            raise _Unreadable("negative")
+        currency = (m[f"{end}_cur"] or m[f"{end}_cur2"] or "").upper()
+        ends.append(_amount(m[f"{end}_num"], currency in _DOT_DECIMAL_CURRENCIES))
+    return min(ends)  # a range: its lower end
+
+
+def read_price(value: Any) -> tuple[float | None, str | None]:
+    """(price, None), or (None, why a stated price was not read: negative, ambiguous or not_a_price).
+
+    Numbers are taken as they are; text is read strictly ("€12,50" -> 12.5, "1.299,99" -> 1299.99,
+    "$1,299.00" -> 1299.0, "from $9.99 - $19.99" -> 9.99): a negative amount is no price, and text that
+    could mean two numbers or holds anything else is not read. None, "", "None" state no price.
+    """
+    if value is None:
+        return None, None
     if _is_number(value):
         v = float(value)
-        return v if math.isfinite(v) and v >= 0 else None
+        if not math.isfinite(v):
+            return None, "not_a_price"
+        return (v, None) if v >= 0 else (None, "negative")
     if isinstance(value, str):
-        m = _PRICE_NUMBER.search(value)
-        if m:
-            return float(m.group(0).replace(",", ""))
-    return None
+        try:
+            return _price_text(value), None
+        except _Unreadable as e:
+            return None, e.args[0]
+    return None, "not_a_price"
+
+
+def parse_price(value: Any) -> float | None:
+    """A price as float, or None (no price stated, or one that `read_price` does not read)."""
+    return read_price(value)[0]
 
 
 def _image_url(value: Any) -> str | None:
@@ -275,10 +425,22 @@ def choose_images(images: Iterable[Any] | None) -> tuple[list[list[str]], list[s
     return candidates, variants
 
 
+def is_text(s: str) -> bool:
+    """Whether s is intact text: no U+FFFD (the mark of undecodable bytes) and no lone surrogate."""
+    return "\ufffd" not in s and not _SURROGATE.search(s)
+
+
 def drop_reason(rec: Mapping[str, Any]) -> str | None:
-    """The first reason (malformed_line, no_title, no_image) a record is unusable, else None."""
+    """The first reason (malformed_line, invalid_id, no_title, no_image) a record is unusable, else None.
+
+    invalid_id: an id that is not intact text (`is_text`): a repaired id could name another product.
+    """
     pid = rec.get("parent_asin")
     if not isinstance(pid, str) or not pid.strip():
+        return "malformed_line"
+    if not is_text(pid):
+        return "invalid_id"
+    if nesting_depth(rec.get("details")) > MAX_NESTING:  # the jsonl pre-pass skips these already
         return "malformed_line"
     if not clean_text(rec.get("title")):
         return "no_title"
@@ -399,12 +561,14 @@ def photo_groups(ids: Sequence[str], main_urls: Sequence[Sequence[str]]) -> list
 def _screen(ds: datasets.Dataset, counts: dict[str, int]) -> dict[str, int]:
     """Pass over the light columns: {kept id: row index}; fills the drop counts."""
     kept: dict[str, int] = {}
-    light = ds.select_columns(["parent_asin", "title", "images"])
+    light = ds.select_columns(["parent_asin", "title", "images", "details"])
     with tqdm(total=len(ds), desc="screen records", unit="rec", mininterval=2.0) as bar:
         index = 0
         for batch in light.iter(batch_size=8192):
-            for pid, title, images in zip(batch["parent_asin"], batch["title"], batch["images"]):
-                reason = drop_reason({"parent_asin": pid, "title": title, "images": images})
+            for pid, title, images, details in zip(*(batch[c] for c in light.column_names)):
+                reason = drop_reason(
+                    {"parent_asin": pid, "title": title, "images": images, "details": details}
+                )
                 if reason is None and pid.strip() in kept:
                     reason = "duplicate_id"
                 if reason:
@@ -473,40 +637,11 @@ def build_catalog(
 
     with tempfile.TemporaryDirectory(prefix="cliprec-ingest-") as tmp:
         if source == "amazon":
-            data_files = amazon_data_files(category, hub_root)
-            if hub_root is not None and not Path(data_files).is_file():
-                raise CliprecError(
-                    f"ingest: {data_files} does not exist: {CATALOG_SETTING} = {hub_root!r} must hold a copy "
-                    f"of the hub repo's {AMAZON_META_PATH.format(category='<Category>')} files"
-                )
-            try:
-                # a local copy converts into the run's temporary cache, like a jsonl catalog; the hub's
-                # download stays in the HF cache, where the next run finds it
-                with hub_errors(data_files, f"ingest {category}", CATALOG_SETTING, how=CATALOG_HINT):
-                    ds = load_meta(data_files, cache_dir=None if hub_root is None else Path(tmp) / "cache")
-            except datasets.exceptions.DatasetGenerationError as e:
-                raise CliprecError(
-                    f"ingest: {data_files} does not fit cliprec.catalog.FEATURES (the Amazon-2023 item "
-                    "schema); a record has a field of another type or a field outside it: "
-                    f"{one_line(e.__cause__ or e)}"
-                ) from e
+            ds, scan = _load_amazon(category, hub_root, Path(tmp)), LineScan()
             rows_read = len(ds)
         else:
-            if source == "synthetic":
-                from cliprec.synthetic import generate_catalog  # only this source needs it
-
-                if n_products is None:
-                    raise ValueError("ingest.source 'synthetic' needs ingest.n_products (how many to draw)")
-                jsonl = generate_catalog(category, n_products, seed, out_dir / "raw")
-            else:
-                if not path:
-                    raise ValueError(
-                        "ingest.source 'jsonl' needs ingest.path (a file; {category} is replaced)"
-                    )
-                jsonl = Path(path.replace("{category}", category))
-            valid = Path(tmp) / "valid.jsonl"
-            rows_read, counts["malformed_line"] = validate_jsonl(jsonl, valid)
-            ds = load_meta(str(valid), cache_dir=Path(tmp) / "cache") if valid.stat().st_size else None
+            ds, scan = _load_jsonl(category, source, out_dir, Path(tmp), path, n_products, seed)
+            rows_read, counts["malformed_line"] = scan.read, scan.malformed
 
         kept = _screen(ds, counts) if ds is not None else {}
         chosen = sample_ids(kept, n_products, seed)
@@ -516,6 +651,7 @@ def build_catalog(
         # stream from the Arrow files to the parquet file a chunk at a time: memory does not hold the catalog
         groups = photo_groups(chosen, _main_urls(picked)) if picked is not None else []
         splits = [assign_split(group, split) for group in groups]
+        prices = _price_problems(picked) if picked is not None else Counter()
         if picked is not None:
             _write_rows(picked, groups, splits, out_dir / "products.parquet")
         else:
@@ -535,27 +671,106 @@ def build_catalog(
             "products_in_them": sum(n for n in sizes.values() if n > 1),
         },
         "splits": {s: splits.count(s) for s in SPLITS},
+        # of the sampled products: stated prices that were not read (their price is null)
+        "prices_unread": {r: prices[r] for r in PRICE_PROBLEMS},
+        "invalid_text": scan.invalid_text,  # jsonl and synthetic sources: repaired on reading
+        "malformed_lines": scan.skipped,  # the first MAX_LISTED_SKIPS, by line number in the source
     }
     with open(out_dir / "report.json", "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
-    logger.info(
-        "ingest %s (%s): read %d, kept %d, dropped %s, sampled %d, splits %s",
-        category,
-        source,
-        rows_read,
-        len(kept),
-        counts,
-        len(chosen),
-        report["splits"],
-    )
-    if n_products is not None and len(kept) < n_products:
-        logger.warning(
-            "ingest %s: only %d usable products for n_products=%d", category, len(kept), n_products
-        )
+    # written last: what every loader of products.parquet verifies (bytes, and the category it is of)
+    write_manifest(out_dir, ["products.parquet"], {"category": category})
+    _log_summary(report, out_dir / "report.json", n_products)
     if not chosen:
         raise CliprecError(f"ingest {category}: no usable product (report: {out_dir / 'report.json'})")
     return report
+
+
+def _load_amazon(category: str, hub_root: str | None, tmp: Path) -> datasets.Dataset:
+    """The amazon source: the hub's category file, or its copy under hub_root."""
+    data_files = amazon_data_files(category, hub_root)
+    if hub_root is not None and not Path(data_files).is_file():
+        raise CliprecError(
+            f"ingest: {data_files} does not exist: {CATALOG_SETTING} = {hub_root!r} must hold a copy "
+            f"of the hub repo's {AMAZON_META_PATH.format(category='<Category>')} files"
+        )
+    try:
+        # a local copy converts into the run's temporary cache, like a jsonl catalog; the hub's
+        # download stays in the HF cache, where the next run finds it
+        with hub_errors(data_files, f"ingest {category}", CATALOG_SETTING, how=CATALOG_HINT):
+            return load_meta(data_files, cache_dir=None if hub_root is None else tmp / "cache")
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise CliprecError(
+            f"ingest: {data_files} does not fit cliprec.catalog.FEATURES (the Amazon-2023 item "
+            "schema); a record has a field of another type or a field outside it: "
+            f"{one_line(e.__cause__ or e)}"
+        ) from e
+
+
+def _load_jsonl(
+    category: str, source: str, out_dir: Path, tmp: Path, path: str | None, n_products: int | None, seed: int
+) -> tuple[datasets.Dataset | None, LineScan]:
+    """The jsonl and synthetic sources: the file (generated for synthetic), screened by validate_jsonl."""
+    if source == "synthetic":
+        from cliprec.synthetic import generate_catalog  # only this source needs it
+
+        if n_products is None:
+            raise ValueError("ingest.source 'synthetic' needs ingest.n_products (how many to draw)")
+        jsonl = generate_catalog(category, n_products, seed, out_dir / "raw")
+    else:
+        if not path:
+            raise ValueError("ingest.source 'jsonl' needs ingest.path (a file; {category} is replaced)")
+        jsonl = Path(path.replace("{category}", category))
+    valid = tmp / "valid.jsonl"
+    scan = validate_jsonl(jsonl, valid)
+    ds = load_meta(str(valid), cache_dir=tmp / "cache") if valid.stat().st_size else None
+    return ds, scan
+
+
+def _price_problems(ds: datasets.Dataset) -> Counter[str]:
+    """How many records of ds state a price that `read_price` does not read, by reason."""
+    problems: Counter[str] = Counter()
+    for batch in ds.select_columns(["price"]).iter(batch_size=ROWS_PER_CHUNK):
+        problems.update(p for p in (read_price(v)[1] for v in batch["price"]) if p)
+    return problems
+
+
+def _log_summary(report: dict[str, Any], report_path: Path, n_products: int | None) -> None:
+    """One INFO line, and one WARNING per kind of trouble (the details are in report.json)."""
+    category, counts = report["category"], report["dropped"]
+    logger.info(
+        "ingest %s (%s): read %d, kept %d, dropped %s, sampled %d, splits %s",
+        category,
+        report["source"],
+        report["rows_read"],
+        report["kept"],
+        counts,
+        report["n_products"],
+        report["splits"],
+    )
+    if counts["malformed_line"]:
+        logger.warning(
+            "ingest %s: skipped %d malformed lines: see %s", category, counts["malformed_line"], report_path
+        )
+    bad = report["invalid_text"]
+    if bad["bytes_replaced"] or bad["lone_surrogates_replaced"] or counts["invalid_id"]:
+        logger.warning(
+            "ingest %s: invalid UTF-8 in %d lines (%d bytes replaced, %d lone surrogates), %d records "
+            "dropped for an id that is not valid text: see %s",
+            category,
+            bad["lines"],
+            bad["bytes_replaced"],
+            bad["lone_surrogates_replaced"],
+            counts["invalid_id"],
+            report_path,
+        )
+    if unread := sum(report["prices_unread"].values()):
+        logger.warning("ingest %s: %d prices not read (null): see %s", category, unread, report_path)
+    if n_products is not None and report["kept"] < n_products:
+        logger.warning(
+            "ingest %s: only %d usable products for n_products=%d", category, report["kept"], n_products
+        )
 
 
 def read_products(path: str | Path, columns: list[str] | None = None):

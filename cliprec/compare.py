@@ -2,8 +2,11 @@
 
 Two evaluations are paired only on the same test set (the same gallery ids, in order: the digest in
 `test_set.ids_sha256`); a query counts when both evaluations ranked it. The `compare` stage writes LoRA
-vs zero-shot per category as a DVC metrics file (`metrics/<cat>/compare.json`); `cliprec report` and
-`cliprec gate` make the same comparisons against other experiments and revisions.
+vs zero-shot per category: every difference with its CI, p-values and counts to
+`metrics/<cat>/compare.detail.json`, and the headline (`HEADLINE`: T->I Recall@5's difference and
+p-value) to the DVC metrics file `metrics/<cat>/compare.json`, so that `dvc exp show` stays narrow.
+`cliprec report` and `cliprec gate` make the same comparisons from the ranks, against other experiments
+and revisions.
 """
 
 from __future__ import annotations
@@ -14,10 +17,16 @@ from typing import Any
 
 import numpy as np
 
+from cliprec import paths
 from cliprec.artifacts import write_json
 from cliprec.errors import CliprecError
 from cliprec.metrics import per_query
 from cliprec.stats import Comparison, paired_comparisons
+
+KEY = "lora_minus_zeroshot"
+# compare.json, the DVC metrics file: (mode, metric, key) -> {key: difference, key_p: its p-value}, per
+# category (keys unique across metrics files keep `dvc exp show`'s column heads short: cliprec.evaluate)
+HEADLINE = (("text_to_image", "recall_at_5", "lora_gain_t2i_r5"),)
 
 
 class UnpairedTestSets(CliprecError):
@@ -82,21 +91,34 @@ def comparison_doc(comparisons: dict[str, dict[str, Comparison]]) -> dict[str, A
     return {mode: {m: c.as_dict() for m, c in metrics.items()} for mode, metrics in comparisons.items()}
 
 
+def headline(doc: dict[str, Any], category: str) -> dict[str, Any]:
+    """compare.json: {category: {"lora_gain_t2i_r5": difference, "lora_gain_t2i_r5_p": p-value}}."""
+    values: dict[str, Any] = {}
+    for mode, metric, key in HEADLINE:
+        c = doc[KEY].get(mode, {}).get(metric)
+        if c is not None:  # e.g. evaluate.ks without 5
+            values.update({key: c["value"], f"{key}_p": c["p_value"]})
+    return {category: values} if values else {}
+
+
 def write_comparison(
-    lora: str | Path,
-    zeroshot: str | Path,
-    out: str | Path,
+    category: str,
     resamples: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
+    root: str | Path = ".",
 ) -> dict[str, Any]:
-    """The `compare` stage: LoRA minus zero-shot of one category -> a DVC metrics file; returns it."""
+    """The `compare` stage: LoRA minus zero-shot of one category -> compare.detail.json + compare.json.
+
+    Returns the full document (what compare.detail.json holds).
+    """
+    root = Path(root)
+    lora, zeroshot = (load_ranks(root / paths.ranks_path(category, v)) for v in ("lora", "zeroshot"))
     doc = {
-        "lora_minus_zeroshot": comparison_doc(
-            compare_ranks(load_ranks(lora), load_ranks(zeroshot), resamples, confidence, seed)
-        ),
+        KEY: comparison_doc(compare_ranks(lora, zeroshot, resamples, confidence, seed)),
         "resamples": resamples,
         "confidence": confidence,
     }
-    write_json(doc, out)
+    write_json(doc, root / paths.compare_detail_path(category))
+    write_json(headline(doc, category), root / paths.compare_path(category))
     return doc

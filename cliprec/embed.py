@@ -97,8 +97,9 @@ def embed_catalog(
 ) -> dict[str, Any]:
     """Embed every product with a MAIN photo and a summary into `out_dir` (`FILES`).
 
-    Rows follow the shards' order. `info` (model, variant, adapter) goes into manifest.json, which is
-    written last, records every file's size and sha256, and is returned.
+    Rows follow the shards' order. `info` (model, variant, adapter, and the lineage: category,
+    catalog_sha256, adapter_sha256) goes into manifest.json, which is written last, records every file's
+    size and sha256, and is returned.
 
     With `world` > 1 processes (`accelerate launch`), rank r embeds batches r, r + world, ... of the
     same batch sequence into its rows of the shared .npy files: the batches, and so the vectors, are
@@ -165,7 +166,8 @@ def embed_catalog(
     (out_dir / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
     (out_dir / "alt_ids.txt").write_text("".join(f"{i}\n" for i in alt_ids))
     info = {
-        "model": None, "variant": None, "adapter": None, **dict(info or {}),
+        "model": None, "variant": None, "adapter": None, "category": None, "catalog_sha256": None,
+        "adapter_sha256": None, **dict(info or {}),
         "d": d, "n": len(ids), "n_alt": len(alt_ids), "text_weight": float(text_weight),
         "dtype": "float32", "amp": bool(amp), "device": device.type,
     }  # fmt: skip

@@ -18,6 +18,10 @@ Every relevance metric gets a 95 % bootstrap CI over the queries (`ci95`, clipre
 per-query ranks of every mode go to a file of their own (`<variant>.ranks.json`, with the test set's
 id digest), from which the `compare` stage and the CI gate make paired comparisons.
 
+Files: the DVC metrics file `<variant>.json` holds the headline only (`HEADLINE`: T->I Recall@5, no
+CI), so that `dvc exp show` stays a table of a few columns; everything this module computes, with its
+CIs, is in `<variant>.detail.json`, which `cliprec report` and the server's `/api/info` read.
+
 Also reported, for comparison with the seed project:
 - avg_mean_similarity_at_5: for each test product's fused vector, the mean inner product of its 5
   nearest OTHER products among all catalog fused vectors, averaged. It measures how tight the
@@ -33,16 +37,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cliprec.artifacts import atomic_write_bytes, verify_files, write_json
+from cliprec import paths
+from cliprec.artifacts import (
+    ArtifactError,
+    atomic_write_bytes,
+    catalog_identity,
+    manifest_sha256,
+    verify_artifact,
+    write_json,
+)
 from cliprec.errors import CliprecError
 from cliprec.index import LoadedIndex, fuse, load_index, read_ids
 from cliprec.metrics import per_query, target_ranks
+from cliprec.paths import rebuild_hint
 from cliprec.stats import bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -52,15 +66,20 @@ CURVE_KS = tuple(range(1, 11))
 SEED_K = 5
 ANN_K = 10
 TIE_EPS = 1e-5  # float32 inner products of equal vectors can differ in the last bits
+# The DVC metrics file's columns: `dvc exp show` has ~130 columns of params and deps before any metric, so
+# one per variant and category; the key names the category and variant, because DVC heads a column with
+# its key alone only where no other metrics file has the same key (else with the file's path, ~60 chars).
+HEADLINE = (("text_to_image", "recall_at_5", "t2i_r5"),)  # (mode, metric, key suffix)
 
 
 class Embeddings:
-    """The arrays of one embed directory (memory-mapped), verified against its manifest first."""
+    """The arrays of one embed directory (memory-mapped), verified against its manifest first (and, given
+    `expect`, checked to be the category, variant and catalog expected: `check_built`)."""
 
-    def __init__(self, embed_dir: str | Path):
+    def __init__(self, embed_dir: str | Path, expect: Mapping[str, Any] | None = None):
         embed_dir = Path(embed_dir)
         self.dir = embed_dir
-        self.manifest: dict[str, Any] = verify_files(embed_dir)
+        self.manifest: dict[str, Any] = verify_artifact(embed_dir, expect or {})
         self.ids = read_ids(embed_dir / "ids.txt")
         self.text = np.load(embed_dir / "text.npy", mmap_mode="r")
         self.image = np.load(embed_dir / "image.npy", mmap_mode="r")
@@ -171,9 +190,16 @@ def evaluate(
     resamples: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
+    category: str | None = None,
+    variant: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """(metrics, recall@k curve, per-query ranks) of one category/variant (see the module doc)."""
-    emb = Embeddings(embed_dir)
+    """(metrics, recall@k curve, per-query ranks) of one category/variant (see the module doc).
+
+    products.parquet, the embeddings and the index must be of one category (`category`, or the catalog's
+    own), of `variant` when given, and built from one another (their manifests' lineage); else ArtifactError.
+    """
+    catalog = catalog_identity(products_path, category)
+    emb = Embeddings(embed_dir, {**catalog, **({"variant": variant} if variant else {})})
     products = pd.read_parquet(products_path, columns=["id", "split"])
     test_ids = products.loc[products["split"] == "test", "id"].astype(str).tolist()
     gallery_rows = np.array([emb.row[pid] for pid in test_ids if pid in emb.row], dtype=np.int64)
@@ -246,10 +272,12 @@ def evaluate(
         nprobe=nprobe,
         ef_search=ef_search,
         k_factor=k_factor,
+        expect={**catalog, "embeddings_sha256": manifest_sha256(embed_dir)},
     )
     if index.ids != emb.ids:
-        raise ValueError(
-            f"evaluate: {index_dir} was built from other embeddings than {embed_dir}; rerun `dvc repro index`"
+        raise ArtifactError(
+            f"evaluate: {index_dir} was built from other embeddings than {embed_dir}: rebuild it with "
+            f"`{rebuild_hint(index_dir)}`"
         )
     k_ann = min(ANN_K, len(emb.ids))
     metrics["ann_recall_at_10"] = ann_recall(index, fused, emb.fused, top_s[:, :k_ann], k_ann)
@@ -289,17 +317,38 @@ def _check_keys(value: Any, where: str = "") -> None:
             _check_keys(v, f"{where}{k}/")
 
 
+def headline(metrics: dict[str, Any], category: str, variant: str) -> dict[str, Any]:
+    """The DVC metrics file: `HEADLINE`'s metrics, as {category: {"<variant>_t2i_r5": value}}, no CIs.
+
+    A metric that `evaluate.ks` leaves out is left out.
+    """
+    values = {
+        f"{variant}_{suffix}": metrics[mode][metric]
+        for mode, metric, suffix in HEADLINE
+        if metric in metrics.get(mode, {})
+    }
+    return {category: values} if values else {}
+
+
 def write_outputs(
     metrics: dict[str, Any],
     curve: list[dict[str, Any]],
     ranks: dict[str, Any],
-    metrics_path: str | Path,
-    plot_path: str | Path,
-    ranks_path: str | Path,
+    category: str,
+    variant: str,
+    root: str | Path = ".",
 ) -> None:
-    """Write metrics/<cat>/<variant>.json, its per-query ranks and the recall@k plot file."""
+    """Write metrics/<cat>/<variant>.json (the headline), .detail.json, .ranks.json and the recall@k plot."""
     _check_keys(metrics)
-    write_json(metrics, metrics_path)
-    write_json(curve, plot_path)
-    atomic_write_bytes(ranks_path, (json.dumps(ranks, separators=(",", ":")) + "\n").encode())
-    log.info("evaluate: wrote %s, %s and %s", metrics_path, ranks_path, plot_path)
+    root = Path(root)
+    written = [
+        root / paths.metrics_path(category, variant),
+        root / paths.metrics_detail_path(category, variant),
+        root / paths.ranks_path(category, variant),
+        root / paths.recall_plot_path(category, variant),
+    ]
+    write_json(headline(metrics, category, variant), written[0])
+    write_json(metrics, written[1])
+    atomic_write_bytes(written[2], (json.dumps(ranks, separators=(",", ":")) + "\n").encode())
+    write_json(curve, written[3])
+    log.info("evaluate: wrote %s", ", ".join(map(str, written)))

@@ -53,7 +53,7 @@ import threading
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +71,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
-from cliprec.artifacts import MANIFEST_FILE, ArtifactError, verify_files, write_json, write_manifest
+from cliprec.artifacts import MANIFEST_FILE, catalog_identity, verify_files, write_json, write_manifest
 from cliprec.errors import CliprecError
 from cliprec.params import Images
-from cliprec.paths import rebuild_hint
 
 log = logging.getLogger(__name__)
 
@@ -726,8 +725,11 @@ def build_image_shards(
     cfg: Images,
     progress: bool = True,
     total: int | None = None,
+    lineage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fetch the first max_images images of every product into out_dir; return (and write) the report.
+
+    `lineage` (category, catalog_sha256: what the images are of) goes into manifest.json.
 
     `products` (a DataFrame, or DataFrames streamed batch by batch) has columns id, image_urls (one entry
     per image, MAIN first; each entry the image's candidate URLs in preference order, or a single URL)
@@ -859,7 +861,9 @@ def build_image_shards(
         "resize": cfg.resize,
     }  # no wall-clock figures: this directory is a DVC output, its hash must follow from the inputs
     write_json(report, out_dir / REPORT_FILE)
-    write_manifest(out_dir, [p.name for p in writer.paths] + [STATUS_FILE], {"side": cfg.side})
+    write_manifest(
+        out_dir, [p.name for p in writer.paths] + [STATUS_FILE], {"side": cfg.side, **(lineage or {})}
+    )
     failed = {s: c for s, c in all_counts.items() if c and s != "ok"}
     log.info(
         "images: %d/%d ok (%.1f%%, %d through a fallback URL) in %.1f s (%.1f img/s); products: %d with "
@@ -884,17 +888,21 @@ def build_image_shards(
 
 
 def build_images(
-    products_path: str | Path, out_dir: str | Path, cfg: Images, progress: bool = True
+    products_path: str | Path,
+    out_dir: str | Path,
+    cfg: Images,
+    progress: bool = True,
+    category: str | None = None,
 ) -> dict[str, Any]:
-    """The stage: stream products.parquet through build_image_shards, return the report."""
+    """The stage: stream the verified products.parquet through build_image_shards, return the report."""
     products_path = Path(products_path)
-    if not products_path.exists():
-        raise ArtifactError(f"{products_path} is missing: rebuild it with `{rebuild_hint(products_path)}`")
+    lineage = catalog_identity(products_path, category)
     wanted = ("id", "image_urls", "image_variants", "split")
     with pq.ParquetFile(products_path) as pf:
         columns = [c for c in wanted if c in pf.schema_arrow.names]
         frames = (b.to_pandas() for b in pf.iter_batches(batch_size=PRODUCT_BATCH_ROWS, columns=columns))
-        return build_image_shards(frames, out_dir, cfg, progress=progress, total=pf.metadata.num_rows)
+        total = pf.metadata.num_rows
+        return build_image_shards(frames, out_dir, cfg, progress=progress, total=total, lineage=lineage)
 
 
 # --- readers --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,18 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from cliprec.artifacts import MANIFEST_FILE, ArtifactError, atomic_write_bytes, verify_files, write_manifest
+from cliprec.artifacts import (
+    MANIFEST_FILE,
+    ArtifactError,
+    atomic_write_bytes,
+    check_built,
+    manifest_sha256,
+    verify_artifact,
+    verify_files,
+    write_manifest,
+)
 from cliprec.errors import CliprecError, one_line
+from cliprec.params import min_train_vectors
 from cliprec.paths import rebuild_hint
 
 log = logging.getLogger(__name__)
@@ -63,6 +74,7 @@ IVF_ID_BYTES = 8  # an inverted list stores a 64-bit id next to every code
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-trained
 MAX_POINTS_PER_LIST = 100  # autofaiss' training cap: more points barely move the centroids
 ADD_BATCH = 65_536  # rows copied out of the memmap at a time while adding
+LINEAGE_KEYS = ("category", "catalog_sha256", "adapter_sha256")  # copied from the embeddings' manifest
 
 
 def fuse(text: np.ndarray, image: np.ndarray, text_weight: float) -> np.ndarray:
@@ -206,6 +218,13 @@ def build_index(
     except RuntimeError as e:
         raise ValueError(f"index: faiss cannot build factory {choice.factory!r}: {one_line(e)}") from e
     info = BuildInfo(requested=factory, resolved=choice.factory, reason=choice.reason)
+    need, what = min_train_vectors(index)
+    if n < need:
+        chosen = "" if factory == choice.factory else f" ({choice.factory})"
+        raise CliprecError(
+            f"index.factory = {factory!r}{chosen}: {what} need at least {need} vectors to train, but there "
+            f"are only {n} to index; use `auto` or a factory with fewer IVF lists or PQ bits"
+        )
     inner = faiss.downcast_index(index)
     base = faiss.downcast_index(inner.base_index) if isinstance(inner, faiss.IndexRefine) else None
     for part in (inner, base):
@@ -368,13 +387,15 @@ def load_index(
     nprobe: int | None = None,
     ef_search: int | None = None,
     k_factor: float | None = None,
+    expect: Mapping[str, Any] | None = None,
 ) -> LoadedIndex:
-    """Load and verify a saved index (sizes + sha256, ids, ntotal, d, model, variant); set search params."""
+    """Load and verify a saved index (sizes + sha256, ids, ntotal, d, model, variant, and the lineage in
+    `expect`, e.g. category and catalog_sha256: `check_built`); set search params."""
     index_dir = Path(index_dir)
     if not (index_dir / MANIFEST_FILE).is_file():
         raise IndexNotFoundError(f"no index in {index_dir} (missing {MANIFEST_FILE})")
     manifest = verify_files(index_dir, [INDEX_FILE, IDS_FILE])
-    rebuild = f"rebuild it with `{rebuild_hint(index_dir)}`"
+    rebuild = _rebuild(index_dir)
     for key in ("ntotal", "d", "model", "variant"):
         if key not in manifest:
             raise IndexIntegrityError(f"{index_dir / MANIFEST_FILE} lacks {key!r}: {rebuild}")
@@ -382,14 +403,14 @@ def load_index(
         raise IndexIntegrityError(
             f"{index_dir}: index built with model {manifest['model']!r}, expected {expect_model!r}: {rebuild}"
         )
-    if expect_variant is not None and manifest["variant"] != expect_variant:
-        raise IndexIntegrityError(
-            f"{index_dir}: index is variant {manifest['variant']!r}, expected {expect_variant!r}: {rebuild}"
-        )
     if expect_d is not None and int(manifest["d"]) != int(expect_d):
         raise IndexIntegrityError(
             f"{index_dir}: index dimension {manifest['d']}, expected {expect_d}: {rebuild}"
         )
+    wanted = dict(expect or {})
+    if expect_variant is not None:
+        wanted["variant"] = expect_variant
+    check_built(index_dir, manifest, wanted)
     ids = read_ids(index_dir / IDS_FILE)
     try:
         index = faiss.read_index(str(index_dir / INDEX_FILE))
@@ -418,19 +439,26 @@ def build_from_embeddings(
     memory_budget_mb: float = 4096,
     seed: int = 0,
     variant: str | None = None,
+    category: str | None = None,
 ) -> dict[str, Any]:
-    """The `index` stage: index the verified `fused.npy` + `ids.txt` of an embedding directory."""
+    """The `index` stage: index the verified `fused.npy` + `ids.txt` of an embedding directory.
+
+    The embeddings must be of `variant` and `category` (when given); the index's manifest records their
+    lineage (category, catalog_sha256, adapter_sha256) and their own sha256 (embeddings_sha256).
+    """
     embed_dir = Path(embed_dir)
-    embed_manifest = verify_files(embed_dir, ["fused.npy", "ids.txt"])
-    if variant and embed_manifest.get("variant") not in (None, variant):
-        raise ValueError(f"{embed_dir}: embeddings of variant {embed_manifest['variant']!r}, not {variant!r}")
+    expect = {k: v for k, v in (("category", category), ("variant", variant)) if v is not None}
+    embed_manifest = verify_artifact(embed_dir, expect, ["fused.npy", "ids.txt"])
     fused = np.load(embed_dir / "fused.npy", mmap_mode="r")
     ids = read_ids(embed_dir / "ids.txt")
     if len(ids) != len(fused):
-        raise ValueError(f"{embed_dir}: {len(ids)} ids but {len(fused)} fused vectors")
+        raise ArtifactError(
+            f"{embed_dir}: {len(ids)} ids but {len(fused)} fused vectors: {_rebuild(embed_dir)}"
+        )
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{embed_dir}: ids.txt has duplicate product ids")
+        raise ArtifactError(f"{embed_dir}: ids.txt has duplicate product ids: {_rebuild(embed_dir)}")
     index, info = build_index(fused, factory=factory, memory_budget_mb=memory_budget_mb, seed=seed)
+    lineage = {key: embed_manifest.get(key) for key in ("adapter", *LINEAGE_KEYS)}
     return save_index(
         index,
         ids,
@@ -438,5 +466,9 @@ def build_from_embeddings(
         model=str(embed_manifest.get("model")),
         variant=str(variant or embed_manifest.get("variant")),
         info=info,
-        extra={"adapter": embed_manifest.get("adapter")},
+        extra={**lineage, "embeddings_sha256": manifest_sha256(embed_dir)},
     )
+
+
+def _rebuild(directory: Path) -> str:
+    return f"rebuild it with `{rebuild_hint(directory)}`"

@@ -349,7 +349,8 @@ def _looks_numeric(text: str) -> bool:
 
 
 def check_index_factory(params: Params, path: str | Path = PARAMS_FILE) -> None:
-    """`index.factory` is `auto` or a string FAISS builds for every setup's embedding dimension."""
+    """`index.factory` is `auto` or a string FAISS builds for every setup's embedding dimension and can train
+    on the setup's products (`ingest.n_products`, where set)."""
     factory = params.index.factory
     if factory == "auto":
         return
@@ -358,7 +359,7 @@ def check_index_factory(params: Params, path: str | Path = PARAMS_FILE) -> None:
     for name, setup in params.setups.items():
         d = embedding_dim(setup.model.name)
         try:
-            faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
             # FAISS says "Error in <C++ signature> at <file>: Error: '<check>' failed: <reason>"
             text = re.sub(r"^Error in .*? at \S+:\d+: ", "", " ".join(str(e).split()))
@@ -367,6 +368,33 @@ def check_index_factory(params: Params, path: str | Path = PARAMS_FILE) -> None:
                 f"{path}: index.factory = {factory!r}: FAISS cannot build it for the {d}-d vectors of "
                 f"setup {name!r} ({reason[:200]}); use `auto` or a valid index_factory string"
             ) from None
+        need, what = min_train_vectors(index)
+        n = setup.ingest.n_products  # at most this many products, so at most this many vectors
+        if n is not None and n < need:
+            raise ParamsError(
+                f"{path}: index.factory = {factory!r}: {what} need at least {need} vectors to train, but "
+                f"setup {name!r} indexes at most {n} (setups.{name}.ingest.n_products); use `auto` or a "
+                "factory with fewer IVF lists or PQ bits"
+            )
+
+
+def min_train_vectors(index: Any) -> tuple[int, str]:
+    """The fewest vectors FAISS trains an (untrained) index on, and what needs them; (0, "") if none."""
+    import faiss
+
+    needs = [(0, "")]
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:  # k-means needs at least one point per list
+        needs.append((int(ivf.nlist), f"its {ivf.nlist} inverted lists"))
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, faiss.IndexRefine):
+        inner = faiss.downcast_index(inner.base_index)
+    pq = getattr(inner, "pq", None)
+    if pq is not None:  # each sub-quantizer's k-means: 2**nbits centroids
+        needs.append((int(pq.ksub), f"its PQ's {pq.ksub} centroids per sub-quantizer"))
+    return max(needs)
 
 
 @cache

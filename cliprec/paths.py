@@ -49,6 +49,14 @@ def checkpoint_dir(category: str) -> Path:
     return DATA / "progress" / "train" / category
 
 
+def run_log_path(stage: str, category: str) -> Path:
+    """How each run of a resumable stage went (resumed from where, seconds): outside every DVC output.
+
+    One JSON line per finished run; kept out of the outputs so that their hashes follow from the inputs only.
+    """
+    return DATA / "runs" / stage / f"{category}.jsonl"
+
+
 def live_dir(category: str) -> Path:
     """DVCLive's per-epoch training metrics and plots (committed to git)."""
     return METRICS / "train" / category
@@ -65,8 +73,16 @@ def index_dir(category: str, variant: str) -> Path:
 
 
 def metrics_path(category: str, variant: str) -> Path:
-    """Evaluation metrics of one category and variant (committed to git)."""
+    """The headline evaluation metrics of one category and variant: a DVC metrics file (committed to git)."""
     return METRICS / category / f"{variant}.json"
+
+
+def metrics_detail_path(category: str, variant: str) -> Path:
+    """Every metric of one category and variant with its 95 % CI, and the counts (committed to git).
+
+    Not a DVC metrics file: `metrics_path` holds the headline that `dvc exp show` shows.
+    """
+    return METRICS / category / f"{variant}.detail.json"
 
 
 def ranks_path(category: str, variant: str) -> Path:
@@ -75,8 +91,13 @@ def ranks_path(category: str, variant: str) -> Path:
 
 
 def compare_path(category: str) -> Path:
-    """LoRA minus zero-shot, paired, with CIs and p-values: a DVC metrics file (committed to git)."""
+    """The headline of LoRA minus zero-shot, paired: a DVC metrics file (committed to git)."""
     return METRICS / category / "compare.json"
+
+
+def compare_detail_path(category: str) -> Path:
+    """Every paired LoRA − zero-shot difference with CI, p-values and counts (committed; no DVC metric)."""
+    return METRICS / category / "compare.detail.json"
 
 
 def recall_plot_path(category: str, variant: str) -> Path:
@@ -116,3 +137,8 @@ def rebuild_hint(path: str | Path) -> str:
         if kind == "index" and len(rest) >= 2:
             return f"dvc repro index@{rest[0]}-{rest[1]}"
     return "dvc repro"
+
+
+def catalog_source_path(category: str) -> Path:
+    """What the category's ingest reads (source, local file, sha256): the catalog stage's output."""
+    return DATA / "catalog" / category / "source.json"

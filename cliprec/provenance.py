@@ -1,4 +1,5 @@
-"""Which code and which libraries a run used: for resume fingerprints, run summaries and dvc.yaml deps.
+"""Which code and which libraries a run used (resume fingerprints, run summaries, dvc.yaml deps), and
+how a run went (`append_run_log`).
 
 `import_closure` follows the import statements of project files (read with `ast`, so an import inside a
 function counts too) through every module of the `cliprec` package they reach. `code_identity` hashes
@@ -6,15 +7,22 @@ that closure; a resumable stage resumes only a run with the same code identity a
 `library_versions`, so editing `cliprec/loss.py` or upgrading peft retrains instead of re-exporting an
 old adapter. tests/test_provenance.py uses the same closure to check that dvc.yaml lists every module a
 stage imports.
+
+What depends on how a run went (resumed or not, how long it took) stays out of the stages' outputs, so
+that a killed and resumed run leaves the same `dvc.lock` as an uninterrupted one: `append_run_log` adds
+it as one JSON line to a file that is no DVC output (`cliprec.paths.run_log_path`).
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import platform
+from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 PACKAGE = "cliprec"
 ROOT = Path(__file__).resolve().parents[1]  # the project root: cliprec/ and stages/ live here
@@ -88,3 +96,12 @@ def library_versions(*packages: str) -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "absent"
     return out
+
+
+def append_run_log(path: str | Path, record: dict[str, Any]) -> None:
+    """Append `record` + the UTC time it finished as one JSON line to `path` (one line per run)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), **record})
+    with open(path, "a", encoding="utf-8") as f:  # one write per line: a kill cannot tear an earlier one
+        f.write(line + "\n")

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from cliprec import paths
-from cliprec.artifacts import verify_files
+from cliprec.artifacts import catalog_identity, check_built, manifest_sha256, verify_artifact
 from cliprec.errors import CliprecError
 from cliprec.index import IndexNotFoundError, LoadedIndex, load_index, read_ids
 from cliprec.params import Images, load_params
@@ -82,20 +82,21 @@ class Recommender:
         self.model_name = self.params.active.model.name
         self.text_weight = self.params.embed.text_weight
         self.embed_dir = self.root / paths.embed_dir(category, variant)
-        index_dir = self.root / paths.index_dir(category, variant)
+        self.index_dir = self.root / paths.index_dir(category, variant)
         target = f"index@{category}-{variant}"
         try:
             self.index: LoadedIndex = load_index(
-                index_dir,
+                self.index_dir,
                 expect_model=self.model_name,
                 expect_variant=variant,
                 nprobe=self.params.index.nprobe,
                 ef_search=self.params.index.ef_search,
                 k_factor=self.params.index.k_factor,
+                expect={"category": category},
             )
         except IndexNotFoundError as e:
             raise RecommendError(
-                f"pipeline not run yet: no index in {index_dir}; run `dvc repro {target}`"
+                f"pipeline not run yet: no index in {self.index_dir}; run `dvc repro {target}`"
             ) from e
         self.position = {pid: i for i, pid in enumerate(self.index.ids)}
         products_path = self.root / paths.products_path(category)
@@ -103,6 +104,9 @@ class Recommender:
             raise RecommendError(
                 f"pipeline not run yet: no {products_path}; run `dvc repro ingest@{category}`"
             )
+        # the titles must be of the catalog the index was built from
+        self.catalog = catalog_identity(products_path, category)
+        check_built(self.index_dir, self.index.manifest, self.catalog)
         products = pd.read_parquet(products_path, columns=["id", "title"])
         self.titles: dict[str, str] = dict(zip(products["id"].astype(str), products["title"].astype(str)))
         self._model: Any = None
@@ -124,7 +128,11 @@ class Recommender:
                         f"pipeline not run yet: no LoRA adapter in {train_dir}; "
                         f"run `dvc repro train@{self.category}` (or use --variant zeroshot)"
                     )
-                verify_files(train_dir)
+                # this category's adapter, and the one the index's vectors were embedded with
+                verify_artifact(train_dir, self.catalog)
+                check_built(
+                    self.index_dir, self.index.manifest, {"adapter_sha256": manifest_sha256(train_dir)}
+                )
                 adapter = str(train_dir / paths.ADAPTER_DIR)
             log.info("recommend: loading %s%s", name, f" + {adapter}" if adapter else "")
             try:
@@ -179,7 +187,12 @@ class Recommender:
                 f"pipeline not run yet: no embeddings in {self.embed_dir}; "
                 f"run `dvc repro embed_{self.variant}@{self.category}`"
             )
-        verify_files(self.embed_dir, ["fused.npy", "ids.txt"])
+        # the vectors the index holds: this category's and variant's, the very embeddings it was built from
+        expect = {"category": self.category, "variant": self.variant}
+        verify_artifact(self.embed_dir, expect, ["fused.npy", "ids.txt"])
+        check_built(
+            self.index_dir, self.index.manifest, {"embeddings_sha256": manifest_sha256(self.embed_dir)}
+        )
         ids = read_ids(self.embed_dir / "ids.txt")
         try:
             row = ids.index(product)

@@ -1,10 +1,12 @@
 """`cliprec report`: every metric with its 95 % CI, and paired differences, zero-shot / LoRA / LoRA+AMP.
 
-Zero-shot and LoRA come from the workspace (metrics/<cat>/<variant>.json and .ranks.json: what the last
-`dvc repro` or `dvc exp run` wrote). LoRA+AMP comes from a DVC experiment (`dvc exp show --json`): the
-newest experiment derived from the current commit whose params have `amp: true`, or the one named by
-`--from-exp`, which may derive from an earlier commit (the report then names that commit: its code and
-params may differ). Its per-query ranks are read from the experiment's git commit.
+Zero-shot and LoRA come from the workspace (metrics/<cat>/<variant>.detail.json, every metric with its
+CI, and .ranks.json: what the last `dvc repro` or `dvc exp run` wrote; a project evaluated before the
+detail files existed has it all in <variant>.json). LoRA+AMP comes from a DVC experiment (`dvc exp show
+--json`): the newest experiment derived from the current commit whose params have `amp: true`, or the
+one named by `--from-exp`, which may derive from an earlier commit (the report then names that commit:
+its code and params may differ). Its detail and per-query ranks are read from the experiment's git
+commit (DVC shows only the headline metrics).
 
 Differences are paired over the test queries (cliprec.compare): LoRA - zero-shot, and LoRA+AMP - LoRA
 when the experiment used the same test set; a difference is marked significant when its two-sided
@@ -210,10 +212,16 @@ class Sources:
 
 
 def _sources(root: Path, cat: str, exp: Experiment | None) -> Sources:
-    metrics = {v: _read_json(root / paths.metrics_path(cat, v)) for v in ("zeroshot", "lora")}
+    # the detail file, or in a project evaluated before it existed, the metrics file that held it all
+    metrics = {
+        v: _read_json(root / paths.metrics_detail_path(cat, v))
+        or _read_json(root / paths.metrics_path(cat, v))
+        for v in ("zeroshot", "lora")
+    }
     ranks = {v: _read_json(root / paths.ranks_path(cat, v)) for v in ("zeroshot", "lora")}
     if exp is not None:
-        metrics["lora_amp"] = exp.metrics.get(paths.metrics_path(cat, "lora").as_posix()) or None
+        detail = _git_show(root, exp.rev, paths.metrics_detail_path(cat, "lora")) if exp.rev else None
+        metrics["lora_amp"] = detail or exp.metrics.get(paths.metrics_path(cat, "lora").as_posix()) or None
         ranks["lora_amp"] = _git_show(root, exp.rev, paths.ranks_path(cat, "lora")) if exp.rev else None
     return Sources(metrics, ranks)
 

@@ -452,7 +452,10 @@ class Service:
                     "d": rec.index.d,
                     "metric": manifest.get("metric"),
                     "adapter": manifest.get("adapter"),
-                    "metrics": _read_json(self.root / paths.metrics_path(cat, v)),
+                    # every metric with its ci95: the detail file (the DVC metrics file is the headline),
+                    # or in a project evaluated before detail files existed, the metrics file
+                    "metrics": _read_json(self.root / paths.metrics_detail_path(cat, v))
+                    or _read_json(self.root / paths.metrics_path(cat, v)),
                 }
             cats[cat] = {
                 "products": len(self.details[cat]),

@@ -14,8 +14,10 @@ progress dir as chunk-<i>.parquet (id, summary), atomically. `fingerprint.json` 
 run (method, every summarize param, the model's identity, sha256 of the ids and texts, the code and the
 library versions) and says whether it finished. A rerun reuses the finished chunks of an UNFINISHED run
 with the same fingerprint; anything else (other inputs, params, code or versions, or a finished run,
-e.g. under `dvc repro -f`) is deleted first, so a rerun always computes. report.json says how many
-chunks were resumed and with which code and library versions the run went.
+e.g. under `dvc repro -f`) is deleted first, so a rerun always computes. report.json says with which
+code and library versions the summaries were made; how the run went (chunks resumed, seconds) is no
+property of the summaries, so it goes to the log and to the run log (`run_log`, outside the DVC outputs):
+a killed and resumed run writes the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from cliprec.artifacts import write_json
 from cliprec.hub import SUMMARIZER_SETTING, hub_errors, pretrained_kwargs
 from cliprec.params import Bart, Summarize
 from cliprec.paths import model_identity
-from cliprec.provenance import code_identity, library_versions
+from cliprec.provenance import append_run_log, code_identity, library_versions
 from cliprec.text import clean_text, extractive_summary, idf_weights
 
 logger = logging.getLogger(__name__)
@@ -287,10 +289,12 @@ def summarize_catalog(
     params: Summarize,
     *,
     on_chunk_done: Callable[[int], None] | None = None,
+    run_log: str | Path | None = None,
 ) -> dict[str, Any]:
     """Summarise every product (resuming an unfinished run's chunks); write summaries.parquet + report.json.
 
-    `on_chunk_done(i)` is called after chunk i is safely on disk (progress reporting, tests).
+    `on_chunk_done(i)` is called after chunk i is safely on disk (progress reporting, tests). `run_log`, if
+    given, gets a line saying how the run went (`cliprec.provenance.append_run_log`).
     """
     method, max_words, chunk_size = params.method, params.max_words, params.chunk_size
     started = time.perf_counter()
@@ -363,13 +367,13 @@ def summarize_catalog(
     pq.write_table(
         pa.table({"id": ids, "summary": summaries}, schema=SUMMARIES_SCHEMA), out_dir / "summaries.parquet"
     )
-    # no wall-clock time in the report: the directory is a DVC output, its hash must follow from the inputs
+    # neither wall-clock time nor resumed chunks in the report: the directory is a DVC output, its hash
+    # must follow from the inputs alone (how the run went goes to the log and the run log)
     report = {
         "method": method,
         "model": params.model if isinstance(params, Bart) else None,
         "n": len(ids),
         "chunks": n_chunks,
-        "resumed_chunks": resumed,
         "mean_words": round(float(np.mean([len(s.split()) for s in summaries])), 3) if summaries else 0.0,
         "title_fallbacks": fallbacks,
         "code": fp["code"],
@@ -377,8 +381,13 @@ def summarize_catalog(
     }
     write_json(report, out_dir / "report.json")
     _write_fingerprint(progress_dir / FINGERPRINT_FILE, fp, done=True)
+    seconds = time.perf_counter() - started
+    if run_log is not None:
+        run = {"stage": "summarize", "out": out_dir.as_posix(), "n": len(ids), "chunks": n_chunks,
+               "resumed_chunks": resumed, "seconds": round(seconds, 1)}  # fmt: skip
+        append_run_log(run_log, run)
     logger.info(
         "summarize: %d products with %s, %d/%d chunks resumed, mean %.1f words, %d title fallbacks, %.1f s",
-        len(ids), method, resumed, n_chunks, report["mean_words"], fallbacks, time.perf_counter() - started,
+        len(ids), method, resumed, n_chunks, report["mean_words"], fallbacks, seconds,
     )  # fmt: skip
     return report

@@ -14,8 +14,17 @@ and reaches the same adapter as an uninterrupted run. The state carries a finger
 model, the data, the code (the import closure of this module) and the library versions; a state that
 does not match (e.g. after `-S amp=true`, an edit of cliprec/loss.py or a peft upgrade) is deleted and
 the run starts over, and so is the state of a FINISHED run (`dvc repro -f` retrains). summary.json says
-`resumed_from_epoch` (null: from scratch) and the code/library identity. DVCLive's files are rebuilt
-from the state's history on every start, because `dvc repro` deletes a stage's metrics before running it.
+the code/library identity; whether the run was resumed (and how long it took) is no property of the
+adapter, so it goes to the log and to the run log (`run_log`, outside the DVC outputs), and a killed and
+resumed run writes the same bytes as an uninterrupted one. DVCLive's files are rebuilt from the state's
+history on every start, because `dvc repro` deletes a stage's metrics before running it; its summary
+(metrics.json, a DVC metrics file) holds the headline only (`LIVE_SUMMARY`), the curves are its plots.
+
+Small splits: val Recall@5 is what picks the best epoch and stops early. With fewer than
+`MIN_VAL_PAIRS` val pairs one query moves it by more than 0.01 and its standard error is 0.05 or more (at
+R@5 = 0.5), so epochs cannot be told apart; with 5 or fewer every adapter scores 1.0 and zero-shot (the
+identity) wins on the first tie-break it does not lose. Then the stage warns, and summary.json's
+`warnings` says so.
 
 DDP (`accelerate launch --multi_gpu --num_processes N stages/train.py <cat>`, CPU or GPU): rank 0
 evaluates and makes every decision (best epoch, early stop) and broadcasts it, so the ranks cannot part
@@ -36,6 +45,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -67,7 +77,7 @@ from cliprec.pairs import PairData, load_pairs, prefetch
 from cliprec.params import Params
 from cliprec.paths import ADAPTER_DIR, model_identity
 from cliprec.precision import amp_dtype, autocast, grad_scaler
-from cliprec.provenance import code_identity, library_versions
+from cliprec.provenance import append_run_log, code_identity, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +95,11 @@ TRAIN_LIBRARIES = (
 LOGGED_DIGITS = 4  # significant digits of the DVCLive figures (see `logged`)
 SUMMARY_FILE = "summary.json"
 ALT_VIEW_PROB = 0.5  # an example shows its "alt" photo instead of MAIN this often: cheap augmentation
+MIN_VAL_PAIRS = 100  # below this, val Recall@5 is too coarse to choose an epoch or stop on (module doc)
+RECALL_K = 5  # val Recall@5 decides: a val set of 5 pairs or fewer scores 1.0 whatever the model
+# DVCLive's metrics.json, which `dvc exp show` shows, holds only this (and DVCLive's step): the
+# per-epoch curves are its plots, the rest of the run is in summary.json
+LIVE_SUMMARY = "best_val_recall_at_5"
 
 
 @dataclass(frozen=True)
@@ -293,7 +308,21 @@ def load_checkpoint(checkpoint_dir: Path, fp: str) -> dict[str, Any] | None:
     if state.get("done"):
         log.info("checkpoint %s is of a finished run; training again from scratch", path)
         return None
-    return state
+    return _interned(state)
+
+
+def _interned(obj: Any) -> Any:
+    """`obj` with every dict key interned, as the code's own literal keys are.
+
+    Pickle writes a string once per object: the loaded keys ("epoch", "val_loss", ...) are objects of
+    their own, so without this a resumed run's state.pt pickles them again and differs from an
+    uninterrupted run's, byte for byte, and with it the checkpoint dir's hash in dvc.lock.
+    """
+    if isinstance(obj, dict):
+        return {(sys.intern(k) if isinstance(k, str) else k): _interned(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_interned(v) for v in obj]
+    return obj
 
 
 def _save_checkpoint(checkpoint_dir: Path, state: Mapping[str, Any]) -> None:
@@ -303,7 +332,7 @@ def _save_checkpoint(checkpoint_dir: Path, state: Mapping[str, Any]) -> None:
     os.replace(tmp, checkpoint_dir / STATE_FILE)  # atomic: a kill leaves the old state or the new one
 
 
-def _open_live(live_dir: Path, params: Mapping[str, Any], history: Sequence[Mapping[str, float]], zeroshot):
+def _open_live(live_dir: Path, params: Mapping[str, Any], history: Sequence[Mapping[str, float]]):
     from dvclive import Live  # imported here: only rank 0 needs it, and it is slow to import
     from scmrepo.exceptions import SCMError
 
@@ -313,16 +342,15 @@ def _open_live(live_dir: Path, params: Mapping[str, Any], history: Sequence[Mapp
         raise CliprecError(f"DVCLive cannot start ({e}): make a first `git commit`, then rerun") from e
     live.log_params(dict(params))
     for record in history:
-        _log_epoch(live, record, zeroshot)
+        _log_epoch(live, record)
     return live
 
 
-def _log_epoch(live: Any, record: Mapping[str, Any], zeroshot: Mapping[str, float]) -> None:
+def _log_epoch(live: Any, record: Mapping[str, Any]) -> None:
     live.step = int(record["epoch"]) - 1
     for name in ("train_loss", "val_loss", "val_recall_at_5", "lr"):
         live.log_metric(name, logged(record[name]))
-    live.log_metric("best_val_recall_at_5", logged(record["best_val_recall_at_5"]), plot=False)
-    live.log_metric("zeroshot_val_recall_at_5", logged(zeroshot["val_recall_at_5"]), plot=False)
+    live.summary = {LIVE_SUMMARY: logged(record[LIVE_SUMMARY])}  # DVCLive documents editing its summary
     live.next_step()
 
 
@@ -354,8 +382,15 @@ def train(
     out_dir: str | Path,
     checkpoint_dir: str | Path,
     live_dir: str | Path,
+    *,
+    run_log: str | Path | None = None,
+    lineage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune, resumably; write out_dir/adapter/ (best epoch) + out_dir/summary.json; return the latter."""
+    """Fine-tune, resumably; write out_dir/adapter/ (best epoch) + out_dir/summary.json; return the latter.
+
+    `run_log`, if given, gets a line saying how the run went (`cliprec.provenance.append_run_log`).
+    `lineage` (category, catalog_sha256: what the adapter was trained on) goes into manifest.json.
+    """
     from accelerate import Accelerator
 
     started = time.time()
@@ -374,9 +409,16 @@ def train(
     max_length = text_max_length(model, processor)
     data = load_pairs(products_path, summaries_path, images_dir)
     try:
-        return _train(
-            cfg, acc, model, processor, max_length, data, out_dir, checkpoint_dir, live_dir, started
-        )
+        summary, resumed_from = _train(
+            cfg, acc, model, processor, max_length, data, out_dir, checkpoint_dir, live_dir, started,
+            lineage=lineage or {},
+        )  # fmt: skip
+        if is_main and run_log is not None:
+            run = {"stage": "train", "out": out_dir.as_posix(), "resumed_from_epoch": resumed_from,
+                   "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
+                   "world_size": world, "seconds": round(time.time() - started, 1)}  # fmt: skip
+            append_run_log(run_log, run)
+        return summary
     finally:
         for split in data.values():
             split.close()
@@ -393,7 +435,9 @@ def _train(
     checkpoint_dir: Path,
     live_dir: Path,
     started: float,
-) -> dict[str, Any]:
+    lineage: Mapping[str, Any],
+) -> tuple[dict[str, Any], int | None]:
+    # (summary, the epoch the run resumed after: None from scratch)
     rank, world, device, is_main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
     train_data, val_data = data["train"], data["val"]
     if len(train_data) < 2 * world or len(val_data) == 0:
@@ -404,6 +448,9 @@ def _train(
     total_steps = steps_per_epoch * cfg.epochs
     identity = run_identity()
     fp = fingerprint(cfg, data, world, identity)
+    if is_main:
+        for warning in split_warnings(len(val_data)):  # said before training, and again in summary.json
+            log.warning("train: %s", warning)
 
     torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
     model = add_lora(model, cfg.lora, cfg.train_logit_scale)
@@ -438,7 +485,7 @@ def _train(
     towers = acc.prepare(_Towers(model))  # DDP-wrapped when world > 1
 
     params_log = {**asdict(cfg), "lora": dict(cfg.lora), "world_size": world, "device": device.type}
-    live = _open_live(live_dir, params_log, state["history"], state["zeroshot"]) if is_main else None
+    live = _open_live(live_dir, params_log, state["history"]) if is_main else None
     for epoch in range(state["epoch"], cfg.epochs):
         if state["done"]:
             break
@@ -489,7 +536,7 @@ def _train(
         state.update(epoch=epoch + 1, done=stop or epoch + 1 == cfg.epochs, live_step=epoch + 1)
         rngs = _all_ranks(rng_state(), world)  # each rank has its own dropout stream
         if is_main:
-            _log_epoch(live, record, state["zeroshot"])
+            _log_epoch(live, record)
             _save_checkpoint(checkpoint_dir, {**state, "weights": trainable_state(model),
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "scaler": scaler.state_dict(), "rng": rngs})  # fmt: skip
@@ -505,19 +552,43 @@ def _train(
         out_dir.mkdir(parents=True, exist_ok=True)
         save_adapter(model, adapter_dir)
         summary = _summary(cfg, state, train_data, val_data, batch, steps_per_epoch, device, world)
-        # no wall-clock time in it: the directory is a DVC output, its hash must follow from the inputs
-        summary.update(resumed_from_epoch=resumed_from, **identity)
+        # neither wall-clock time nor the resume in it: the directory is a DVC output, its hash must follow
+        # from the inputs alone (how the run went goes to the log and the run log)
+        summary.update(warnings=split_warnings(len(val_data)), **identity)
         write_json(summary, out_dir / SUMMARY_FILE)
         files = [p.relative_to(out_dir).as_posix() for p in adapter_dir.rglob("*") if p.is_file()]
-        write_manifest(out_dir, [*files, SUMMARY_FILE], {"model": cfg.model})
+        write_manifest(out_dir, [*files, SUMMARY_FILE], {"model": cfg.model, **lineage})
         if summary["adapter_is_identity"]:
-            log.warning("no epoch beat zero-shot on val: the saved adapter is the identity (B = 0)")
+            why = "; the val split is too small to tell them apart (summary.json warnings)"
+            log.warning(
+                "no epoch beat zero-shot on val: the saved adapter is the identity (B = 0)%s",
+                why if summary["warnings"] else "",
+            )
         log.info(
-            "best epoch %d: %s -> %s (%.0f s)",
-            state["best"]["epoch"], _fmt(state["best"]), adapter_dir, time.time() - started,
+            "best epoch %d: %s -> %s (%s, %.0f s)",
+            state["best"]["epoch"], _fmt(state["best"]), adapter_dir,
+            f"resumed after epoch {resumed_from}" if resumed_from is not None else "from scratch",
+            time.time() - started,
         )  # fmt: skip
     acc.wait_for_everyone()
-    return summary if summary is not None else {"rank": rank, "epochs_run": state["epoch"]}
+    return (summary if summary is not None else {"rank": rank, "epochs_run": state["epoch"]}), resumed_from
+
+
+def split_warnings(n_val: int) -> list[str]:
+    """Why the val split is too small to choose the best epoch or stop early on (module doc), or []."""
+    if n_val <= RECALL_K:
+        return [
+            f"only {n_val} val pairs: val Recall@{RECALL_K} is 1.0 for every adapter, so no epoch can be "
+            f"chosen or stopped on and zero-shot (the identity) wins unless an epoch lowers the val loss; "
+            f"use a catalog with at least {MIN_VAL_PAIRS} val products (or a larger split.val)"
+        ]
+    if n_val < MIN_VAL_PAIRS:
+        return [
+            f"only {n_val} val pairs (fewer than {MIN_VAL_PAIRS}): one query moves val Recall@{RECALL_K} by "
+            f"{1 / n_val:.3f}, too coarse to choose the best epoch or stop early on; use a larger catalog or "
+            f"split.val"
+        ]
+    return []
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int) -> tuple[Any, Any]:

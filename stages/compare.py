@@ -1,11 +1,12 @@
-"""Stage `compare`: LoRA minus zero-shot on one category's test queries, paired -> metrics/<cat>/compare.json.
+"""Stage `compare`: LoRA minus zero-shot on one category's test queries, paired.
+
+Writes metrics/<cat>/compare.detail.json (every difference) and compare.json (its headline, a DVC metric).
 
 Usage: python stages/compare.py <category>
 """
 
 from __future__ import annotations
 
-from cliprec import paths
 from cliprec.errors import run_stage
 from cliprec.params import stage_params
 
@@ -15,14 +16,7 @@ def main(argv: list[str]) -> None:
     p, (category,) = stage_params(argv, "python stages/compare.py <category>")
     from cliprec.compare import write_comparison
 
-    write_comparison(
-        paths.ranks_path(category, "lora"),
-        paths.ranks_path(category, "zeroshot"),
-        paths.compare_path(category),
-        resamples=p.evaluate.resamples,
-        confidence=p.evaluate.confidence,
-        seed=p.seed,
-    )
+    write_comparison(category, resamples=p.evaluate.resamples, confidence=p.evaluate.confidence, seed=p.seed)
 
 
 if __name__ == "__main__":

@@ -20,17 +20,20 @@ def main(argv: list[str]) -> None:
     import torch
     from accelerate import Accelerator
 
-    from cliprec.artifacts import verify_files
+    from cliprec.artifacts import catalog_identity, manifest_sha256, verify_artifact
     from cliprec.embed import embed_catalog
     from cliprec.model import load_clip
 
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")  # cpu: gloo under launch
-
     name = p.active.model.name
-    adapter = None
+    # the photos, and the adapter, must be of this category's current catalog
+    lineage = catalog_identity(paths.products_path(category), category)
+    verify_artifact(paths.images_dir(category), lineage)
+    adapter, adapter_sha256 = None, None
     if variant == "lora":
-        verify_files(paths.train_dir(category))
-        adapter = paths.train_dir(category) / paths.ADAPTER_DIR
+        train_dir = paths.train_dir(category)
+        verify_artifact(train_dir, lineage)
+        adapter, adapter_sha256 = train_dir / paths.ADAPTER_DIR, manifest_sha256(train_dir)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")  # cpu: gloo under launch
     model, processor = load_clip(name, adapter=adapter, device=acc.device)
     embed_catalog(
         model,
@@ -41,7 +44,13 @@ def main(argv: list[str]) -> None:
         batch_size=p.embed.batch_size,
         text_weight=p.embed.text_weight,
         amp=p.amp,
-        info={"model": name, "variant": variant, "adapter": adapter.as_posix() if adapter else None},
+        info={
+            "model": name,
+            "variant": variant,
+            "adapter": adapter.as_posix() if adapter else None,
+            **lineage,
+            "adapter_sha256": adapter_sha256,
+        },
         rank=acc.process_index,
         world=acc.num_processes,
         barrier=acc.wait_for_everyone,

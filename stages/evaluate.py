@@ -28,15 +28,10 @@ def main(argv: list[str]) -> None:
         resamples=p.evaluate.resamples,
         confidence=p.evaluate.confidence,
         seed=p.seed,
+        category=category,
+        variant=variant,
     )
-    write_outputs(
-        metrics,
-        curve,
-        ranks,
-        paths.metrics_path(category, variant),
-        paths.recall_plot_path(category, variant),
-        paths.ranks_path(category, variant),
-    )
+    write_outputs(metrics, curve, ranks, category, variant)
 
 
 if __name__ == "__main__":

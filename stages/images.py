@@ -15,7 +15,7 @@ def main(argv: list[str]) -> None:
     p, (category,) = stage_params(argv, "python stages/images.py <category>")
     from cliprec.images import build_images
 
-    build_images(paths.products_path(category), paths.images_dir(category), p.images)
+    build_images(paths.products_path(category), paths.images_dir(category), p.images, category=category)
 
 
 if __name__ == "__main__":

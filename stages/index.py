@@ -23,6 +23,7 @@ def main(argv: list[str]) -> None:
         memory_budget_mb=p.index.memory_budget_mb,
         seed=p.seed,
         variant=variant,
+        category=category,
     )
 
 

@@ -8,14 +8,16 @@ from __future__ import annotations
 from cliprec import paths
 from cliprec.errors import run_stage
 from cliprec.params import stage_params
+from cliprec.sources import check_fingerprint
 
 
 def main(argv: list[str]) -> None:
-    """Validate params, then build the products table of the category given on the command line."""
+    """Validate params and the catalog's fingerprint, then build the category's products table."""
     p, (category,) = stage_params(argv, "python stages/ingest.py <category>")
+    ingest = p.active.ingest
+    check_fingerprint(category, ingest, paths.catalog_source_path(category))
     from cliprec.catalog import build_catalog  # after validation: `datasets` takes seconds to import
 
-    ingest = p.active.ingest
     build_catalog(
         category,
         ingest.source,

@@ -14,8 +14,12 @@ from cliprec.params import stage_params
 def main(argv: list[str]) -> None:
     """Validate params, then train the category given on the command line."""
     p, (category,) = stage_params(argv, "python stages/train.py <category>")
+    from cliprec.artifacts import catalog_identity, verify_artifact
     from cliprec.train import TrainConfig, train  # torch + transformers: seconds, so after validation
 
+    # the catalog and the photos must be this category's, and the photos of this catalog
+    lineage = catalog_identity(paths.products_path(category), category)
+    verify_artifact(paths.images_dir(category), lineage)
     train(
         TrainConfig.from_params(p),
         paths.products_path(category),
@@ -24,6 +28,8 @@ def main(argv: list[str]) -> None:
         paths.train_dir(category),
         paths.checkpoint_dir(category),
         paths.live_dir(category),
+        run_log=paths.run_log_path("train", category),
+        lineage=lineage,
     )
 
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -69,7 +71,21 @@ def test_jsonl_report_counts(jsonl_run):
     assert report["source"] == "jsonl"
     assert report["category"] == "Amazon_Fashion"
     assert report["rows_read"] == 14
-    assert report["dropped"] == {"no_title": 3, "no_image": 2, "duplicate_id": 1, "malformed_line": 2}
+    assert report["dropped"] == {
+        "no_title": 3,
+        "no_image": 2,
+        "duplicate_id": 1,
+        "malformed_line": 2,
+        "invalid_id": 0,
+    }
+    assert [skip["line"] for skip in report["malformed_lines"]] == [5, 14]
+    assert report["invalid_text"] == {
+        "lines": 0,
+        "bytes_replaced": 0,
+        "lone_surrogates_replaced": 0,
+        "first_lines": [],
+    }
+    assert report["prices_unread"] == {"negative": 0, "ambiguous": 0, "not_a_price": 0}
     assert report["kept"] == 6
     assert report["rows_read"] == report["kept"] + sum(report["dropped"].values())
     assert report["n_products"] == 6
@@ -187,7 +203,13 @@ def test_amazon_source_same_call_offline(tmp_path, monkeypatch, jsonl_run):
 
     assert report["source"] == "amazon"
     assert report["rows_read"] == 13
-    assert report["dropped"] == {"no_title": 3, "no_image": 2, "duplicate_id": 1, "malformed_line": 1}
+    assert report["dropped"] == {
+        "no_title": 3,
+        "no_image": 2,
+        "duplicate_id": 1,
+        "malformed_line": 1,
+        "invalid_id": 0,
+    }
     # Same rows as the jsonl source: both go through the same call and normalisation.
     pd.testing.assert_frame_equal(pd.read_parquet(out / "products.parquet"), jsonl_run[1])
 
@@ -230,23 +252,162 @@ def test_bad_configuration_errors(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("value", "price"),
+    ("value", "price", "problem"),
     [
-        (12.99, 12.99),
-        (5, 5.0),
-        ("$12.99", 12.99),
-        ("12.99", 12.99),
-        ("$1,299.00", 1299.0),
-        ("from $9.99 - $19.99", 9.99),
-        ("None", None),
-        ("", None),
-        (None, None),
-        (float("nan"), None),
-        (True, None),
+        (12.99, 12.99, None),
+        (5, 5.0, None),
+        (0, 0.0, None),
+        ("$12.99", 12.99, None),
+        ("12.99", 12.99, None),
+        ("$ 12.99", 12.99, None),
+        ("US$12", 12.0, None),
+        ("£3.50", 3.5, None),
+        ("5 USD", 5.0, None),
+        ("$1,299.00", 1299.0, None),
+        ("$1,299", 1299.0, None),  # a dollar price groups thousands with a comma
+        ("1,299,000", 1299000.0, None),
+        ("€12,50", 12.5, None),  # decimal comma
+        ("12,50 €", 12.5, None),
+        ("1.299,99", 1299.99, None),  # dot groups thousands, comma is the decimal mark
+        ("EUR 1.299,99", 1299.99, None),
+        ("1.299.000 €", 1299000.0, None),
+        ("1 299,99 €", 1299.99, None),
+        ("1\u00a0299,99 €", 1299.99, None),
+        ("$1'299.50", 1299.5, None),
+        ("from $9.99 - $19.99", 9.99, None),  # a range: its lower end
+        ("$9.99-$19.99", 9.99, None),
+        ("9.99 to 19.99", 9.99, None),
+        ("$-5.00", None, "negative"),
+        ("-$5.00", None, "negative"),
+        ("-5", None, "negative"),
+        (-3, None, "negative"),
+        ("1,299", None, "ambiguous"),  # 1299 or 1.299: no currency says which
+        ("1.299", None, "ambiguous"),
+        ("€1,299", None, "ambiguous"),
+        ("1.299.99", None, "not_a_price"),  # separators that do not group thousands
+        ("1,2,3", None, "not_a_price"),
+        ("2 for $10", None, "not_a_price"),
+        ("$12.99/count", None, "not_a_price"),
+        ("Free", None, "not_a_price"),
+        (float("nan"), None, "not_a_price"),
+        (float("inf"), None, "not_a_price"),
+        (True, None, "not_a_price"),
+        ({"amount": 5}, None, "not_a_price"),
+        ("None", None, None),  # no price stated
+        ("", None, None),
+        (None, None, None),
     ],
 )
-def test_parse_price(value, price):
+def test_read_price(value, price, problem):
+    assert catalog.read_price(value) == (price, problem)
     assert parse_price(value) == price
+
+
+def test_unread_prices_are_null_and_counted(tmp_path):
+    good = json.loads(_valid_lines()[0])
+    prices = ["€12,50", "$-5.00", "1.299,99", "1,299", "call us", 7]
+    lines = [{**good, "parent_asin": f"P{i}", "price": v} for i, v in enumerate(prices)]
+    src = tmp_path / "meta_X.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    assert report["prices_unread"] == {"negative": 1, "ambiguous": 1, "not_a_price": 1}
+    df = pd.read_parquet(tmp_path / "out" / "products.parquet")
+    read = {pid: None if pd.isna(v) else v for pid, v in zip(df["id"], df["price"])}
+    assert read == {"P0": 12.5, "P1": None, "P2": 1299.99, "P3": None, "P4": None, "P5": 7.0}
+
+
+def _deep(depth: int) -> dict:
+    value: dict = {"leaf": 1}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+def test_deeply_nested_records_are_malformed_lines_not_a_crash(tmp_path):
+    good = json.loads(_valid_lines()[0])
+    shallow = {**good, "parent_asin": "OK1", "details": {"Care": {"wash": ["hand", {"temp": "30"}]}}}
+    src = tmp_path / "meta_X.jsonl"
+    with open(src, "w") as f:
+        f.write(json.dumps(shallow) + "\n")
+        f.write(json.dumps({**good, "parent_asin": "D70", "details": _deep(70)}) + "\n")
+        for depth in (1_000, 100_000):  # json.dumps cannot write these: build the text
+            opened, closed = '{"a":' * depth, "}" * depth
+            f.write(f'{{"parent_asin": "D{depth}", "details": {opened}1{closed}}}\n')
+        lists = "[" * 5000 + "]" * 5000
+        f.write(f'{{"parent_asin": "L", "features": [{lists}]}}\n')
+    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    assert report["rows_read"] == 5 and report["kept"] == 1
+    assert report["dropped"]["malformed_line"] == 4
+    assert [s["line"] for s in report["malformed_lines"]] == [2, 3, 4, 5]
+    assert all("nests deeper than 64 levels" in s["reason"] for s in report["malformed_lines"])
+    assert catalog.nesting_depth(_deep(100_000)) == 100_000  # measured without recursion
+
+
+def test_deeply_nested_details_from_the_amazon_source_are_malformed_lines(tmp_path):
+    good = json.loads(_valid_lines()[0])
+    raw = tmp_path / "catalog" / "hub" / catalog.AMAZON_META_PATH.format(category="X")
+    raw.parent.mkdir(parents=True)
+    shallow = json.dumps({k: v for k, v in good.items() if k != "details"} | {"parent_asin": "DEEP"})
+    opened, closed = '{"a":' * 1_000, "}" * 1_000
+    deep = shallow[:-1] + f', "details": {opened}1{closed}}}'  # datasets reads it, json.dumps would recurse
+    raw.write_text(json.dumps(good) + "\n" + deep + "\n")
+    report = build_catalog("X", "amazon", tmp_path / "out", hub_root=str(tmp_path / "catalog" / "hub"))
+    assert report["rows_read"] == 2 and report["kept"] == 1 and report["dropped"]["malformed_line"] == 1
+
+
+def test_invalid_utf8_drops_ids_keeps_decodable_text_and_is_counted(tmp_path):
+    good = json.loads(_valid_lines()[0])
+
+    def line(**fields) -> bytes:
+        return json.dumps({**good, **fields}, ensure_ascii=False).encode("utf-8")
+
+    src = tmp_path / "meta_X.jsonl"
+    src.write_bytes(
+        b"\n".join(
+            [
+                line(parent_asin="EUTF8@2").replace(
+                    b"@", b"\xff"
+                ),  # not valid text: dropped, not "EUTF8\ufffd2"
+                line(parent_asin="OK1", title="caf\u00e9 @cr\u00e8me").replace(b"@", b"\xe9\x80"),
+                line(parent_asin="OK2", title="Plain"),
+                json.dumps({**good, "parent_asin": "SUR\ud800"}).encode(),  # a lone surrogate escape
+                json.dumps({**good, "parent_asin": "OK3", "title": "half \udc80 pair"}).encode(),
+            ]
+        )
+        + b"\n"
+    )
+    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    assert report["dropped"]["invalid_id"] == 2 and report["kept"] == 3
+    assert report["invalid_text"] == {
+        "lines": 2,
+        "bytes_replaced": 3,
+        "lone_surrogates_replaced": 2,
+        "first_lines": [1, 2],
+    }
+    df = pd.read_parquet(tmp_path / "out" / "products.parquet").set_index("id")
+    assert sorted(df.index) == ["OK1", "OK2", "OK3"]
+    assert df.loc["OK1", "title"] == "café crème"  # what was decodable, the bad bytes left out
+    assert df.loc["OK3", "title"] == "half pair"
+
+
+def test_one_warning_per_stage_details_in_the_report_and_the_debug_log(tmp_path, caplog):
+    src = tmp_path / "meta_X.jsonl"
+    src.write_text("\n".join([_valid_lines()[0], "{broken", "[1]", "{also broken"]) + "\n")
+    with caplog.at_level(logging.DEBUG, logger="cliprec.catalog"):
+        report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"ingest X: skipped 3 malformed lines: see {tmp_path / 'out' / 'report.json'}"]
+    debug = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.DEBUG and ": line skipped" in r.getMessage()
+    ]
+    assert len(debug) == 3 and debug[1].startswith(f"{src}:3: line skipped: not a JSON object")
+    assert [(s["line"], s["reason"][:16]) for s in report["malformed_lines"]] == [
+        (2, "malformed JSON ("),
+        (3, "not a JSON objec"),
+        (4, "malformed JSON ("),
+    ]
 
 
 def test_choose_images():
@@ -403,6 +564,9 @@ def test_sampled_catalog_is_byte_identical_and_input_order_free(tmp_path):
     a = (tmp_path / "a" / "products.parquet").read_bytes()
     assert a == (tmp_path / "b" / "products.parquet").read_bytes()
     assert a == (tmp_path / "c" / "products.parquet").read_bytes()
+    # the report names the skipped lines by their line numbers, which follow the input order
+    assert [s["line"] for s in r1.pop("malformed_lines")] == [12]
+    assert [s["line"] for s in r3.pop("malformed_lines")] == [1]
     assert r1 == r3 and r1["n_products"] == 3 and r1["kept"] == 6
     df = pd.read_parquet(tmp_path / "a" / "products.parquet")
     assert list(df["id"]) == sample_ids(KEPT, 3, seed=7)
@@ -446,8 +610,8 @@ def test_amazon_schema_mismatch_is_a_clear_error(tmp_path, monkeypatch):
         build_catalog("Amazon_Fashion", "amazon", tmp_path / "out")
 
 
-def test_ingest_stage_wiring(tmp_path, monkeypatch):
-    """stages/ingest.py reads params.yaml in the cwd and writes data/ingest/<category>/."""
+def test_catalog_and_ingest_stage_wiring(tmp_path, monkeypatch):
+    """stages/catalog.py fingerprints the category's file; stages/ingest.py checks it, writes data/ingest/."""
     import runpy
 
     import yaml
@@ -460,12 +624,51 @@ def test_ingest_stage_wiring(tmp_path, monkeypatch):
         "n_products": 5,
         "hub_root": None,
     }
-    stage = Path("stages/ingest.py").resolve()
+    catalog_stage, ingest_stage = (Path(f"stages/{s}.py").resolve() for s in ("catalog", "ingest"))
     (tmp_path / "catalog").mkdir()
     shutil.copy(FIXTURE, tmp_path / "catalog" / FIXTURE.name)
+    digest, line = hashlib.sha256(FIXTURE.read_bytes()).hexdigest(), _valid_lines()[0]
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    runpy.run_path(str(stage), run_name="stage")["main"](["Amazon_Fashion"])
+    runpy.run_path(str(catalog_stage), run_name="stage")["main"](["Amazon_Fashion"])
+    source = json.loads(Path("data/catalog/Amazon_Fashion/source.json").read_text())
+    assert source == {
+        "source": "jsonl",
+        "file": "catalog/meta_Amazon_Fashion.jsonl",
+        "sha256": digest,
+    }
+    ingest = runpy.run_path(str(ingest_stage), run_name="stage")["main"]
+    ingest(["Amazon_Fashion"])
     report = json.loads(Path("data/ingest/Amazon_Fashion/report.json").read_text())
     assert report["n_products"] == 5 and report["kept"] == 6 and report["source"] == "jsonl"
     assert len(pd.read_parquet("data/ingest/Amazon_Fashion/products.parquet")) == 5
+
+    with open("catalog/meta_Amazon_Fashion.jsonl", "a") as f:  # edited after the catalog stage ran
+        f.write(line + "\n")
+    with pytest.raises(
+        CliprecError, match="the catalog changed since .* run `dvc repro ingest@Amazon_Fashion`"
+    ):
+        ingest(["Amazon_Fashion"])
+
+
+def test_fingerprints_of_each_source(tmp_path, monkeypatch):
+    from types import SimpleNamespace as Ingest
+
+    from cliprec.sources import check_fingerprint, fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    hub_file = Path("catalog/hub/raw/meta_categories/meta_Appliances.jsonl")
+    hub_file.parent.mkdir(parents=True)
+    hub_file.write_text("{}\n")
+    assert fingerprint("Appliances", Ingest(source="synthetic", path=None, hub_root=None)) == {
+        "source": "synthetic",
+        "file": None,
+        "sha256": None,
+    }
+    assert fingerprint("Appliances", Ingest(source="amazon", path=None, hub_root=None))["file"] is None
+    found = fingerprint("Appliances", Ingest(source="amazon", path=None, hub_root="catalog/hub"))
+    assert found["file"] == hub_file.as_posix() and found["sha256"] == hashlib.sha256(b"{}\n").hexdigest()
+    jsonl = Ingest(source="jsonl", path="catalog/meta_{category}.jsonl", hub_root=None)
+    check_fingerprint("Appliances", jsonl, Path("data/none.json"))  # run by hand, outside DVC: no check
+    with pytest.raises(CliprecError, match="catalog file catalog/meta_Appliances.jsonl does not exist"):
+        fingerprint("Appliances", Ingest(source="jsonl", path="catalog/meta_{category}.jsonl", hub_root=None))

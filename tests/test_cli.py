@@ -131,6 +131,20 @@ def test_corrupted_index(project, tmp_path, capsys):
     one_line_error(capsys, "sha256")
 
 
+def test_an_index_of_the_other_variant(project, tmp_path, capsys):
+    # a directory copied whole (manifest and bytes intact) from the zero-shot variant: once answered, exit 0
+    swapped = tmp_path / "swapped"
+    shutil.copytree(project, swapped)
+    shutil.rmtree(swapped / paths.index_dir(CAT, "lora"))
+    shutil.copytree(project / paths.index_dir(CAT, "zeroshot"), swapped / paths.index_dir(CAT, "lora"))
+    assert cli(swapped, "--product", "P0000") == 2
+    one_line_error(
+        capsys,
+        f"data/index/{CAT}/lora/manifest.json was built for variant zeroshot, not lora: rebuild it with "
+        f"`dvc repro index@{CAT}-lora`",
+    )
+
+
 def test_console_script_reports_errors_without_traceback(project):
     exe = shutil.which("cliprec")
     cmd = [exe] if exe else [sys.executable, "-m", "cliprec.cli"]

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from cliprec import paths
 from cliprec.compare import UnpairedTestSets, compare_ranks, unpaired_reason, write_comparison
 from cliprec.evaluate import gallery_digest
 from cliprec.metrics import metrics_from_ranks
@@ -49,12 +50,16 @@ def test_comparison_pairs_queries_and_means_match_the_metrics():
 
 
 def test_write_comparison(tmp_path):
-    (tmp_path / "lora.ranks.json").write_text(json.dumps(ranks_doc([1, 1, 2, 3] * 20)))
-    (tmp_path / "zeroshot.ranks.json").write_text(json.dumps(ranks_doc([4, 9, 2, 30] * 20)))
-    doc = write_comparison(
-        tmp_path / "lora.ranks.json", tmp_path / "zeroshot.ranks.json", tmp_path / "compare.json", 2000
-    )
-    assert json.loads((tmp_path / "compare.json").read_text()) == doc
+    cat = "Appliances"
+    (tmp_path / paths.ranks_path(cat, "lora")).parent.mkdir(parents=True)
+    (tmp_path / paths.ranks_path(cat, "lora")).write_text(json.dumps(ranks_doc([1, 1, 2, 3] * 20)))
+    (tmp_path / paths.ranks_path(cat, "zeroshot")).write_text(json.dumps(ranks_doc([4, 9, 2, 30] * 20)))
+    doc = write_comparison(cat, 2000, root=tmp_path)
+    assert json.loads((tmp_path / paths.compare_detail_path(cat)).read_text()) == doc
     r5 = doc["lora_minus_zeroshot"]["text_to_image"]["recall_at_5"]
     assert r5["value"] == 0.5 and r5["p_value"] < 0.001 and r5["ci_low"] > 0
     assert set(r5) >= {"value", "ci_low", "ci_high", "p_value", "better", "worse", "min_detectable"}
+    assert set(doc["lora_minus_zeroshot"]["text_to_image"]) > {"recall_at_5", "mrr", "ndcg_at_10"}
+    # the DVC metrics file: the headline difference and its p-value, two short columns in `dvc exp show`
+    shown = json.loads((tmp_path / paths.compare_path(cat)).read_text())
+    assert shown == {cat: {"lora_gain_t2i_r5": 0.5, "lora_gain_t2i_r5_p": r5["p_value"]}}

@@ -33,6 +33,9 @@ MANIFEST_KEYS = {
     "dtype",
     "amp",
     "device",
+    "category",
+    "catalog_sha256",
+    "adapter_sha256",
     "files",
 }
 
@@ -147,12 +150,44 @@ def test_stages_train_then_embed_zeroshot_and_lora(project, monkeypatch):
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["variant"] == variant and manifest["model"] == "models/tiny-clip"
         assert (manifest["adapter"] is None) == (variant == "zeroshot")
+        assert manifest["category"] == CAT and manifest["catalog_sha256"] is not None
+        assert (manifest["adapter_sha256"] is None) == (variant == "zeroshot")
         vectors[variant] = {name: np.load(out / f"{name}.npy") for name in ("image", "text")}
         zeroshot_ids = project / paths.embed_dir(CAT, "zeroshot") / "ids.txt"
         assert (out / "ids.txt").read_text() == zeroshot_ids.read_text()
     for name in ("image", "text"):
         diff = np.abs(vectors["lora"][name] - vectors["zeroshot"][name]).max()
         assert diff > 1e-3, name  # the trained adapter is applied
+
+
+def _stage_error(project, monkeypatch, capsys, *argv) -> str:
+    """The one line a stage prints for a user error (exit 2)."""
+    with pytest.raises(SystemExit) as stop:
+        _stage(project, monkeypatch, *argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0].removeprefix("error: ")
+
+
+def test_the_embed_stage_refuses_another_categorys_adapter_or_photos(project, monkeypatch, capsys, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns("embed"))
+    if not (root / paths.train_dir(CAT) / "manifest.json").is_file():
+        _stage(root, monkeypatch, "stages/train.py", CAT)
+    for directory in (paths.train_dir(CAT), paths.images_dir(CAT)):  # as if copied from category Other
+        manifest = json.loads((root / directory / "manifest.json").read_text())
+        (root / directory / "manifest.json").write_text(json.dumps({**manifest, "category": "Other"}))
+    assert _stage_error(root, monkeypatch, capsys, "stages/embed.py", CAT, "zeroshot") == (
+        f"{paths.images_dir(CAT)}/manifest.json was built for category Other, not {CAT}: rebuild it with "
+        f"`dvc repro images@{CAT}`"
+    )
+    shutil.copy(project / paths.images_dir(CAT) / "manifest.json", root / paths.images_dir(CAT))
+    assert _stage_error(root, monkeypatch, capsys, "stages/embed.py", CAT, "lora") == (
+        f"{paths.train_dir(CAT)}/manifest.json was built for category Other, not {CAT}: rebuild it with "
+        f"`dvc repro train@{CAT}`"
+    )
+    assert not (root / paths.embed_dir(CAT, "lora")).exists()
 
 
 @pytest.mark.slow  # ~20 s: two fresh processes import torch + transformers

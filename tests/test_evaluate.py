@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 from cliprec import paths
-from cliprec.artifacts import ArtifactError, write_manifest
+from cliprec.artifacts import ArtifactError, catalog_identity, write_manifest
 from cliprec.embed import fuse
 from cliprec.errors import CliprecError
-from cliprec.evaluate import MODES, evaluate, exact_topk, gallery_digest, write_outputs
+from cliprec.evaluate import MODES, evaluate, exact_topk, gallery_digest, headline, write_outputs
 from cliprec.index import IndexIntegrityError, build_from_embeddings
 from cliprec.metrics import metrics_from_ranks
 
@@ -39,6 +39,7 @@ def make_fixture(
     alt_noise: float = 0.0,
     factory: str = "Flat",
     model: str = "tiny",
+    category: str = "Cat",
 ) -> dict:
     """products.parquet + an embed dir + its index. Every 3rd product is test; product 2 (test) has no
     embedding; every other product has an alt image."""
@@ -48,6 +49,7 @@ def make_fixture(
     pd.DataFrame({"id": ids, "title": [f"thing {i}" for i in range(n)], "split": split}).to_parquet(
         root / "products.parquet"
     )
+    write_manifest(root, ["products.parquet"], {"category": category})  # as ingest does
     text = unit(rng.standard_normal((n, D)))
     image = text[rng.permutation(n)] if shuffle_images else text.copy()
     emb_ids = [pid for i, pid in enumerate(ids) if i != 2]  # product 2 failed its image download
@@ -64,7 +66,8 @@ def make_fixture(
     np.save(e / "fused.npy", fuse(text, image, 0.5))
     np.save(e / "alt_image.npy", alt_image)
     files = ["ids.txt", "alt_ids.txt", "text.npy", "image.npy", "fused.npy", "alt_image.npy"]
-    write_manifest(e, files, {"model": model, "variant": "lora", "d": D, "n": len(emb_ids)})
+    lineage = catalog_identity(root / "products.parquet")
+    write_manifest(e, files, {"model": model, "variant": "lora", "d": D, "n": len(emb_ids), **lineage})
     build_from_embeddings(e, root / "index", factory=factory, memory_budget_mb=64, variant="lora")
     return {"products": root / "products.parquet", "embed": e, "index": root / "index", "ids": emb_ids}
 
@@ -194,7 +197,9 @@ def test_stale_or_foreign_index_is_refused(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     fx2 = make_fixture(other, n=90)
-    with pytest.raises(ValueError, match="other embeddings"):
+    with pytest.raises(
+        ArtifactError, match="other/index/manifest.json was not built from the current catalog"
+    ):
         evaluate(fx["products"], fx["embed"], fx2["index"])
     fx3_dir = tmp_path / "m"
     fx3_dir.mkdir()
@@ -203,9 +208,28 @@ def test_stale_or_foreign_index_is_refused(tmp_path):
         evaluate(fx["products"], fx["embed"], fx3["index"])
 
 
+def test_another_category_or_variant_is_refused(tmp_path):
+    fx = make_fixture(tmp_path)
+    with pytest.raises(
+        ArtifactError, match=f"{tmp_path}/manifest.json was built for category Cat, not Other"
+    ):
+        run(fx, category="Other")
+    with pytest.raises(ArtifactError, match="embed/manifest.json was built for variant lora, not zeroshot"):
+        run(fx, category="Cat", variant="zeroshot")
+    # re-embedded since the index was built (same catalog, same ids): the index holds other vectors
+    embed = json.loads((fx["embed"] / "manifest.json").read_text())
+    write_manifest(fx["embed"], embed["files"], {**embed, "text_weight": 0.7})
+    with pytest.raises(ArtifactError, match="index/manifest.json was not built from the current embeddings"):
+        run(fx)
+
+
 def test_no_test_products_is_a_clear_error(tmp_path):
     fx = make_fixture(tmp_path)
     pd.DataFrame({"id": ["P0000"], "split": ["train"]}).to_parquet(fx["products"])
+    write_manifest(tmp_path, ["products.parquet"], {"category": "Cat"})
+    embed = json.loads((fx["embed"] / "manifest.json").read_text())
+    restamped = {**embed, **catalog_identity(fx["products"])}  # as if embedded from this catalog
+    write_manifest(fx["embed"], embed["files"], restamped)
     with pytest.raises(CliprecError, match="no test product"):
         run(fx)
 
@@ -213,17 +237,15 @@ def test_no_test_products_is_a_clear_error(tmp_path):
 def test_outputs_are_dvc_friendly(tmp_path):
     fx = make_fixture(tmp_path)
     metrics, curve, ranks = run(fx)
-    write_outputs(
-        metrics,
-        curve,
-        ranks,
-        tmp_path / "m" / "lora.json",
-        tmp_path / "m" / "plots" / "r.json",
-        tmp_path / "r",
-    )
-    assert json.loads((tmp_path / "r").read_text()) == ranks
-    saved = json.loads((tmp_path / "m" / "lora.json").read_text())
+    cat = "Amazon_Fashion"
+    write_outputs(metrics, curve, ranks, cat, "lora", root=tmp_path)
+    assert json.loads((tmp_path / paths.ranks_path(cat, "lora")).read_text()) == ranks
+    saved = json.loads((tmp_path / paths.metrics_detail_path(cat, "lora")).read_text())
     assert saved == metrics
+    # the DVC metrics file: one headline column for `dvc exp show`, under a key no other metrics file has
+    # (DVC heads it with the key alone), the same value, no CI
+    shown = json.loads((tmp_path / paths.metrics_path(cat, "lora")).read_text())
+    assert shown == {cat: {"lora_t2i_r5": metrics["text_to_image"]["recall_at_5"]}}
 
     def leaves(d, prefix=""):
         for k, v in d.items():
@@ -234,26 +256,28 @@ def test_outputs_are_dvc_friendly(tmp_path):
                 yield f"{prefix}{k}", v
 
     assert all(isinstance(v, int | float) and not isinstance(v, bool) for _, v in leaves(saved))
-    plot = json.loads((tmp_path / "m" / "plots" / "r.json").read_text())
+    plot = json.loads((tmp_path / paths.recall_plot_path(cat, "lora")).read_text())
     assert plot == curve and set(plot[0]) == {"k", *MODES}
     with pytest.raises(ValueError, match="dot"):
-        write_outputs({"a.b": 1}, [], {}, tmp_path / "x.json", tmp_path / "y.json", tmp_path / "z.json")
+        write_outputs({"a.b": 1}, [], {}, cat, "lora", root=tmp_path / "dotted")
 
 
 def test_stages_write_the_paths_dvc_expects(tmp_path, monkeypatch):
     """stages/index.py + stages/evaluate.py in a fake project (cwd = project root, as under dvc repro)."""
     cat = "Amazon_Fashion"
-    fx = make_fixture(tmp_path)
+    fx = make_fixture(tmp_path, category=cat)
     monkeypatch.chdir(tmp_path)
     shutil.copy(REPO / "params.yaml", "params.yaml")
     paths.products_path(cat).parent.mkdir(parents=True)
     shutil.copy(fx["products"], paths.products_path(cat))
+    shutil.copy(tmp_path / "manifest.json", paths.ingest_dir(cat) / "manifest.json")
     paths.embed_dir(cat, "lora").parent.mkdir(parents=True)
     shutil.copytree(fx["embed"], paths.embed_dir(cat, "lora"))
     runpy.run_path(str(REPO / "stages" / "index.py"))["main"]([cat, "lora"])
     runpy.run_path(str(REPO / "stages" / "evaluate.py"))["main"]([cat, "lora"])
-    metrics = json.loads(paths.metrics_path(cat, "lora").read_text())
-    assert metrics["text_to_image"]["recall_at_1"] == 1.0
+    metrics = json.loads(paths.metrics_detail_path(cat, "lora").read_text())
+    assert metrics["text_to_image"]["recall_at_1"] == 1.0 and "ci95" in metrics["text_to_image"]
+    assert json.loads(paths.metrics_path(cat, "lora").read_text()) == headline(metrics, cat, "lora")
     assert len(json.loads(paths.recall_plot_path(cat, "lora").read_text())) == 10
     manifest = json.loads((paths.index_dir(cat, "lora") / "manifest.json").read_text())
     assert manifest["factory"]["requested"] == "auto" and manifest["factory"]["resolved"] == "Flat"
@@ -272,6 +296,7 @@ def test_other_ks(tmp_path):
     fx = make_fixture(tmp_path)
     metrics, curve, _ = evaluate(fx["products"], fx["embed"], fx["index"], ks=(1, 3))
     assert {k for k in metrics["image_to_text"] if k.startswith("recall")} == {"recall_at_1", "recall_at_3"}
+    assert headline(metrics, "Appliances", "zeroshot") == {}  # no R@5 to show
     assert len(curve) == 10  # the plot always covers k = 1..10
 
 
@@ -284,6 +309,7 @@ def test_gallery_photo_ties_are_counted(tmp_path):
     np.save(fx["embed"] / "image.npy", image)
     files = ["ids.txt", "alt_ids.txt", "text.npy", "image.npy", "fused.npy", "alt_image.npy"]
     write_manifest(fx["embed"], files, json.loads((fx["embed"] / "manifest.json").read_text()))
+    build_from_embeddings(fx["embed"], fx["index"], factory="Flat", variant="lora")  # as the stages would
     metrics, _, _ = run(fx)
     assert metrics["catalog"]["gallery_photo_ties"] == 3
     assert metrics["image_to_text"]["recall_at_1"] < 1.0  # the tie costs them their first place

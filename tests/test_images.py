@@ -25,8 +25,8 @@ import yaml
 from PIL import Image, features
 
 import cliprec.images as ci
-from cliprec.artifacts import ArtifactError
-from cliprec.errors import CliprecError
+from cliprec.artifacts import ArtifactError, sha256_file, write_manifest
+from cliprec.errors import CliprecError, run_stage
 from cliprec.images import (
     build_image_shards,
     decode_jpeg,
@@ -800,7 +800,7 @@ def test_all_failed_is_a_clear_error_after_writing_the_report(tmp_path):
     assert list_shards(tmp_path) == []
 
 
-def test_stage_main_wiring(tmp_path, monkeypatch):
+def test_stage_main_wiring(tmp_path, monkeypatch, capsys):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["images"]["workers"] = 2
     params["categories"] = ["Cat"]
@@ -811,6 +811,7 @@ def test_stage_main_wiring(tmp_path, monkeypatch):
     products_frame({"A": ["data/ingest/Cat/raw/a.jpg"]}).assign(title="t").to_parquet(
         cat_dir / "products.parquet"
     )
+    write_manifest(cat_dir, ["products.parquet"], {"category": "Cat"})  # as ingest does
     monkeypatch.chdir(tmp_path)
     spec = importlib.util.spec_from_file_location("stage_images", REPO / "stages" / "images.py")
     stage = importlib.util.module_from_spec(spec)
@@ -819,6 +820,20 @@ def test_stage_main_wiring(tmp_path, monkeypatch):
     out = tmp_path / "data" / "images" / "Cat"
     assert json.loads((out / "report.json").read_text())["products_with_image"] == 1
     assert list(read_image_table(out).id) == ["A"]
+    manifest = json.loads((out / "manifest.json").read_text())  # what the photos are of, for their readers
+    assert manifest["category"] == "Cat"
+    assert manifest["catalog_sha256"] == sha256_file(cat_dir / "products.parquet")
+    # a truncated products.parquet: one line naming it and the rebuild, not pyarrow's ArrowInvalid traceback
+    capsys.readouterr()  # the first run's progress bar
+    data = (cat_dir / "products.parquet").read_bytes()
+    (cat_dir / "products.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit) as stop:
+        run_stage(stage.main, ["Cat"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: data/ingest/Cat/products.parquet has {len(data) // 2} bytes, its manifest says {len(data)} "
+        "(truncated or replaced): rebuild it with `dvc repro ingest@Cat`\n"
+    )
 
 
 def test_a_photo_copy_never_sits_in_two_splits(tmp_path):

@@ -194,12 +194,31 @@ def test_gpu_request_without_gpu_falls_back_to_cpu(caplog):
 def test_factory_typo_is_a_clear_error():
     with pytest.raises(ValueError, match="factory 'HNSWx'"):
         build_index(clustered(50), "HNSWx")
-    with pytest.raises(
-        CliprecError, match="cannot train on 100 vectors.*at least as large as number of clusters"
-    ):
-        build_index(clustered(100), "IVF1024,PQ4")  # a study-sized factory on a demo-sized catalog
     with pytest.raises(ValueError, match="no vectors"):
         build_index(np.zeros((0, 16), np.float32), "Flat")
+
+
+@pytest.mark.parametrize(
+    ("factory", "what"),
+    [
+        (
+            "IVF1024,PQ4",
+            "its 1024 inverted lists need at least 1024",
+        ),  # a study-sized factory, a tiny catalog
+        ("PQ8", "its PQ's 256 centroids per sub-quantizer need at least 256"),
+        ("IVF16,PQ8x4fs,RFlat", None),  # 16 lists and 16 centroids: 100 vectors do
+    ],
+)
+def test_a_factory_that_needs_more_vectors_than_there_are(factory, what):
+    if what is None:
+        assert build_index(clustered(100), factory)[0].ntotal == 100
+        return
+    with pytest.raises(CliprecError) as e:  # before FAISS's own error, which does not name the setting
+        build_index(clustered(100), factory)
+    assert str(e.value) == (
+        f"index.factory = {factory!r}: {what} vectors to train, but there are only 100 to index; use `auto` "
+        "or a factory with fewer IVF lists or PQ bits"
+    )
 
 
 # --- integrity ------------------------------------------------------------------------------------------
@@ -267,7 +286,7 @@ def test_wrong_dimension(saved):
 def test_wrong_model_and_variant(saved):
     with pytest.raises(IndexIntegrityError, match="model 'models/demo-clip', expected 'openai/clip"):
         load_index(saved, expect_model="openai/clip-vit-base-patch32")
-    with pytest.raises(IndexIntegrityError, match="variant 'lora', expected 'zeroshot'"):
+    with pytest.raises(ArtifactError, match="manifest.json was built for variant lora, not zeroshot"):
         load_index(saved, expect_variant="zeroshot")
 
 
@@ -300,13 +319,12 @@ def test_save_rejects_ids_count_mismatch(tmp_path):
 # --- the stage function ---------------------------------------------------------------------------------
 
 
-def write_embed_dir(path, x, ids, model="models/demo-clip"):
+def write_embed_dir(path, x, ids, model="models/demo-clip", **lineage):
     path.mkdir(parents=True)
     np.save(path / "fused.npy", x)
     (path / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
-    write_manifest(
-        path, ["fused.npy", "ids.txt"], {"model": model, "variant": "lora", "adapter": "a", "d": 16}
-    )
+    info = {"model": model, "variant": "lora", "adapter": "a", "d": 16, **lineage}
+    write_manifest(path, ["fused.npy", "ids.txt"], info)
 
 
 def test_build_from_embeddings(tmp_path):
@@ -331,11 +349,31 @@ def test_build_from_embeddings_rejects_bad_input(tmp_path):
         build_from_embeddings(tmp_path / "none", tmp_path / "index")
     x = clustered(5)
     write_embed_dir(tmp_path / "dup", x, ["a", "b", "c", "d", "a"])
-    with pytest.raises(ValueError, match="duplicate"):
+    with pytest.raises(ArtifactError, match="duplicate"):
         build_from_embeddings(tmp_path / "dup", tmp_path / "index")
     write_embed_dir(tmp_path / "zs", x, ["a", "b", "c", "d", "e"])
-    with pytest.raises(ValueError, match="variant 'lora', not 'zeroshot'"):
+    with pytest.raises(ArtifactError, match="zs/manifest.json was built for variant lora, not zeroshot"):
         build_from_embeddings(tmp_path / "zs", tmp_path / "index", variant="zeroshot")
     write_embed_dir(tmp_path / "short", x, ["a", "b"])
-    with pytest.raises(ValueError, match="2 ids but 5"):
+    with pytest.raises(ArtifactError, match="2 ids but 5"):
         build_from_embeddings(tmp_path / "short", tmp_path / "index")
+
+
+def test_the_index_records_and_checks_what_it_was_built_from(tmp_path):
+    lineage = {"category": "Appliances", "catalog_sha256": "c" * 64, "adapter_sha256": "a" * 64}
+    embed = tmp_path / "data" / "embed" / "Amazon_Fashion" / "lora"
+    write_embed_dir(embed, clustered(50), ids_for(50), **lineage)  # copied from the other category
+    with pytest.raises(ArtifactError) as e:
+        build_from_embeddings(embed, tmp_path / "index", variant="lora", category="Amazon_Fashion")
+    assert str(e.value) == (
+        f"{embed}/manifest.json was built for category Appliances, not Amazon_Fashion: rebuild it with "
+        "`dvc repro embed_lora@Amazon_Fashion`"
+    )
+    manifest = build_from_embeddings(embed, tmp_path / "index", variant="lora", category="Appliances")
+    assert {k: manifest[k] for k in lineage} == lineage
+    assert manifest["embeddings_sha256"] == sha256_file(embed / "manifest.json")
+    load_index(tmp_path / "index", expect={"category": "Appliances", "catalog_sha256": "c" * 64})
+    with pytest.raises(ArtifactError, match="index/manifest.json was built for category Appliances, not Bo"):
+        load_index(tmp_path / "index", expect={"category": "Bo"})
+    with pytest.raises(ArtifactError, match=r"was not built from the current catalog \(products.parquet\)"):
+        load_index(tmp_path / "index", expect={"catalog_sha256": "d" * 64})

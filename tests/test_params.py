@@ -99,6 +99,18 @@ def test_no_param_is_named_what_dvcs_run_cache_ignores():
             lambda r: r["index"].update(factory="IVF64,PQ7"),
             "index.factory = 'IVF64,PQ7': FAISS cannot build it for the 128-d vectors of setup 'demo'",
         ),
+        (  # FAISS builds it, but cannot train it: more lists than the setup has products (vectors)
+            lambda r: r["index"].update(factory="IVF99999,Flat"),
+            "index.factory = 'IVF99999,Flat': its 99999 inverted lists need at least 99999 vectors to train, "
+            "but setup 'demo' indexes at most 1800 (setups.demo.ingest.n_products)",
+        ),
+        (
+            lambda r: r["index"].update(
+                factory="IVF4096,Flat"
+            ),  # the demo's 1,800 are too few, the study's not
+            "index.factory = 'IVF4096,Flat': its 4096 inverted lists need at least 4096 vectors to train, "
+            "but setup 'demo' indexes at most 1800",
+        ),
         (
             lambda r: r["setups"]["demo"]["ingest"].update(source="jsonl", path="my/meta_{category}.jsonl"),
             "setups.demo.ingest: path 'my/meta_{category}.jsonl' must be a file under catalog/",
@@ -114,6 +126,18 @@ def test_bad_values_are_one_line_naming_key_value_and_what_is_allowed(tmp_path, 
         load_params(write(tmp_path, change))
     text = str(e.value)
     assert "\n" not in text and text.startswith(f"{tmp_path / 'params.yaml'}: ") and message in text, text
+
+
+def test_index_factory_is_checked_against_the_products_a_setup_can_have(tmp_path):
+    assert load_params(write(tmp_path, lambda r: r["index"].update(factory="IVF1024,Flat"))).index.factory
+
+    def unbounded(r):  # no n_products: any count is possible, so only the index stage can tell
+        r["index"].update(factory="IVF99999,Flat")
+        for setup in r["setups"].values():
+            setup["ingest"]["n_products"] = None
+        r["setups"]["demo"]["ingest"].update(source="jsonl", path="catalog/meta_{category}.jsonl")
+
+    assert load_params(write(tmp_path, unbounded)).index.factory == "IVF99999,Flat"
 
 
 def test_a_missing_or_broken_file_is_a_params_error(tmp_path):

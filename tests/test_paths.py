@@ -26,6 +26,7 @@ def _fill(template: str, category: str, variant: str | None = None) -> str:
 def test_stage_outputs_match_paths():
     cat = "Amazon_Fashion"
     expected = {
+        "catalog": {paths.catalog_source_path(cat)},
         "ingest": {paths.ingest_dir(cat)},
         "summarize": {paths.summaries_dir(cat), paths.summarize_progress_dir(cat)},
         "images": {paths.images_dir(cat)},
@@ -44,10 +45,14 @@ def test_stage_outputs_match_paths():
         assert {Path(_fill(o, cat, variant)) for o in _outs("index")} == {paths.index_dir(cat, variant)}
         assert {Path(_fill(o, cat, variant)) for o in _outs("evaluate")} == {
             paths.metrics_path(cat, variant),
+            paths.metrics_detail_path(cat, variant),
             paths.recall_plot_path(cat, variant),
             paths.ranks_path(cat, variant),
         }
-    assert {Path(_fill(o, cat)) for o in _outs("compare")} == {paths.compare_path(cat)}
+    assert {Path(_fill(o, cat)) for o in _outs("compare")} == {
+        paths.compare_path(cat),
+        paths.compare_detail_path(cat),
+    }
 
 
 def test_every_stage_script_exists():

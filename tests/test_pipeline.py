@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -93,9 +94,55 @@ def test_forced_rerun_trains_again_and_reproduces_bit_for_bit(project, tmp_path)
     out = sh("dvc", "repro", "-f", "-s", f"train@{CAT}", cwd=root)
     assert "resuming" not in out and "finished run; training again" in out
     summary = json.loads((root / paths.train_dir(CAT) / "summary.json").read_text())
-    assert summary["resumed_from_epoch"] is None and summary["epochs_run"] == 1
+    assert summary["epochs_run"] == 1 and "resumed_from_epoch" not in summary
+    run = json.loads((root / paths.run_log_path("train", CAT)).read_text().splitlines()[-1])
+    assert run["resumed_from_epoch"] is None  # how the run went: logged outside the DVC outputs
     assert outs_of(root) == outs  # the same adapter, checkpoint, metrics and curves, bit for bit
     assert sh("git", "status", "--porcelain", "--", "metrics", cwd=root) == ""
+
+
+# A stage killed after `after` of its checkpoints (summarize: chunks, train: optimizer steps): the stage's
+# own command, run outside DVC, dies as `kill -9` would once that much is on disk.
+KILLED_STAGE = """
+import os, runpy, sys
+sys.path[0] = "stages"  # as `python stages/<stage>.py`: the cliprec that DVC's run of the stage imports
+import cliprec.summarize as summarize, cliprec.train as train
+stage, after = sys.argv[1], int(sys.argv[2])
+module, name = (summarize, "_write_chunk") if stage == "summarize" else (train, "_train_step")
+real, calls = getattr(module, name), []
+def dying(*args, **kwargs):
+    if len(calls) == after:
+        os._exit(137)
+    calls.append(1)
+    return real(*args, **kwargs)
+setattr(module, name, dying)
+sys.argv = [f"stages/{stage}.py", sys.argv[3]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_killed_and_resumed_run_leaves_the_same_dvc_lock(project, tmp_path):
+    # 3 summarize chunks and 2 epochs of 2 steps: killed after 2 chunks, and in the first step of epoch 2
+    def more_to_resume(raw: dict) -> None:
+        raw["epochs"] = 2
+        raw["setups"]["demo"]["summarize"]["chunk_size"] = 20
+
+    locks, runs = {}, {}
+    for how in ("whole", "killed"):
+        root = tmp_path / how
+        shutil.copytree(project, root, symlinks=True)
+        edit_params(root, more_to_resume)
+        for stage, after in (("summarize", 2), ("train", 3)):
+            if how == "killed":
+                done = subprocess.run([sys.executable, "-c", KILLED_STAGE, stage, str(after), CAT], cwd=root)
+                assert done.returncode == 137
+            sh("dvc", "repro", "-s", f"{stage}@{CAT}", cwd=root)
+        locks[how] = (root / "dvc.lock").read_text()
+        logs = [root / paths.run_log_path(stage, CAT) for stage in ("summarize", "train")]
+        runs[how] = [json.loads(f.read_text().splitlines()[-1]) for f in logs]
+    assert [runs["killed"][0]["resumed_chunks"], runs["killed"][1]["resumed_from_epoch"]] == [2, 1]
+    assert [runs["whole"][0]["resumed_chunks"], runs["whole"][1]["resumed_from_epoch"]] == [0, None]
+    assert locks["killed"] == locks["whole"]  # every output (and progress dir) hash, so every later stage
 
 
 def test_the_image_side_reaches_the_stored_images(project, tmp_path):
@@ -124,7 +171,7 @@ def test_an_own_catalog_file_is_a_dependency_of_ingest(project, tmp_path):
         root,
         lambda r: r["setups"]["demo"]["ingest"].update(source="jsonl", path="catalog/meta_{category}.jsonl"),
     )
-    sh("dvc", "repro", "-s", f"ingest@{CAT}", cwd=root)
+    sh("dvc", "repro", f"ingest@{CAT}", cwd=root)  # and catalog@CAT before it, which fingerprints the file
     assert f"ingest@{CAT}" not in sh("dvc", "status", f"ingest@{CAT}", cwd=root)
     before = json.loads((root / paths.ingest_dir(CAT) / "report.json").read_text())["rows_read"]
 
@@ -132,12 +179,73 @@ def test_an_own_catalog_file_is_a_dependency_of_ingest(project, tmp_path):
     record.update(parent_asin="B0APPENDED1", title="An appended record")
     with open(catalog, "a") as f:
         f.write(json.dumps(record) + "\n")
-    status = sh("dvc", "status", f"ingest@{CAT}", cwd=root)
-    assert f"ingest@{CAT}" in status and "catalog" in status
-    sh("dvc", "repro", "-s", f"ingest@{CAT}", cwd=root)
+    status = sh("dvc", "status", cwd=root)
+    assert f"catalog@{CAT}" in status and "modified:           catalog" in status
+    sh("dvc", "repro", f"ingest@{CAT}", cwd=root)
     after = json.loads((root / paths.ingest_dir(CAT) / "report.json").read_text())["rows_read"]
     assert after == before + 1
     assert "B0APPENDED1" in set(pd.read_parquet(root / paths.products_path(CAT))["id"])
+
+
+def test_editing_one_categorys_catalog_file_reruns_only_that_categorys_ingest(tmp_path):
+    """Two categories, each a jsonl file under catalog/: an edit to Appliances leaves Amazon_Fashion be."""
+    root = tmp_path / "project"
+    listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
+    for name in subprocess.run(listed, cwd=REPO, capture_output=True, text=True).stdout.splitlines():
+        if name.startswith(PROJECT_FILES) and (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    cats = ["Amazon_Fashion", "Appliances"]
+    for cat in cats:
+        shutil.copy(REPO / "tests" / "fixtures" / f"meta_{CAT}.jsonl", root / "catalog" / f"meta_{cat}.jsonl")
+    edit_params(root, lambda r: r.update(categories=cats))
+    edit_params(
+        root,
+        lambda r: r["setups"]["demo"]["ingest"].update(source="jsonl", path="catalog/meta_{category}.jsonl"),
+    )
+    sh("git", "init", "-q", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    sh("dvc", "add", *(f"catalog/meta_{cat}.jsonl" for cat in cats), cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "two own catalogs", cwd=root)
+    sh("dvc", "repro", "ingest", cwd=root)
+
+    with open(root / "catalog" / "meta_Appliances.jsonl", "a") as f:
+        f.write('{"parent_asin": "B0APPENDED1", "title": "An appended record"}\n')
+    out = sh("dvc", "repro", "ingest", cwd=root)
+    assert "Running stage 'ingest@Appliances'" in out
+    assert "Running stage 'ingest@Amazon_Fashion'" not in out
+    assert "Stage 'ingest@Amazon_Fashion' didn't change, skipping" in out
+    assert "up to date" in sh("dvc", "status", "--with-deps", "ingest", cwd=root)
+
+
+def test_an_in_place_append_to_a_tracked_file_keeps_its_old_version_in_the_cache(tmp_path):
+    """`>>` on a tracked catalog file (as root, which ignores its mode) must not reach into DVC's cache."""
+    root = tmp_path / "repo"
+    (root / "catalog").mkdir(parents=True)
+    sh("git", "init", "-q", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # this project's cache settings
+    catalog = root / "catalog" / f"meta_{CAT}.jsonl"
+    old = (REPO / "tests" / "fixtures" / f"meta_{CAT}.jsonl").read_bytes()
+    catalog.write_bytes(old)
+    sh("dvc", "add", "catalog/" + catalog.name, cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "catalog v1", cwd=root)
+
+    os.chmod(catalog, catalog.stat().st_mode | 0o200)  # what root's `>>` does whatever the mode says
+    with open(catalog, "ab") as f:  # in place: the same inode
+        f.write(b'{"parent_asin": "B0APPENDED1", "title": "An appended record"}\n')
+    new = catalog.read_bytes()
+    sh("dvc", "add", "catalog/" + catalog.name, cwd=root)
+    sh("git", "commit", "-qam", "catalog v2", cwd=root)
+
+    sh("git", "checkout", "HEAD~1", "--", f"catalog/{catalog.name}.dvc", cwd=root)
+    sh("dvc", "checkout", f"catalog/{catalog.name}.dvc", cwd=root)
+    assert catalog.read_bytes() == old
+    sh("git", "checkout", "HEAD", "--", f"catalog/{catalog.name}.dvc", cwd=root)
+    sh("dvc", "checkout", f"catalog/{catalog.name}.dvc", cwd=root)
+    assert catalog.read_bytes() == new
 
 
 def test_a_dvc_remote_carries_everything_to_a_fresh_clone(project, tmp_path):

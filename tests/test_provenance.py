@@ -64,6 +64,10 @@ def test_dvc_yaml_deps_list_exactly_the_project_modules_each_stage_imports():
         assert listed - closure == set(), f"{name}: dvc.yaml deps list unused {sorted(listed - closure)}"
 
 
-def test_the_ingest_stage_depends_on_the_catalog_directory():
-    assert "catalog" in _stage_bodies()["ingest"]["deps"]
+def test_each_ingest_depends_on_its_own_catalog_fingerprint_and_not_on_the_folder():
+    bodies = _stage_bodies()
+    assert "catalog" in bodies["catalog"]["deps"]  # the folder: a dependency that always exists
     assert (REPO / "catalog" / "README.md").is_file()
+    assert bodies["catalog"]["outs"] == ["data/catalog/${item}/source.json"]
+    assert "data/catalog/${item}/source.json" in bodies["ingest"]["deps"]
+    assert "catalog" not in bodies["ingest"]["deps"]

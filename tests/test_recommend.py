@@ -17,7 +17,7 @@ from PIL import Image
 from tiny import COLORS, make_catalog, make_clip
 
 from cliprec import paths
-from cliprec.artifacts import ArtifactError, write_manifest
+from cliprec.artifacts import ArtifactError, catalog_identity, manifest_sha256, write_manifest
 from cliprec.embed import embed_catalog, encode_images, encode_texts, fuse
 from cliprec.index import build_from_embeddings
 from cliprec.model import add_lora, load_clip, save_adapter
@@ -41,52 +41,60 @@ def build_project(root: Path) -> Path:
     """params.yaml + models/demo-clip + every file the recommend CLI reads, for CAT and both variants."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    make_clip(root / load_params(root / "params.yaml").active.model.name)
+    build_category(root, CAT, n=32)
+    return root
+
+
+def build_category(root: Path, category: str, n: int, seed: int = 0) -> None:
+    """What the pipeline writes for one category of the project in `root`, manifests as the stages write."""
     p = load_params(root / "params.yaml")
     model_name = p.active.model.name
-    make_clip(root / model_name)
-    made = make_catalog(root / "scratch", n=32)
-    for src, dst in (
-        (made["products"], root / paths.products_path(CAT)),
-        (made["summaries"], root / paths.summaries_dir(CAT) / "summaries.parquet"),
-    ):
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, dst)
-    shutil.copytree(made["images"], root / paths.images_dir(CAT))
+    made = make_catalog(root / "scratch" / category, category=category, n=n, seed=seed)
+    shutil.copytree(made["products"].parent, root / paths.ingest_dir(category))
+    summaries = root / paths.summaries_dir(category) / "summaries.parquet"
+    summaries.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(made["summaries"], summaries)
+    shutil.copytree(made["images"], root / paths.images_dir(category))
     # a LoRA adapter with random (not zero) B matrices, so that the lora variant differs from zero-shot
     base, _ = load_clip(root / model_name)
     peft = add_lora(base, p.lora.model_dump())
-    torch.manual_seed(1)
+    torch.manual_seed(1 + seed)
     with torch.no_grad():
         for name, param in peft.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    adapter = root / paths.train_dir(CAT) / paths.ADAPTER_DIR
-    save_adapter(peft, adapter)
-    adapter_files = [f"{paths.ADAPTER_DIR}/{f.name}" for f in adapter.iterdir()]
-    write_manifest(root / paths.train_dir(CAT), adapter_files, {"model": model_name})  # as train does
+    train_dir = root / paths.train_dir(category)
+    save_adapter(peft, train_dir / paths.ADAPTER_DIR)
+    adapter_files = [f"{paths.ADAPTER_DIR}/{f.name}" for f in (train_dir / paths.ADAPTER_DIR).iterdir()]
+    lineage = catalog_identity(root / paths.products_path(category), category)
+    write_manifest(train_dir, adapter_files, {"model": model_name, **lineage})  # as train does
     for variant in paths.VARIANTS:
-        model, processor = load_clip(root / model_name, adapter=adapter if variant == "lora" else None)
+        adapter = train_dir / paths.ADAPTER_DIR if variant == "lora" else None
+        model, processor = load_clip(root / model_name, adapter=adapter)
         embed_catalog(
             model,
             processor,
-            root / paths.images_dir(CAT),
-            root / paths.summaries_dir(CAT) / "summaries.parquet",
-            root / paths.embed_dir(CAT, variant),
+            root / paths.images_dir(category),
+            summaries,
+            root / paths.embed_dir(category, variant),
             text_weight=p.embed.text_weight,
             info={
                 "model": model_name,
                 "variant": variant,
-                "adapter": str(adapter) if variant == "lora" else None,
+                "adapter": str(adapter) if adapter else None,
+                **lineage,
+                "adapter_sha256": manifest_sha256(train_dir) if adapter else None,
             },
-        )
+        )  # as stages/embed.py does
         build_from_embeddings(
-            root / paths.embed_dir(CAT, variant),
-            root / paths.index_dir(CAT, variant),
+            root / paths.embed_dir(category, variant),
+            root / paths.index_dir(category, variant),
             factory=p.index.factory,
             memory_budget_mb=p.index.memory_budget_mb,
             variant=variant,
+            category=category,
         )
-    return root
 
 
 def photo_file(path: Path, color: str = "red") -> Path:
@@ -296,3 +304,110 @@ def test_swapped_or_truncated_artefacts_are_refused(project, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ArtifactError, match="adapter_model.safetensors has 100 bytes"):
         Recommender(CAT, "lora", root=copy).recommend(Query(text="a red shirt"))
+
+
+# --- an artefact of another category or variant (manifest and bytes intact) is refused, in one line -----
+
+
+OTHER = "Appliances"
+
+
+@pytest.fixture(scope="module")
+def two_categories(project, tmp_path_factory):
+    """The project with a second category, whose artefacts are whole and valid, but not CAT's."""
+    root = tmp_path_factory.mktemp("two") / "project"
+    shutil.copytree(project, root)
+    build_category(root, OTHER, n=40, seed=1)
+    return root
+
+
+def swapped(root: Path, tmp_path: Path, *pairs: tuple[Path, Path]) -> Path:
+    """A copy of `root` in which each pair's second directory holds a copy of the first's."""
+    copy = tmp_path / "swapped"
+    shutil.copytree(root, copy)
+    for src, dst in pairs:
+        shutil.rmtree(copy / dst)
+        shutil.copytree(root / src, copy / dst)
+    return copy
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    text = str(e.value)
+    assert "\n" not in text
+    return text
+
+
+def test_another_categorys_index_is_refused(two_categories, tmp_path):
+    # it once answered with Appliances ids and blank titles, exit 0
+    root = swapped(two_categories, tmp_path, (paths.index_dir(OTHER, "lora"), paths.index_dir(CAT, "lora")))
+    with pytest.raises(ArtifactError) as e:
+        Recommender(CAT, "lora", root=root)
+    assert one_line(e) == (
+        f"{root}/data/index/{CAT}/lora/manifest.json was built for category {OTHER}, not {CAT}: "
+        f"rebuild it with `dvc repro index@{CAT}-lora`"
+    )
+
+
+def test_another_categorys_catalog_is_refused(two_categories, tmp_path):
+    # it once gave blank titles (another catalog's ids)
+    root = swapped(two_categories, tmp_path, (paths.ingest_dir(OTHER), paths.ingest_dir(CAT)))
+    with pytest.raises(ArtifactError) as e:
+        Recommender(CAT, "zeroshot", root=root)
+    assert f"data/ingest/{CAT}/manifest.json was built for category {OTHER}, not {CAT}" in one_line(e)
+    assert one_line(e).endswith(f"rebuild it with `dvc repro ingest@{CAT}`")
+    # a products.parquet copied without its manifest: the bytes are not the manifest's
+    root = tmp_path / "file"
+    shutil.copytree(two_categories, root)
+    shutil.copy(root / paths.products_path(OTHER), root / paths.products_path(CAT))
+    with pytest.raises(ArtifactError, match=r"products.parquet (has \d+ bytes|does not match)"):
+        Recommender(CAT, "zeroshot", root=root)
+
+
+def test_a_newer_catalog_than_the_index_is_refused(two_categories, tmp_path):
+    # both say CAT, but the index was built from another catalog than the one whose titles would be shown
+    root = tmp_path / "newer"
+    shutil.copytree(two_categories, root)
+    products = pd.read_parquet(root / paths.products_path(CAT))
+    products["title"] = products["title"] + " (new)"
+    products.to_parquet(root / paths.products_path(CAT), index=False)
+    write_manifest(root / paths.ingest_dir(CAT), ["products.parquet"], {"category": CAT})
+    with pytest.raises(ArtifactError) as e:
+        Recommender(CAT, "lora", root=root)
+    assert f"data/index/{CAT}/lora/manifest.json was not built from the current catalog" in one_line(e)
+    assert one_line(e).endswith(f"rebuild it with `dvc repro index@{CAT}-lora`")
+
+
+def test_swapped_variant_embeddings_are_refused(two_categories, tmp_path):
+    # --product once read the zero-shot vectors as the lora ones
+    lora, zero = paths.embed_dir(CAT, "lora"), paths.embed_dir(CAT, "zeroshot")
+    root = swapped(two_categories, tmp_path, (lora, zero), (zero, lora))
+    rec = Recommender(CAT, "lora", root=root)
+    with pytest.raises(ArtifactError) as e:
+        rec.recommend(Query(product="P0001"))
+    assert one_line(e) == (
+        f"{root}/data/embed/{CAT}/lora/manifest.json was built for variant zeroshot, not lora: "
+        f"rebuild it with `dvc repro embed_lora@{CAT}`"
+    )
+
+
+def test_another_categorys_adapter_is_refused(two_categories, tmp_path):
+    # its scores were once silently shifted
+    root = swapped(two_categories, tmp_path, (paths.train_dir(OTHER), paths.train_dir(CAT)))
+    rec = Recommender(CAT, "lora", root=root)
+    assert rec.recommend(Query(product="P0001"), k=2)  # item -> item needs no adapter
+    with pytest.raises(ArtifactError) as e:
+        rec.recommend(Query(text="a red shirt"))
+    assert one_line(e) == (
+        f"{root}/data/train/{CAT}/manifest.json was built for category {OTHER}, not {CAT}: "
+        f"rebuild it with `dvc repro train@{CAT}`"
+    )
+    # this category's adapter, but retrained since the index's vectors were embedded
+    root = tmp_path / "retrained"
+    shutil.copytree(two_categories, root)
+    train_dir = root / paths.train_dir(CAT)
+    files = json.loads((train_dir / "manifest.json").read_text())["files"]
+    write_manifest(train_dir, files, {**catalog_identity(root / paths.products_path(CAT)), "epochs": 2})
+    with pytest.raises(ArtifactError) as e:
+        Recommender(CAT, "lora", root=root).recommend(Query(text="a red shirt"))
+    assert f"data/index/{CAT}/lora/manifest.json was not built from the current LoRA adapter" in one_line(e)
+    assert one_line(e).endswith(f"rebuild it with `dvc repro index@{CAT}-lora`")

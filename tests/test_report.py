@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from test_compare import ranks_doc
 
-from cliprec import report
+from cliprec import paths, report
 from cliprec.cli import main
+from cliprec.evaluate import headline
 
 # `dvc exp show --json` (DVC 3.67) captured in a scratch git+dvc repo after `dvc repro`, a commit and
 # `dvc exp run -n amp-on -S amp=true`, `-n amp-lr -S amp=true -S lr=3.0e-05`, `-n lr-up -S amp=false
@@ -111,7 +112,7 @@ N = 100
 
 
 def metrics_file(r1: float, sim: float = 0.9) -> dict:
-    """A workspace metrics file as the evaluate stage writes it, CIs included."""
+    """A workspace detail file as the evaluate stage writes it, CIs included."""
     values = {"recall_at_1": r1, "recall_at_5": r1 + 0.2, "recall_at_10": r1 + 0.3, "mrr": r1 + 0.1,
               "ndcg_at_10": r1 + 0.15}  # fmt: skip
     ci = {k: {"low": round(v - 0.05, 6), "high": round(v + 0.05, 6)} for k, v in values.items()}
@@ -142,24 +143,30 @@ def project(tmp_path):
     for cat, base in (("Amazon_Fashion", 0.1), ("Appliances", 0.15)):
         (tmp_path / "metrics" / cat).mkdir(parents=True)
         for variant, extra, top5 in (("zeroshot", 0.0, 20), ("lora", 0.2, 50)):
-            (tmp_path / "metrics" / cat / f"{variant}.json").write_text(
-                json.dumps(metrics_file(base + extra, 0.91 - extra / 2))
-            )
+            write_metrics(tmp_path, cat, variant, metrics_file(base + extra, 0.91 - extra / 2))
             (tmp_path / "metrics" / cat / f"{variant}.ranks.json").write_text(json.dumps(ranks(top5)))
     return tmp_path
 
 
+def write_metrics(root: Path, cat: str, variant: str, detail: dict) -> None:
+    """What the evaluate stage writes: the detail file and its headline, the DVC metrics file."""
+    (root / paths.metrics_detail_path(cat, variant)).write_text(json.dumps(detail))
+    (root / paths.metrics_path(cat, variant)).write_text(json.dumps(headline(detail, cat, variant)))
+
+
 def commit_amp_ranks(project: Path, top5: int = 52) -> str:
-    """Commit ranks as an AMP experiment would have them; returns the commit (stands in for AMP_REV)."""
+    """Commit ranks and metrics as an AMP experiment would have them; returns the commit (for AMP_REV)."""
     git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
-    for cat in ("Amazon_Fashion", "Appliances"):
+    for cat, base in (("Amazon_Fashion", 0.1), ("Appliances", 0.15)):
         (project / "metrics" / cat / "lora.ranks.json").write_text(json.dumps(ranks(top5)))
+        write_metrics(project, cat, "lora", metrics_file(base + 0.22, 0.8))
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-qm", "amp"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-    for cat in ("Amazon_Fashion", "Appliances"):  # the workspace's own LoRA ranks again
+    for cat, base in (("Amazon_Fashion", 0.1), ("Appliances", 0.15)):  # the workspace's own LoRA again
         (project / "metrics" / cat / "lora.ranks.json").write_text(json.dumps(ranks(50)))
+        write_metrics(project, cat, "lora", metrics_file(base + 0.2, 0.81))
     return head.stdout.strip()
 
 
@@ -214,7 +221,9 @@ def test_report_json_has_values_cis_and_paired_differences(project, monkeypatch)
     data = json.loads(report.build_report_json(project))
     r5 = data["Appliances"]["text_to_image"]["recall_at_5"]
     assert r5["zeroshot"] == {"value": 0.35, "ci_low": 0.3, "ci_high": 0.4}
-    assert r5["lora"]["value"] == 0.55 and r5["lora_amp"]["value"] == 0.57  # the experiment's metrics file
+    assert r5["lora"]["value"] == 0.55
+    # the experiment's detail file, read from its commit: DVC shows only the headline, without CIs
+    assert r5["lora_amp"] == pytest.approx({"value": 0.57, "ci_low": 0.52, "ci_high": 0.62})
     d = r5["lora_minus_zeroshot"]
     assert d["value"] == pytest.approx(0.3) and d["ci_low"] > 0 and d["p_value"] < 0.001 and d["significant"]
     amp = r5["lora_amp_minus_lora"]  # 2 more queries in the top 5: not significant
@@ -275,8 +284,20 @@ def test_from_exp_of_an_earlier_commit(project, monkeypatch):
 def test_missing_workspace_metrics(project, monkeypatch):
     stub_dvc(monkeypatch, stdout="[]")
     (project / "metrics" / "Appliances" / "lora.json").unlink()
+    (project / "metrics" / "Appliances" / "lora.detail.json").unlink()
     text = report.build_report(project)
     assert table_rows(text)[("Appliances", "LoRA")][0] == "— (run `dvc repro`)"
+
+
+def test_a_project_evaluated_before_detail_files_had_it_all_in_the_metrics_file(project, monkeypatch):
+    stub_dvc(monkeypatch, stdout="[]")
+    for cat in ("Amazon_Fashion", "Appliances"):
+        for variant in ("zeroshot", "lora"):
+            detail = project / paths.metrics_detail_path(cat, variant)
+            (project / paths.metrics_path(cat, variant)).write_text(detail.read_text())
+            detail.unlink()
+    rows = table_rows(report.build_report(project))
+    assert rows[("Appliances", "LoRA")][:2] == ["0.350 [0.300, 0.400]", "0.550 [0.500, 0.600]"]
 
 
 def test_cli_report(project, monkeypatch, capsys):

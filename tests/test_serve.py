@@ -24,6 +24,7 @@ from PIL import Image
 from test_recommend import CAT, photo_file, shared_project
 
 from cliprec import paths
+from cliprec.artifacts import ArtifactError
 from cliprec.cli import main
 from cliprec.recommend import RecommendError
 from cliprec.serve import STATIC_DIR, SearchResponse, ServeSettings, create_app
@@ -140,6 +141,16 @@ def test_load_failure_is_reported(root):
         assert response.json() == {"status": "failed", "error": "pipeline not run yet: no index"}
         assert_error(search(c, text="x"), 503, "not ready: pipeline not run yet")
     assert reported == ["pipeline not run yet: no index"]
+
+
+def test_the_service_refuses_another_variants_index(root, tmp_path):
+    # what `cliprec serve` loads goes through the Recommender's checks: a copied index is not served
+    swapped = tmp_path / "swapped"
+    shutil.copytree(root, swapped)
+    shutil.rmtree(swapped / paths.index_dir(CAT, "lora"))
+    shutil.copytree(root / paths.index_dir(CAT, "zeroshot"), swapped / paths.index_dir(CAT, "lora"))
+    with pytest.raises(ArtifactError, match=f"index/{CAT}/lora/manifest.json was built for variant zeroshot"):
+        Service(swapped, [CAT])
 
 
 # --- search: the same answers as `cliprec recommend` ------------------------------------------------------
@@ -644,3 +655,19 @@ def test_serve_command_exits_2_when_nothing_can_load(root, capsys):
             main(["--root", str(root), "serve", *bad])
         assert stop.value.code == 2
     assert "argument --threads: must be an integer >= 1, not 'x'" in capsys.readouterr().err
+
+
+def test_serve_command_on_a_corrupt_index_exits_2_with_one_line(root, tmp_path, caplog):
+    # it once logged a 28-line traceback (ArtifactError was not among serve's user errors)
+    broken = tmp_path / "broken"
+    shutil.copytree(root, broken)
+    index_file = broken / paths.index_dir(CAT, "zeroshot") / "index.faiss"
+    index_file.write_bytes(index_file.read_bytes()[:-8] + b"garbage!")
+    with caplog.at_level("ERROR", logger="cliprec.serve"):
+        assert main(["--root", str(broken), "serve", "--port", str(free_port()), "--category", CAT]) == 2
+    failed = [r for r in caplog.records if r.name == "cliprec.serve" and "cannot load" in r.getMessage()]
+    assert len(failed) == 1 and not failed[0].exc_info  # no traceback
+    assert failed[0].getMessage() == (
+        f"serve: cannot load: {index_file} does not match its manifest (sha256 differs: corrupted or "
+        f"replaced): rebuild it with `dvc repro index@{CAT}-zeroshot`"
+    )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -96,9 +97,21 @@ def _bart_params(model_path, **kw) -> Bart:
     )
 
 
+def _last_run(root: Path) -> dict:
+    """The run log's record of the latest finished run."""
+    return json.loads((root / "runs.jsonl").read_text().splitlines()[-1])
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_extractive_catalog(tmp_path):
     products = _products()
-    report = summarize_catalog(products, tmp_path / "out", tmp_path / "progress", _extractive_params())
+    run_log = tmp_path / "runs.jsonl"
+    report = summarize_catalog(
+        products, tmp_path / "out", tmp_path / "progress", _extractive_params(), run_log=run_log
+    )
     out = pd.read_parquet(tmp_path / "out" / "summaries.parquet")
     assert list(out.columns) == ["id", "summary"]
     assert out["id"].tolist() == products["id"].tolist()
@@ -110,7 +123,10 @@ def test_extractive_catalog(tmp_path):
     assert "rare0" in out["summary"][0]  # the rare feature beats the filler description
     assert report == json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["method"] == "extractive" and report["n"] == 7 and report["chunks"] == 3
-    assert report["resumed_chunks"] == 0 and "seconds" not in report  # an output's hash follows its inputs
+    # an output's hash follows its inputs alone: how the run went is in the run log, not in the report
+    assert not {"seconds", "resumed_chunks"} & set(report)
+    run = _last_run(tmp_path)
+    assert run["resumed_chunks"] == 0 and run["chunks"] == 3 and run["seconds"] >= 0 and "finished" in run
     assert report["code"] == summarize.run_identity()["code"] and "transformers" in report["versions"]
     assert report["mean_words"] == pytest.approx(out["summary"].str.split().str.len().mean(), abs=1e-3)
     assert report["title_fallbacks"] == 1  # P003 has no features and no description
@@ -207,18 +223,20 @@ def test_resume_after_kill(tmp_path, tiny_bart, monkeypatch, method):
             "generate_summaries",
             lambda m, t, texts, **k: done.extend(texts) or real(m, t, texts, **k),
         )
-    report = summarize_catalog(products, tmp_path / "out", progress, params)
-    assert report["resumed_chunks"] == 1
+    report = summarize_catalog(products, tmp_path / "out", progress, params, run_log=tmp_path / "runs.jsonl")
+    assert _last_run(tmp_path)["resumed_chunks"] == 1
     # only the products of chunks 1 and 2 were summarised again (bart skips the body-less P003)
     assert len(done) == (4 if method == "extractive" else 3)
     assert all("Product 0 " not in t and "Product 1 " not in t and "Product 2 " not in t for t in done)
-    assert (tmp_path / "out" / "summaries.parquet").read_bytes() == (
-        tmp_path / "ref" / "summaries.parquet"
-    ).read_bytes()
+    # the outputs and the progress dir, byte for byte: what DVC hashes into dvc.lock
+    assert _tree(tmp_path / "out") == _tree(tmp_path / "ref")
+    assert _tree(progress) == _tree(tmp_path / "ref-progress")
+    assert report == json.loads((tmp_path / "ref" / "report.json").read_text())
 
     # a finished run is never reused: DVC reran the stage (forced, or something changed), so it computes
     done.clear()
-    assert summarize_catalog(products, tmp_path / "out", progress, params)["resumed_chunks"] == 0
+    summarize_catalog(products, tmp_path / "out", progress, params, run_log=tmp_path / "runs.jsonl")
+    assert _last_run(tmp_path)["resumed_chunks"] == 0
     assert len(done) == (7 if method == "extractive" else 6)
 
 
@@ -236,22 +254,23 @@ def test_a_code_or_library_change_does_not_resume(tmp_path, monkeypatch):
         )
     real = summarize.run_identity
     monkeypatch.setattr(summarize, "run_identity", lambda: {**real(), "code": "edited cliprec/text.py"})
-    assert (
-        summarize_catalog(products, tmp_path / "out", progress, _extractive_params())["resumed_chunks"] == 0
+    summarize_catalog(
+        products, tmp_path / "out", progress, _extractive_params(), run_log=tmp_path / "r.jsonl"
     )
+    assert json.loads((tmp_path / "r.jsonl").read_text())["resumed_chunks"] == 0
 
 
 def test_fingerprint_mismatch_clears_progress(tmp_path):
     products = _products()
-    progress = tmp_path / "progress"
+    progress, run_log = tmp_path / "progress", tmp_path / "runs.jsonl"
     summarize_catalog(products, tmp_path / "out", progress, _extractive_params())
     stale = progress / "chunk-00009.parquet"
     stale.write_bytes(b"left over from an older, bigger catalog")
     old_fp = json.loads((progress / "fingerprint.json").read_text())
 
     # a param change
-    report = summarize_catalog(products, tmp_path / "out", progress, _extractive_params(max_words=5))
-    assert report["resumed_chunks"] == 0
+    summarize_catalog(products, tmp_path / "out", progress, _extractive_params(max_words=5), run_log=run_log)
+    assert _last_run(tmp_path)["resumed_chunks"] == 0
     assert not stale.exists()
     assert json.loads((progress / "fingerprint.json").read_text()) != old_fp
     assert all(
@@ -261,17 +280,14 @@ def test_fingerprint_mismatch_clears_progress(tmp_path):
     # an input change (same ids, one new text)
     changed = products.copy()
     changed.loc[5, "title"] = "Renamed product"
-    report = summarize_catalog(changed, tmp_path / "out", progress, _extractive_params(max_words=5))
-    assert report["resumed_chunks"] == 0
+    summarize_catalog(changed, tmp_path / "out", progress, _extractive_params(max_words=5), run_log=run_log)
+    assert _last_run(tmp_path)["resumed_chunks"] == 0
     assert pd.read_parquet(tmp_path / "out" / "summaries.parquet")["summary"][5].startswith("Renamed product")
 
     # the same inputs and params again, after a finished run: computed again, not resumed
-    assert (
-        summarize_catalog(changed, tmp_path / "out", progress, _extractive_params(max_words=5))[
-            "resumed_chunks"
-        ]
-        == 0
-    )
+    summarize_catalog(changed, tmp_path / "out", progress, _extractive_params(max_words=5), run_log=run_log)
+    assert _last_run(tmp_path)["resumed_chunks"] == 0
+    assert len(run_log.read_text().splitlines()) == 3  # one line per finished run
 
 
 def test_corrupt_chunk_is_recomputed(tmp_path):
@@ -288,8 +304,10 @@ def test_corrupt_chunk_is_recomputed(tmp_path):
             products, tmp_path / "out", progress, _extractive_params(), on_chunk_done=kill_after_last_chunk
         )
     (progress / "chunk-00001.parquet").write_bytes(b"truncated")
-    report = summarize_catalog(products, tmp_path / "out", progress, _extractive_params())
-    assert report["resumed_chunks"] == 2
+    summarize_catalog(
+        products, tmp_path / "out", progress, _extractive_params(), run_log=tmp_path / "r.jsonl"
+    )
+    assert json.loads((tmp_path / "r.jsonl").read_text())["resumed_chunks"] == 2
     assert (tmp_path / "out" / "summaries.parquet").read_bytes() == (
         tmp_path / "ref" / "summaries.parquet"
     ).read_bytes()
@@ -310,7 +328,6 @@ def test_source_text():
 def test_summarize_stage_wiring(tmp_path, monkeypatch):
     """stages/summarize.py reads params.yaml and products.parquet from the cwd, writes data/summaries/."""
     import runpy
-    from pathlib import Path
 
     import yaml
 
@@ -330,6 +347,8 @@ def test_summarize_stage_wiring(tmp_path, monkeypatch):
     assert out["id"].tolist() == products["id"].tolist()
     assert all(len(s.split()) <= 12 for s in out["summary"])
     assert json.loads(Path("data/summaries/Amazon_Fashion/report.json").read_text())["chunks"] == 2
+    (run,) = map(json.loads, Path("data/runs/summarize/Amazon_Fashion.jsonl").read_text().splitlines())
+    assert run["stage"] == "summarize" and run["resumed_chunks"] == 0  # outside data/summaries and progress
     assert sorted(p.name for p in Path("data/progress/summarize/Amazon_Fashion").glob("chunk-*")) == [
         "chunk-00000.parquet",
         "chunk-00001.parquet",

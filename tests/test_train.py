@@ -3,6 +3,7 @@ import json
 import logging
 import math
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from tiny import make_catalog, make_clip
 
@@ -36,17 +38,22 @@ def _cfg(tiny, **kw):
 
 def _run(tiny, root: Path, cfg):
     return tr.train(
-        cfg, tiny["products"], tiny["summaries"], tiny["images"], root / "out", root / "ckpt", root / "live"
-    )
+        cfg, tiny["products"], tiny["summaries"], tiny["images"], root / "out", root / "ckpt", root / "live",
+        run_log=root / "runs.jsonl",
+    )  # fmt: skip
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _last_run(root: Path) -> dict:
+    """The run log's record of the latest finished run."""
+    return json.loads((root / "runs.jsonl").read_text().splitlines()[-1])
 
 
 def _adapter(root: Path) -> dict[str, torch.Tensor]:
     return load_file(root / "out" / "adapter" / "adapter_model.safetensors")
-
-
-def _same_run(summary: dict) -> dict:
-    """What must not depend on whether the run was resumed."""
-    return {k: v for k, v in summary.items() if k != "resumed_from_epoch"}
 
 
 # --- the loss --------------------------------------------------------------------------------------------
@@ -116,16 +123,22 @@ def test_training_learns_and_resumes_after_a_kill_to_the_same_adapter(tiny, tmp_
     assert whole["n_val"] == 15  # P0005 (a val product) has no photo and is skipped
     live = tmp_path / "whole" / "live"
     metrics = json.loads((live / "metrics.json").read_text())
-    assert {"train_loss", "val_loss", "val_recall_at_5", "lr", "step"} <= set(metrics)
+    # a DVC metrics file: `dvc exp show` gets the headline and the step, the curves are DVCLive's plots
+    assert metrics == {"best_val_recall_at_5": tr.logged(whole["best"]["val_recall_at_5"]), "step": 1}
     # committed to git: 4 significant digits, so other CPU kernels' ~1e-7 differences don't show
-    assert all(float(f"{v:.4g}") == v for v in metrics.values()) and metrics["train_loss"] != 0
+    train_loss = (live / "plots" / "metrics" / "train_loss.tsv").read_text().split()
+    assert all(float(f"{float(v):.4g}") == float(v) for v in train_loss[3::2]) and float(train_loss[3]) != 0
     val_loss = (live / "plots" / "metrics" / "val_loss.tsv").read_text().split()
     assert len(val_loss) == 2 + 2 * 2  # header + (step, value) per epoch
     assert float(val_loss[3]) < whole["zeroshot"]["val_loss"]  # one LoRA epoch already lowers the val loss
     assert json.loads((tmp_path / "whole" / "out" / "summary.json").read_text()) == whole
-    assert whole["resumed_from_epoch"] is None and whole["code"] == tr.run_identity()["code"]
+    assert whole["code"] == tr.run_identity()["code"]
     assert {"torch", "transformers", "peft", "python"} <= set(whole["versions"])
-    assert "seconds" not in whole  # the directory is a DVC output: no wall-clock figures in it
+    # the directory is a DVC output: nothing about how the run went (wall clock, resume) is in it ...
+    assert not {"seconds", "resumed_from_epoch"} & set(whole)
+    # ... that goes to the run log, outside the outputs
+    assert _last_run(tmp_path / "whole")["resumed_from_epoch"] is None
+    assert _last_run(tmp_path / "whole")["epochs_run"] == 2 and _last_run(tmp_path / "whole")["seconds"] > 0
     assert verify_files(tmp_path / "whole" / "out")["files"].keys() >= {
         "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "summary.json"
     }  # fmt: skip
@@ -146,12 +159,13 @@ def test_training_learns_and_resumes_after_a_kill_to_the_same_adapter(tiny, tmp_
     monkeypatch.setattr(tr, "_train_step", step)
     assert torch.load(tmp_path / "killed" / "ckpt" / tr.STATE_FILE, weights_only=True)["epoch"] == 1
     resumed = _run(tiny, tmp_path / "killed", cfg)
-    assert resumed["resumed_from_epoch"] == 1
+    assert _last_run(tmp_path / "killed")["resumed_from_epoch"] == 1
     want, got = _adapter(tmp_path / "whole"), _adapter(tmp_path / "killed")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    assert _same_run(resumed) == _same_run(whole)
-    for f in ("metrics.json", "plots/metrics/train_loss.tsv", "plots/metrics/val_recall_at_5.tsv"):
-        assert (tmp_path / "killed" / "live" / f).read_text() == (live / f).read_text(), f
+    assert resumed == whole
+    # every output file, byte for byte: what DVC hashes into dvc.lock (the checkpoint dir included)
+    for d in ("out", "live", "ckpt"):
+        assert _tree(tmp_path / "killed" / d) == _tree(tmp_path / "whole" / d), d
 
     # a finished run is never re-exported: a forced rerun (`dvc repro -f`) trains again
     calls["n"] = 0
@@ -183,7 +197,7 @@ def test_a_code_or_library_change_does_not_resume(tiny, tmp_path, monkeypatch, c
     )
     with caplog.at_level(logging.INFO):
         summary = _run(tiny, tmp_path, cfg)
-    assert summary["resumed_from_epoch"] is None and summary["versions"]["peft"] == "9"
+    assert _last_run(tmp_path)["resumed_from_epoch"] is None and summary["versions"]["peft"] == "9"
     assert any("code/library version; starting over" in r.getMessage() for r in caplog.records)
 
 
@@ -246,7 +260,7 @@ def test_two_process_ddp_matches_one_process(tiny, tmp_path):
     assert any(want[k].abs().max() > 1e-3 for k in want if "lora_B" in k)  # it did train
 
 
-def test_zero_shot_is_a_candidate_and_can_win(tiny, tmp_path, monkeypatch):
+def test_zero_shot_is_a_candidate_and_can_win(tiny, tmp_path, monkeypatch, caplog):
     # an adapter worse than none on val must not ship: rig val so the untouched model scores best
     real, calls = tr.evaluate, {"n": 0}
 
@@ -255,12 +269,32 @@ def test_zero_shot_is_a_candidate_and_can_win(tiny, tmp_path, monkeypatch):
         return {**real(*args, **kwargs), "val_recall_at_5": 1.0 if calls["n"] == 1 else 0.5}
 
     monkeypatch.setattr(tr, "evaluate", rigged)
-    summary = _run(tiny, tmp_path, _cfg(tiny, epochs=2))
+    with caplog.at_level(logging.WARNING):
+        summary = _run(tiny, tmp_path, _cfg(tiny, epochs=2))
+    assert any("identity (B = 0); the val split is too small" in r.getMessage() for r in caplog.records)
     assert calls["n"] == 3 and summary["epochs_run"] == 2
     assert summary["best_epoch"] == 0 and summary["adapter_is_identity"] is True
     assert summary["best"]["val_recall_at_5"] == summary["zeroshot"]["val_recall_at_5"] == 1.0
     b_matrices = [v for k, v in _adapter(tmp_path).items() if "lora_B" in k]
     assert b_matrices and all(torch.count_nonzero(b) == 0 for b in b_matrices)  # the identity adapter
+
+
+def test_a_val_split_too_small_to_choose_on_is_warned_in_the_stage_and_the_summary(tiny, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        summary = _run(tiny, tmp_path, _cfg(tiny, epochs=1))
+    assert summary["n_val"] == 15 < tr.MIN_VAL_PAIRS
+    (warning,) = summary["warnings"]
+    assert "only 15 val pairs" in warning and "too coarse" in warning
+    assert any(warning in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+def test_split_warnings_thresholds():
+    (trivial,) = tr.split_warnings(2)  # the issue's catalog of 82 records: 2 val products
+    assert "Recall@5 is 1.0 for every adapter" in trivial and "identity" in trivial
+    assert tr.split_warnings(tr.RECALL_K) == [trivial.replace("only 2 ", f"only {tr.RECALL_K} ")]
+    (coarse,) = tr.split_warnings(tr.MIN_VAL_PAIRS - 1)
+    assert f"fewer than {tr.MIN_VAL_PAIRS}" in coarse
+    assert tr.split_warnings(tr.MIN_VAL_PAIRS) == []  # the demo's ~270 val products: no warning
 
 
 @pytest.mark.slow  # ~20 s: two fresh processes
@@ -293,3 +327,23 @@ def test_ddp_decisions_are_rank_zeros(tiny, tmp_path):
     assert ranks == [{"epochs_run": 3, "evaluations": 4}, {"epochs_run": 3, "evaluations": 0}]
     epoch_lines = [line for line in done.stderr.splitlines() if "cliprec.train: epoch " in line]
     assert len(epoch_lines) == 3 and not any("[rank 1]" in line for line in epoch_lines)  # rank 0 speaks
+
+
+@pytest.mark.parametrize("swapped", ["ingest", "images"])
+def test_the_train_stage_refuses_another_categorys_catalog_or_photos(tmp_path, monkeypatch, capsys, swapped):
+    made = make_catalog(tmp_path / "data", category="Tiny")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "categories": ["Tiny"]}))
+    directory = made["products"].parent if swapped == "ingest" else made["images"]
+    manifest = json.loads((directory / "manifest.json").read_text())  # as if copied from category Other
+    (directory / "manifest.json").write_text(json.dumps({**manifest, "category": "Other"}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["stages/train.py", "Tiny"])
+    with pytest.raises(SystemExit) as stop:  # before any model loads or anything is written
+        runpy.run_path(str(REPO / "stages" / "train.py"), run_name="__main__")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: data/{swapped}/Tiny/manifest.json was built for category Other, not Tiny: rebuild it with "
+        f"`dvc repro {swapped}@Tiny`\n"
+    )
+    assert not (tmp_path / "data" / "train").exists()

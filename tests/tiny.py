@@ -1,9 +1,9 @@
 """A tiny CLIP and a tiny on-disk catalog for tests (seconds on a CPU, no network, no models/ dir).
 
 make_clip(dir): a 2-layer, 32-d CLIP on 32 px images + a character-level CLIP tokenizer + the PIL image
-processor, saved like models/demo-clip. make_catalog(root): products.parquet (id, title,
-split), summaries.parquet (id, summary) and image shards in the images-stage format, where a product's colour
-is both in its summary and in its photo, so a few LoRA steps have something to learn.
+processor, saved like models/demo-clip. make_catalog(root): products.parquet (id, title, split) with
+its manifest, summaries.parquet (id, summary) and image shards in the images-stage format, where a
+product's colour is both in its summary and in its photo, so a few LoRA steps have something to learn.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.models.clip import CLIPImageProcessorPil
 
-from cliprec.artifacts import write_manifest
+from cliprec.artifacts import catalog_identity, write_manifest
 from cliprec.images import SHARD_SCHEMA
 
 COLORS = {
@@ -112,11 +112,15 @@ def make_catalog(
     for p in paths.values():
         (p if p.suffix == "" else p.parent).mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_parquet(paths["products"], index=False)
+    write_manifest(
+        paths["products"].parent, [paths["products"].name], {"category": category}
+    )  # as ingest does
     pd.DataFrame(summaries).to_parquet(paths["summaries"], index=False)
     shards = []
     for k in range(0, len(shard_rows), shard_size):
         table = pa.Table.from_pylist(shard_rows[k : k + shard_size], schema=SHARD_SCHEMA)
         shards.append(f"shard-{k // shard_size:05d}.parquet")
         pq.write_table(table, paths["images"] / shards[-1])
-    write_manifest(paths["images"], shards, {})  # what the images stage writes last: readers verify it
+    # what the images stage writes last: readers verify it
+    write_manifest(paths["images"], shards, catalog_identity(paths["products"], category))
     return paths

@@ -42,8 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
 from cliprec.decode_pool import DecodePool
-from cliprec.index import IndexIntegrityError
-from cliprec.recommend import RecommendError
+from cliprec.errors import CliprecError
 from cliprec.serve.cancel import CancelledInOneLine
 from cliprec.serve.metrics import Metrics
 from cliprec.serve.middleware import Admission, GuardMiddleware
@@ -57,7 +56,7 @@ log = logging.getLogger("cliprec.serve")
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
 VENDOR = "/static/vendor"
 WORKER_STOP_S = 1.0  # at shutdown, after uvicorn's graceful_s: keeps the exit within ~graceful_s
-USER_ERRORS = (RecommendError, IndexIntegrityError, ServiceError)  # logged without a traceback
+USER_ERRORS = (CliprecError, ServiceError)  # logged without a traceback (e.g. a corrupt artefact)
 # the page loads only its own files; vega compiles expressions with Function() and injects its styles
 PAGE_CSP = (
     "default-src 'self'; script-src 'self' 'unsafe-eval'; style-src 'self' 'unsafe-inline'; "
