@@ -9,7 +9,7 @@ record normalisation (`drop_reason`, `normalize_record`):
   json.loads and checks it against the schema; lines that are not JSON objects or don't fit the schema
   are counted as `malformed_line` and the rest go to `load_meta` (one bad line would otherwise abort the
   whole `datasets` build).
-- `synthetic`: `cliprec.synthetic.generate_catalog` writes a raw JSONL + images, then as `jsonl`.
+- `synthetic`: `cliprec_worlds.demo.synthetic.generate_catalog` writes a raw JSONL + images, then as `jsonl`.
 
 Row selection, in this order: malformed (bad line, or no parent_asin) -> no_title (empty after
 clean_text) -> no_image (no product photo with a hi_res/large/thumb URL; video stills don't count, see
@@ -493,7 +493,7 @@ def build_catalog(
             rows_read = len(ds)
         else:
             if source == "synthetic":
-                from cliprec.synthetic import generate_catalog  # only this source needs it
+                from cliprec_worlds.demo.synthetic import generate_catalog  # only this source needs it
 
                 if n_products is None:
                     raise ValueError("ingest.source 'synthetic' needs ingest.n_products (how many to draw)")
