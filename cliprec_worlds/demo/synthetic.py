@@ -8,7 +8,10 @@ defective the way real dumps are (no title, no images, duplicate parent_asin, a 
 ingest report exercises every drop reason. Same seed -> byte-identical JSONL and JPEGs.
 
 The drawing primitives (`PALETTE`, `Look`, `Pose`, `render`, `SHAPE_SPECS`) are shared with
-cliprec_worlds.demo_clip, which pre-trains the demo CLIP on generic shapes drawn the same way.
+cliprec_worlds.demo_clip, which pre-trains the demo CLIP on generic shapes drawn the same way. The tables
+are data next to this module: drawing.json (palette, patterns, textures, shapes, brand-mark colours) and
+vocabulary.json (colour names, the hand-written vocabularies of Amazon_Fashion and Appliances, and what a
+category without one draws on).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ RGB = tuple[int, int, int]
 # --------------------------------------------------------------------------------------------------------
 # Drawing (shared with demo_clip). Everything is defined in the object's unit square, so a product keeps
 # its pattern, texture and brand mark whatever the pose of the shot.
+
 _HERE = Path(__file__).parent
 
 
