@@ -183,7 +183,7 @@ def synthetic_products(
 ) -> tuple[Path, Any]:
     """n demo-catalog products as the pipeline stores them: (image shard dir, DataFrame id/summary).
 
-    cliprec.synthetic draws the photos (256 px JPEG), cliprec.images.build_image_shards turns them into
+    The demo generator draws the photos (256 px JPEG), cliprec.images.build_image_shards turns them into
     shards exactly as the images stage does (params.yaml `images:`: 224 px center crop, JPEG q90, MAIN +
     alt), and the summaries are the extractive ones of the demo summarize stage (<= max_words words).
     """
@@ -193,8 +193,8 @@ def synthetic_products(
     from cliprec.images import build_image_shards
     from cliprec.params import load_params
     from cliprec.summarize import cap_words, source_text
-    from cliprec.synthetic import generate_catalog, n_valid_products
     from cliprec.text import clean_text, extractive_summary, idf_weights
+    from cliprec_worlds.demo.synthetic import generate_catalog, n_valid_products
 
     params = load_params(REPO_ROOT / "params.yaml")
     n_request = n + 8

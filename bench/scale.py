@@ -47,7 +47,7 @@ MAX_RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
 
 def make_project(root: Path, n: int, args: argparse.Namespace) -> None:
     """A project at root with a synthetic catalog of n products as its own JSONL, params for the run."""
-    from cliprec.synthetic import generate_catalog
+    from cliprec_worlds.demo.synthetic import generate_catalog
 
     for name in PROJECT:
         src = REPO_ROOT / name

@@ -57,7 +57,16 @@ from typing import Any
 from _common import REPO_ROOT, RESULTS_DIR, group_watchdog, print_table, write_results
 
 RESULTS_NAME = "study_rehearsal"
-PROJECT_FILES = ("cliprec/", "stages/", "catalog/", "models/", "dvc.yaml", "params.yaml", ".dvcignore")
+PROJECT_FILES = (
+    "cliprec/",
+    "cliprec_worlds/",  # ingest depends on cliprec_worlds/${setup}
+    "stages/",
+    "catalog/",
+    "models/",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+)
 TABLE_COLUMNS = (
     "stage",
     "wall_s",

@@ -11,7 +11,7 @@ record normalisation (`drop_reason`, `normalize_record`):
   number) and the rest go to `load_meta` (one bad line would otherwise abort the whole `datasets` build).
   Bytes that are not UTF-8 become U+FFFD, counted in `invalid_text`: clean_text drops it from text
   fields, and an id holding it is `invalid_id`.
-- `synthetic`: `cliprec.synthetic.generate_catalog` writes a raw JSONL + images, then as `jsonl`.
+- `synthetic`: `cliprec_worlds.demo.synthetic.generate_catalog` writes a raw JSONL + images, then as `jsonl`.
 
 Row selection, in this order: malformed (bad line, or no parent_asin) -> invalid_id (not intact text)
 -> malformed (details nested deeper than MAX_NESTING, from the amazon source) -> no_title (empty after
@@ -713,7 +713,7 @@ def _load_jsonl(
 ) -> tuple[datasets.Dataset | None, LineScan]:
     """The jsonl and synthetic sources: the file (generated for synthetic), screened by validate_jsonl."""
     if source == "synthetic":
-        from cliprec.synthetic import generate_catalog  # only this source needs it
+        from cliprec_worlds.demo.synthetic import generate_catalog  # only this source needs it
 
         if n_products is None:
             raise ValueError("ingest.source 'synthetic' needs ingest.n_products (how many to draw)")

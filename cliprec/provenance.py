@@ -2,11 +2,11 @@
 how a run went (`append_run_log`).
 
 `import_closure` follows the import statements of project files (read with `ast`, so an import inside a
-function counts too) through every module of the `cliprec` package they reach. `code_identity` hashes
-that closure; a resumable stage resumes only a run with the same code identity and the same
-`library_versions`, so editing `cliprec/loss.py` or upgrading peft retrains instead of re-exporting an
-old adapter. tests/test_provenance.py uses the same closure to check that dvc.yaml lists every module a
-stage imports.
+function counts too) through every module of the project's packages (`cliprec`, `cliprec_worlds`) they
+reach. `code_identity` hashes that closure; a resumable stage resumes only a run with the same code
+identity and the same `library_versions`, so editing `cliprec/loss.py` or upgrading peft retrains instead
+of re-exporting an old adapter. tests/test_provenance.py uses the same closure to check that dvc.yaml
+lists every module a stage imports.
 
 What depends on how a run went (resumed or not, how long it took) stays out of the stages' outputs, so
 that a killed and resumed run leaves the same `dvc.lock` as an uninterrupted one: `append_run_log` adds
@@ -24,13 +24,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-PACKAGE = "cliprec"
+PACKAGES = ("cliprec", "cliprec_worlds")  # the runtime, and the demo world that its `synthetic` source loads
 ROOT = Path(__file__).resolve().parents[1]  # the project root: cliprec/ and stages/ live here
 
 
 def module_file(name: str, root: Path = ROOT) -> Path | None:
     """The project file of a dotted module name (`cliprec.train` -> cliprec/train.py), None if not ours."""
-    if name != PACKAGE and not name.startswith(PACKAGE + "."):
+    if not any(name == pkg or name.startswith(pkg + ".") for pkg in PACKAGES):
         return None
     base = root.joinpath(*name.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):

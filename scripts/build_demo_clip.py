@@ -2,7 +2,7 @@
 
     python scripts/build_demo_clip.py [--out models/demo-clip] [--steps N] [--no-verify]
 
-Pre-trains on synthetic web-style pictures and captions (cliprec.demo_clip), then checks zero-shot
+Pre-trains on synthetic web-style pictures and captions (cliprec_worlds.demo_clip), then checks zero-shot
 text->image retrieval on a freshly generated demo catalog of each category and records everything in
 <out>/README.md.
 """
@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cliprec.demo_clip import BuildConfig, build_demo_clip, write_readme, zero_shot_recall
-from cliprec.synthetic import generate_catalog
+from cliprec_worlds.demo.synthetic import generate_catalog
+from cliprec_worlds.demo_clip import BuildConfig, build_demo_clip, write_readme, zero_shot_recall
 
 log = logging.getLogger("build_demo_clip")
 

@@ -2,7 +2,7 @@
 
     python scripts/build_study_standins.py [--out standins] [--categories A B] [--n-products N] [--seed S]
 
-Writes, deterministically and without network (cliprec.standins):
+Writes, deterministically and without network (cliprec_worlds.standins):
   <out>/clip-vit-base-patch32/   a random CLIP of openai/clip-vit-base-patch32's architecture + CLIP BPE
   <out>/bart-large-cnn/          a random BART of facebook/bart-large-cnn's architecture + byte-level BPE
   <out>/amazon-2023/raw/meta_categories/meta_<Category>.jsonl   the hub repo's layout
@@ -18,7 +18,7 @@ import json
 import logging
 from pathlib import Path
 
-from cliprec.standins import build_standins
+from cliprec_worlds.standins import build_standins
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -586,7 +586,9 @@ def test_synthetic_source_parses_generated_jsonl(tmp_path, monkeypatch):
         return path
 
     monkeypatch.setitem(
-        __import__("sys").modules, "cliprec.synthetic", types.SimpleNamespace(generate_catalog=fake_generate)
+        __import__("sys").modules,
+        "cliprec_worlds.demo.synthetic",
+        types.SimpleNamespace(generate_catalog=fake_generate),
     )
     out = tmp_path / "ingest" / "Amazon_Fashion"
     report = build_catalog("Amazon_Fashion", "synthetic", out, n_products=4, seed=3)

@@ -9,7 +9,14 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor
 
-from cliprec.demo_clip import (
+from cliprec_worlds.demo.synthetic import (
+    BASIC_COLOURS,
+    GEOMETRIC_SHAPES,
+    VOCABS,
+    generate_catalog,
+    stable_rng,
+)
+from cliprec_worlds.demo_clip import (
     CATALOG_COLOUR_NAMES,
     CATALOG_TYPE_NAMES,
     DISTRACTORS,
@@ -27,7 +34,6 @@ from cliprec.demo_clip import (
     write_readme,
     zero_shot_recall,
 )
-from cliprec.synthetic import BASIC_COLOURS, GEOMETRIC_SHAPES, VOCABS, generate_catalog, stable_rng
 
 DEMO_CLIP = Path("models/demo-clip")
 TINY = BuildConfig(

@@ -25,7 +25,16 @@ from cliprec.images import read_image_table
 
 REPO = Path(__file__).resolve().parents[1]
 CAT = "Amazon_Fashion"
-PROJECT_FILES = ("cliprec/", "stages/", "catalog/", "models/", "dvc.yaml", "params.yaml", ".dvcignore")
+PROJECT_FILES = (
+    "cliprec/",
+    "cliprec_worlds/",  # the demo generator: ingest depends on cliprec_worlds/${setup}
+    "stages/",
+    "catalog/",
+    "models/",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+)
 
 pytestmark = [
     pytest.mark.slow,  # ~1.5 min: eleven stages, each a fresh Python process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import yaml
@@ -54,14 +55,57 @@ def _stage_bodies() -> dict[str, dict]:
     return {name: spec.get("do", spec) for name, spec in stages.items()}
 
 
+SETUPS = list(yaml.safe_load((REPO / "params.yaml").read_text())["setups"])
+WORLDS = "cliprec_worlds"
+
+
+def _listed_modules(body: dict, setup: str) -> set[str]:
+    """The project modules a stage's deps name under `setup`: .py files, and the modules of code folders."""
+    out: set[str] = set()
+    for dep in body.get("deps", []):
+        path = (dep if isinstance(dep, str) else next(iter(dep))).replace("${setup}", setup)
+        if path.endswith(".py"):
+            out.add(path)
+        elif path.startswith(WORLDS + "/"):
+            assert (REPO / path).is_dir(), f"{path} (setup {setup}) does not exist: DVC would fail the stage"
+            files = sorted((REPO / path).rglob("*.py"))
+            out.update(p.as_posix() for p in import_closure(*files) if (REPO / p) in files)
+    return out
+
+
+def _closure_in(script: str, setup: str) -> set[str]:
+    """A stage script's import closure, less the other setups' worlds (imported only for their source)."""
+    others = tuple(f"{WORLDS}/{s}/" for s in SETUPS if s != setup)
+    return {p.as_posix() for p in import_closure(script) if not p.as_posix().startswith(others)}
+
+
 def test_dvc_yaml_deps_list_exactly_the_project_modules_each_stage_imports():
+    for setup in SETUPS:
+        for name, body in _stage_bodies().items():
+            closure = _closure_in(body["cmd"].split()[1], setup)
+            listed = _listed_modules(body, setup)
+            assert closure - listed == set(), f"{name} ({setup}): deps miss {sorted(closure - listed)}"
+            assert listed - closure == set(), f"{name} ({setup}): deps list unused {sorted(listed - closure)}"
+
+
+def test_the_demo_generator_is_a_dependency_of_the_demo_ingest_only():
+    demo = _listed_modules(_stage_bodies()["ingest"], "demo")
+    assert "cliprec_worlds/demo/synthetic.py" in demo
     for name, body in _stage_bodies().items():
-        script = body["cmd"].split()[1]
-        closure = {p.as_posix() for p in import_closure(script)}
-        deps = {d if isinstance(d, str) else next(iter(d)) for d in body.get("deps", [])}
-        listed = {d for d in deps if d.endswith(".py")}
-        assert closure - listed == set(), f"{name}: dvc.yaml deps miss {sorted(closure - listed)}"
-        assert listed - closure == set(), f"{name}: dvc.yaml deps list unused {sorted(listed - closure)}"
+        assert not {m for m in _listed_modules(body, "study") if m.startswith(WORLDS)}, name
+
+
+def test_the_runtime_imports_the_demo_world_only_inside_the_synthetic_source():
+    importers = []
+    for path in sorted((REPO / "cliprec").rglob("*.py")) + sorted((REPO / "stages").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            if any(n.split(".")[0] == WORLDS for n in names):
+                importers.append((path.relative_to(REPO).as_posix(), id(node) in top))
+    assert importers == [("cliprec/catalog.py", False)]  # one import, inside build_catalog's synthetic branch
 
 
 def test_each_ingest_depends_on_its_own_catalog_fingerprint_and_not_on_the_folder():

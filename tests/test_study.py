@@ -1,4 +1,4 @@
-"""The study's path at small shapes, offline (cliprec.standins): the stand-ins' real shapes, the hub-layout
+"""The study's path at small shapes, offline (cliprec_worlds.standins): the stand-ins' real shapes, the hub
 catalog read through the amazon source with a local hub_root, BART at its 1,024 input tokens, and beam
 search without reordering the cross-attention cache."""
 
@@ -12,8 +12,9 @@ import pytest
 import torch
 import yaml
 
-from cliprec import catalog, standins
+from cliprec import catalog
 from cliprec.params import Bart, Images
+from cliprec_worlds import standins
 
 REPO = Path(__file__).resolve().parents[1]
 RAW = yaml.safe_load((REPO / "params.yaml").read_text())

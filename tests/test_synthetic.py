@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliprec import synthetic
-from cliprec.synthetic import (
+from cliprec_worlds.demo import synthetic
+from cliprec_worlds.demo.synthetic import (
     DEFECT_KINDS,
     Look,
     Pose,

@@ -7,13 +7,13 @@
   d_model 1024, 12 + 12 layers, 16 heads, 1,024 positions, 50,264-row vocabulary) and its generation
   settings, with a byte-level BPE tokenizer trained here; random weights.
 - `build_hub_catalog`: Amazon-2023 item metadata laid out like the hub repo
-  (`<hub>/raw/meta_categories/meta_<Category>.jsonl`), drawn by `cliprec.synthetic`, with the hub's
-  quirks (price "None" as text, duplicates, records without title or image; no cut-off lines: the hub's
+  (`<hub>/raw/meta_categories/meta_<Category>.jsonl`), drawn by `cliprec_worlds.demo.synthetic`, with the
+  hub's quirks (price "None" as text, duplicates, records without title or image; no cut-off lines: the hub's
   files are valid JSON) and Amazon-like images: each photo as thumb (40 px), large (500 px) and hi_res
   (1500 px) JPEGs under a separate "CDN" directory, named by file:// URLs, so they are fetched offline.
   A share of the descriptions is lengthened past BART's 1,024 input tokens, some to a few hundred words.
 
-Both tokenizers are trained with `cliprec.demo_clip`'s deterministic BPE (tokenizers' BpeTrainer breaks
+Both tokenizers are trained with `cliprec_worlds.demo_clip`'s deterministic BPE (tokenizers' BpeTrainer breaks
 ties in hash order), so the same arguments give the same files on one machine type. The corpus is the
 stand-in catalog plus everyday English: the vocabularies reach what that corpus supports (a few
 thousand tokens), while the embedding matrices keep the real models' row counts, so every shape and
@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cliprec import synthetic
 from cliprec.catalog import AMAZON_META_PATH
-from cliprec.demo_clip import ENGLISH, _bpe_merges, make_processor, retail_words, train_tokenizer
+from cliprec_worlds.demo import synthetic
+from cliprec_worlds.demo_clip import ENGLISH, _bpe_merges, make_processor, retail_words, train_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The demo CLIP: a small CLIP built and pre-trained offline, so the demo setup needs no hub download.
 
 It is pre-trained contrastively on a synthetic stand-in for CLIP's WEB pre-training: pictures drawn with
-the catalog generator's primitives (cliprec.synthetic), captioned the way alt-texts are, not the way
-listings are. Half are geometric shapes ("a large red striped circle on a white background"), half are
+the catalog generator's primitives (cliprec_worlds.demo.synthetic), captioned like alt-texts, not the
+way listings are. Half are geometric shapes ("a large red striped circle on a white background"), half are
 everyday objects in the wild - the catalog's product silhouettes at any angle, size and position on
 coloured backgrounds - named with everyday words ("a blue striped shirt", "a small grey fridge"). As
 OpenAI's web data does, it teaches the common words well and the catalog's own vocabulary only weakly:
@@ -40,9 +40,9 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from cliprec import synthetic
 from cliprec.loss import clip_loss
 from cliprec.metrics import retrieval_metrics
+from cliprec_worlds.demo import synthetic
 
 log = logging.getLogger(__name__)
 

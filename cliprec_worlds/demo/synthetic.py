@@ -8,7 +8,10 @@ defective the way real dumps are (no title, no images, duplicate parent_asin, a 
 ingest report exercises every drop reason. Same seed -> byte-identical JSONL and JPEGs.
 
 The drawing primitives (`PALETTE`, `Look`, `Pose`, `render`, `SHAPE_SPECS`) are shared with
-cliprec.demo_clip, which pre-trains the demo CLIP on generic shapes drawn the same way.
+cliprec_worlds.demo_clip, which pre-trains the demo CLIP on generic shapes drawn the same way. The tables
+are data next to this module: drawing.json (palette, patterns, textures, shapes, brand-mark colours) and
+vocabulary.json (colour names, the hand-written vocabularies of Amazon_Fashion and Appliances, and what a
+category without one draws on).
 """
 
 from __future__ import annotations
@@ -46,175 +49,32 @@ RGB = tuple[int, int, int]
 # Drawing (shared with demo_clip). Everything is defined in the object's unit square, so a product keeps
 # its pattern, texture and brand mark whatever the pose of the shot.
 
-PALETTE: dict[str, RGB] = {
-    "black": (28, 28, 32),
-    "white": (246, 246, 243),
-    "grey": (132, 132, 138),
-    "charcoal": (62, 64, 70),
-    "silver": (192, 194, 200),
-    "red": (205, 32, 38),
-    "burgundy": (112, 22, 44),
-    "pink": (242, 140, 172),
-    "orange": (242, 122, 30),
-    "yellow": (248, 214, 44),
-    "mustard": (196, 156, 28),
-    "green": (40, 152, 62),
-    "olive": (108, 118, 40),
-    "mint": (160, 226, 192),
-    "teal": (18, 128, 130),
-    "blue": (40, 92, 206),
-    "navy": (26, 36, 92),
-    "purple": (122, 50, 164),
-    "brown": (122, 76, 40),
-    "beige": (218, 198, 162),
-    "cream": (246, 236, 208),
-    "copper": (184, 112, 52),
-}
+_HERE = Path(__file__).parent
 
+
+def _table(name: str) -> dict[str, Any]:
+    """One of the JSON tables next to this module (drawing.json, vocabulary.json)."""
+    return json.loads((_HERE / name).read_text(encoding="utf-8"))
+
+
+_DRAWING = _table("drawing.json")
+PALETTE: dict[str, RGB] = {name: tuple(rgb) for name, rgb in _DRAWING["palette"].items()}
 # the colour words of a generic captioner; catalog colours outside this set are new words to the demo CLIP
-BASIC_COLOURS = (
-    "red",
-    "orange",
-    "yellow",
-    "green",
-    "blue",
-    "purple",
-    "pink",
-    "brown",
-    "black",
-    "white",
-    "grey",
-)
-
-PATTERNS = ("solid", "stripes", "dots", "checks", "zigzag", "floral")
-TEXTURES = ("flat", "fine", "twill", "gloss", "coarse", "slub", "sheen", "brushed", "glass", "grain")
-MARK_STYLES = ("badge", "dot", "band", "corner")
+BASIC_COLOURS: tuple[str, ...] = tuple(_DRAWING["basic_colours"])
+PATTERNS: tuple[str, ...] = tuple(_DRAWING["patterns"])
+TEXTURES: tuple[str, ...] = tuple(_DRAWING["textures"])
+MARK_STYLES: tuple[str, ...] = tuple(_DRAWING["mark_styles"])
 REF = 256.0  # pattern periods are in pixels of a 256-px object box, so patterns scale with the object
 
-# Shapes in the unit square, one op per ";": `poly x y x y ...`, `ell x0 y0 x1 y1`,
-# `rect x0 y0 x1 y1 [radius]`, `pie x0 y0 x1 y1 start end` (degrees), `ring x0 y0 x1 y1 width`,
-# `line x0 y0 x1 y1 width`; a leading "-" cuts a hole (windows, slots, seams). The pair is where the
-# brand mark sits.
+# Shapes (drawing.json `shapes`) are in the unit square, one op per ";" of `ops`: `poly x y x y ...`,
+# `ell x0 y0 x1 y1`, `rect x0 y0 x1 y1 [radius]`, `pie x0 y0 x1 y1 start end` (degrees),
+# `ring x0 y0 x1 y1 width`, `line x0 y0 x1 y1 width`; a leading "-" cuts a hole (windows, slots, seams).
+# `mark_at` is where the brand mark sits. Products, generic products, then the geometric shapes of the
+# demo CLIP's generic pre-training (never a product).
 SHAPE_SPECS: dict[str, tuple[str, tuple[float, float]]] = {
-    # fashion
-    "tshirt": (
-        "poly .32 .15 .42 .12 .5 .18 .58 .12 .68 .15 .88 .3 .8 .42 .72 .36 .72 .88 .28 .88 .28 .36 .2 .42"
-        " .12 .3",
-        (0.58, 0.34),
-    ),
-    "dress": ("poly .4 .1 .6 .1 .63 .3 .58 .42 .82 .9 .18 .9 .42 .42 .37 .3", (0.5, 0.3)),
-    "trousers": ("poly .3 .1 .7 .1 .75 .9 .56 .9 .5 .36 .44 .9 .25 .9", (0.38, 0.2)),
-    "shorts": ("poly .22 .3 .78 .3 .84 .7 .56 .72 .5 .5 .44 .72 .16 .7", (0.33, 0.4)),
-    "skirt": ("poly .36 .22 .64 .22 .84 .8 .16 .8", (0.5, 0.34)),
-    "hoodie": (
-        "poly .3 .18 .7 .18 .9 .42 .9 .8 .8 .8 .73 .45 .73 .9 .27 .9 .27 .45 .2 .8 .1 .8 .1 .42;"
-        "ell .36 .04 .64 .3; -ell .42 .1 .58 .26",
-        (0.5, 0.58),
-    ),
-    "cap": ("pie .2 .28 .76 .84 180 360; ell .48 .5 .95 .62", (0.45, 0.44)),
-    "handbag": ("ring .32 .14 .68 .58 .05; rect .18 .4 .82 .86 .06", (0.5, 0.62)),
-    "backpack": (
-        "ring .41 .06 .59 .26 .04; rect .26 .18 .74 .9 .12; -line .34 .56 .66 .56 .018",
-        (0.5, 0.73),
-    ),
-    "sneaker": (
-        "poly .08 .54 .34 .5 .5 .33 .64 .33 .68 .5 .9 .58 .92 .72 .08 .72; -line .08 .66 .92 .66 .018",
-        (0.3, 0.6),
-    ),
-    "sock": ("poly .36 .06 .6 .06 .6 .58 .84 .7 .82 .92 .5 .9 .36 .72", (0.48, 0.2)),
-    "scarf": ("poly .12 .3 .3 .12 .88 .7 .7 .88; poly .55 .9 .7 .88 .62 .97 .5 .97", (0.5, 0.5)),
-    "sunglasses": (
-        "ell .1 .38 .46 .68; ell .54 .38 .9 .68; rect .44 .42 .56 .47; rect .04 .4 .12 .44;"
-        "rect .88 .4 .96 .44",
-        (0.28, 0.53),
-    ),
-    "watch": ("rect .4 .06 .6 .94 .03; ring .28 .28 .72 .72 .03; ell .34 .34 .66 .66", (0.5, 0.84)),
-    # appliances
-    "refrigerator": (
-        "rect .27 .05 .73 .95 .02; -line .27 .38 .73 .38 .014; -rect .33 .16 .35 .32;-rect .33 .44 .35 .62",
-        (0.56, 0.2),
-    ),
-    "microwave": ("rect .08 .26 .92 .74 .03; -rect .14 .32 .64 .68 .02", (0.78, 0.4)),
-    "toaster": ("rect .18 .36 .82 .84 .1; -rect .3 .36 .46 .42; -rect .54 .36 .7 .42", (0.5, 0.64)),
-    "kettle": (
-        "ell .22 .3 .72 .86; ring .5 .24 .88 .66 .05; poly .3 .5 .08 .3 .12 .26 .34 .42; ell .4 .22 .54 .34",
-        (0.47, 0.62),
-    ),
-    "blender": ("poly .3 .06 .7 .06 .62 .6 .38 .6; rect .28 .58 .72 .92 .04", (0.5, 0.76)),
-    "washing_machine": (
-        "rect .18 .12 .82 .92 .03; -ell .3 .34 .7 .74; ell .35 .39 .65 .69; -line .18 .25 .82 .25 .012",
-        (0.7, 0.18),
-    ),
-    "coffee_maker": (
-        "rect .22 .08 .78 .28 .03; rect .58 .08 .78 .92; rect .22 .82 .78 .92; ell .24 .44 .56 .8",
-        (0.68, 0.5),
-    ),
-    "vacuum": (
-        "rect .46 .14 .54 .8; ring .38 .04 .62 .2 .035; poly .28 .8 .76 .8 .8 .93 .24 .93;"
-        "rect .4 .36 .6 .62 .04",
-        (0.5, 0.49),
-    ),
-    "fan": (
-        "ring .22 .06 .78 .62 .03; ell .42 .26 .58 .42; rect .47 .55 .53 .86; poly .5 .34 .44 .1 .56 .1;"
-        "poly .5 .34 .7 .48 .64 .56; poly .5 .34 .3 .48 .36 .56; ell .28 .84 .72 .95",
-        (0.5, 0.895),
-    ),
-    "air_fryer": ("rect .24 .16 .76 .9 .14; -line .26 .58 .74 .58 .014; -rect .42 .66 .58 .7", (0.5, 0.36)),
-    "water_filter": (
-        "rect .37 .16 .63 .86 .03; ell .37 .1 .63 .22; rect .46 .04 .54 .14; -line .37 .3 .63 .3 .012;"
-        "-line .37 .72 .63 .72 .012",
-        (0.5, 0.5),
-    ),
-    "range_hood": ("rect .42 .04 .58 .46; poly .34 .44 .66 .44 .88 .76 .12 .76", (0.5, 0.62)),
-    "dishwasher": ("rect .2 .1 .8 .92 .02; -line .2 .24 .8 .24 .014; -rect .36 .28 .64 .31", (0.7, 0.17)),
-    "ice_maker": ("rect .24 .32 .76 .86 .04; poly .24 .32 .76 .32 .7 .2 .3 .2", (0.5, 0.58)),
-    # generic products (categories without a hand-written vocabulary)
-    "bottle": (
-        "rect .34 .32 .66 .92 .06; poly .34 .34 .44 .2 .56 .2 .66 .34; rect .43 .08 .57 .22",
-        (0.5, 0.62),
-    ),
-    "jar": ("rect .24 .3 .76 .88 .1; rect .28 .18 .72 .3 .02", (0.5, 0.6)),
-    "box": (
-        "poly .2 .34 .62 .34 .62 .86 .2 .86; poly .2 .34 .38 .18 .8 .18 .62 .34;"
-        "poly .62 .34 .8 .18 .8 .7 .62 .86",
-        (0.41, 0.6),
-    ),
-    "tube": ("poly .3 .1 .7 .1 .62 .78 .38 .78; rect .42 .78 .58 .92 .02", (0.5, 0.4)),
-    "book": ("rect .24 .1 .76 .9 .01; -rect .24 .1 .3 .9", (0.53, 0.3)),
-    "mug": ("rect .2 .24 .66 .84 .05; ring .56 .36 .84 .7 .06", (0.43, 0.54)),
-    "ball": ("ell .18 .18 .82 .82", (0.5, 0.5)),
-    "lamp": ("poly .32 .1 .68 .1 .8 .44 .2 .44; rect .47 .44 .53 .82; ell .3 .8 .7 .92", (0.5, 0.3)),
-    "phone": ("rect .3 .08 .7 .92 .06; -rect .34 .15 .66 .82 .01", (0.5, 0.87)),
-    "pouch": ("rect .14 .3 .86 .78 .12; -line .2 .38 .8 .38 .014", (0.5, 0.6)),
-    "cushion": ("poly .16 .16 .5 .22 .84 .16 .78 .5 .84 .84 .5 .78 .16 .84 .22 .5", (0.5, 0.5)),
-    "tray": ("poly .06 .42 .94 .42 .84 .7 .16 .7; rect .12 .4 .88 .46", (0.5, 0.56)),
-    # geometric shapes: the demo CLIP's generic pre-training, never a product
-    "circle": ("ell .2 .2 .8 .8", (0.5, 0.5)),
-    "square": ("rect .22 .22 .78 .78", (0.5, 0.5)),
-    "triangle": ("poly .5 .16 .86 .8 .14 .8", (0.5, 0.62)),
-    "diamond": ("poly .5 .12 .82 .5 .5 .88 .18 .5", (0.5, 0.5)),
-    "hexagon": ("poly .84 .5 .67 .794 .33 .794 .16 .5 .33 .206 .67 .206", (0.5, 0.5)),
-    "star": (
-        "poly .5 .16 .594 .411 .861 .423 .652 .589 .723 .847 .5 .7 .277 .847 .348 .589 .139 .423 .406 .411",
-        (0.5, 0.56),
-    ),
-    "cross": ("rect .4 .16 .6 .84; rect .16 .4 .84 .6", (0.5, 0.5)),
-    "heart": ("ell .18 .2 .52 .54; ell .48 .2 .82 .54; poly .2 .44 .8 .44 .5 .84", (0.5, 0.5)),
-    "crescent": ("ell .18 .18 .82 .82; -ell .36 .1 .96 .7", (0.32, 0.62)),
-    "rectangle": ("rect .12 .32 .88 .68", (0.5, 0.5)),
+    name: (spec["ops"], tuple(spec["mark_at"])) for name, spec in _DRAWING["shapes"].items()
 }
-GEOMETRIC_SHAPES = (
-    "circle",
-    "square",
-    "triangle",
-    "diamond",
-    "hexagon",
-    "star",
-    "cross",
-    "heart",
-    "crescent",
-    "rectangle",
-)
+GEOMETRIC_SHAPES: tuple[str, ...] = tuple(_DRAWING["geometric_shapes"])
 
 
 def _arc(
@@ -498,421 +358,25 @@ class CategoryVocab:
     general_materials: list[str] | None = None  # materials of types without their own list (None = all)
 
 
-COLOUR_NAMES: dict[str, list[str]] = {
-    "black": ["Black", "Jet Black", "Onyx"],
-    "white": ["White", "Bright White", "Snow White"],
-    "grey": ["Grey", "Gray", "Heather Grey"],
-    "charcoal": ["Charcoal", "Dark Grey", "Graphite"],
-    "silver": ["Stainless Steel", "Silver", "Brushed Silver"],
-    "red": ["Red", "Cherry Red", "Scarlet"],
-    "burgundy": ["Burgundy", "Wine", "Maroon"],
-    "pink": ["Pink", "Rose", "Blush Pink"],
-    "orange": ["Orange", "Tangerine", "Bright Orange"],
-    "yellow": ["Yellow", "Lemon", "Sunshine Yellow"],
-    "mustard": ["Mustard", "Mustard Yellow", "Ochre"],
-    "green": ["Green", "Kelly Green", "Emerald"],
-    "olive": ["Olive", "Army Green", "Olive Green"],
-    "mint": ["Mint", "Mint Green", "Seafoam"],
-    "teal": ["Teal", "Dark Cyan", "Peacock Blue"],
-    "blue": ["Blue", "Royal Blue", "Cobalt"],
-    "navy": ["Navy", "Navy Blue", "Midnight Blue"],
-    "purple": ["Purple", "Violet", "Plum"],
-    "brown": ["Brown", "Chocolate", "Coffee"],
-    "beige": ["Beige", "Khaki", "Sand", "Tan"],
-    "cream": ["Cream", "Crème", "Ivory", "Off-White"],
-    "copper": ["Copper", "Rose Gold", "Bronze"],
-}
+_VOCABULARY = _table("vocabulary.json")
+COLOUR_NAMES: dict[str, list[str]] = _VOCABULARY["colour_names"]
 
-FASHION = CategoryVocab(
-    name="Amazon_Fashion",
-    main_categories=[("AMAZON FASHION", 0.97), ("All Beauty", 0.01), ("Amazon Home", 0.02)],
-    types=[
-        ProductType(
-            "tshirt",
-            "tshirt",
-            ["T-Shirt", "Tee", "Crew Neck Tee", "Short Sleeve Top", "Graphic T Shirt"],
-            (9, 35),
-        ),
-        ProductType(
-            "dress", "dress", ["Dress", "Midi Dress", "Sundress", "A-Line Dress", "Swing Dress"], (19, 79)
-        ),
-        ProductType(
-            "trousers", "trousers", ["Pants", "Trousers", "Straight Leg Pants", "Chinos", "Joggers"], (18, 69)
-        ),
-        ProductType(
-            "shorts", "shorts", ["Shorts", "Bermuda Shorts", "Board Shorts", "Casual Shorts"], (12, 40)
-        ),
-        ProductType("skirt", "skirt", ["Skirt", "Mini Skirt", "Pleated Skirt", "A Line Skirt"], (14, 49)),
-        ProductType(
-            "hoodie", "hoodie", ["Hoodie", "Hooded Sweatshirt", "Pullover Hoodie", "Zip Up Hoodie"], (22, 65)
-        ),
-        ProductType("cap", "cap", ["Baseball Cap", "Cap", "Dad Hat", "Trucker Hat", "Snapback"], (8, 30)),
-        ProductType(
-            "handbag",
-            "handbag",
-            ["Handbag", "Tote Bag", "Shoulder Bag", "Purse", "Top Handle Bag"],
-            (20, 120),
-        ),
-        ProductType("backpack", "backpack", ["Backpack", "Daypack", "Rucksack", "School Backpack"], (19, 89)),
-        ProductType(
-            "sneaker",
-            "sneaker",
-            ["Sneakers", "Running Shoes", "Trainers", "Canvas Shoes", "Walking Shoes"],
-            (25, 110),
-        ),
-        ProductType("sock", "sock", ["Socks", "Crew Socks", "Ankle Socks", "Athletic Socks"], (6, 22)),
-        ProductType(
-            "scarf", "scarf", ["Scarf", "Shawl", "Wrap Scarf", "Infinity Scarf", "Pashmina"], (9, 39)
-        ),
-        ProductType(
-            "sunglasses",
-            "sunglasses",
-            ["Sunglasses", "Polarized Sunglasses", "Shades", "Aviator Sunglasses"],
-            (10, 60),
-            ["plastic", "metal"],
-        ),
-        ProductType(
-            "watch",
-            "watch",
-            ["Watch", "Wrist Watch", "Analog Watch", "Quartz Watch"],
-            (25, 150),
-            ["leather", "stainless", "silicone"],
-        ),
-    ],
-    colours=[
-        "black",
-        "white",
-        "grey",
-        "red",
-        "burgundy",
-        "pink",
-        "orange",
-        "yellow",
-        "mustard",
-        "green",
-        "olive",
-        "teal",
-        "blue",
-        "navy",
-        "purple",
-        "brown",
-        "beige",
-        "cream",
-    ],
-    colour_names=COLOUR_NAMES,
-    pattern_weights={
-        "solid": 0.3,
-        "stripes": 0.16,
-        "dots": 0.14,
-        "checks": 0.14,
-        "zigzag": 0.12,
-        "floral": 0.14,
-    },
-    pattern_names={
-        "solid": ["Solid", "Plain", "Solid Color", "Basic"],
-        "stripes": ["Striped", "Stripe", "Breton Stripe", "Stripes"],
-        "dots": ["Polka Dot", "Dotted", "Dot Print", "Spotted"],
-        "checks": ["Plaid", "Checkered", "Gingham", "Check", "Buffalo Check"],
-        "zigzag": ["Zigzag", "Chevron", "Zig Zag", "Aztec Zigzag"],
-        "floral": ["Floral", "Flower Print", "Floral Print", "Botanical"],
-    },
-    materials={
-        "cotton": (["Cotton", "100% Cotton", "Organic Cotton", "Cotton Blend"], "fine"),
-        "polyester": (["Polyester", "Poly", "Microfiber"], "flat"),
-        "denim": (["Denim", "Chambray", "Jean"], "twill"),
-        "leather": (["Leather", "Faux Leather", "PU Leather", "Genuine Leather"], "gloss"),
-        "wool": (["Wool", "Merino Wool", "Knit", "Wool Blend"], "coarse"),
-        "linen": (["Linen", "Linen Blend", "Flax"], "slub"),
-        "silk": (["Silk", "Satin", "Silky Satin"], "sheen"),
-        "nylon": (["Nylon", "Ripstop Nylon", "Mesh"], "fine"),
-        "plastic": (["Acetate", "Plastic Frame", "Polycarbonate"], "gloss"),
-        "metal": (["Metal Frame", "Alloy", "Titanium"], "brushed"),
-        "stainless": (["Stainless Steel", "Steel Band", "Metal Band"], "brushed"),
-        "silicone": (["Silicone", "Rubber Strap", "Silicone Band"], "flat"),
-    },
-    brands=[
-        "Northwind",
-        "Lumora",
-        "Vexa",
-        "Kestrel & Co.",
-        "Orrin",
-        "Bellamy",
-        "Solène",
-        "Tamsin",
-        "Quillon",
-        "Marlowe Lane",
-        "Zephyra",
-        "Fenwyck",
-    ],
-    fillers=[
-        "Casual",
-        "Summer",
-        "Lightweight",
-        "Classic Fit",
-        "Slim Fit",
-        "Vintage",
-        "Premium",
-        "Soft",
-        "Breathable",
-        "Everyday",
-        "Oversized",
-        "Relaxed Fit",
-        "2023 New",
-        "Trendy",
-        "Cute",
-        "Comfy",
-        "Boho",
-    ],
-    feature_pool=[
-        "Imported",
-        "Machine Wash",
-        "Hand Wash Only",
-        "Pull On closure",
-        "Zipper closure",
-        "Button closure",
-        "Lace-Up closure",
-        "Drawstring closure",
-        "Tumble dry low",
-        "Do not bleach",
-        "Regular fit",
-        "True to size",
-        "Lined",
-        "Unlined",
-        "Elastic waist",
-    ],
-    sentences=[
-        "Perfect for daily wear, vacation, beach, party, work and school.",
-        "Pair it with jeans, leggings or a skirt for an effortless look.",
-        "A wardrobe staple you will reach for again and again.",
-        "Great gift for family and friends on birthdays &amp; holidays.",
-        "Please check the size chart before ordering; colors may vary slightly due to screen settings.",
-        "Soft, stretchy and comfortable enough to wear all day long.",
-        "Our design team in Paris created this piece for the café-to-office lifestyle.",
-        "100% satisfaction guaranteed — contact us with any questions.",
-    ],
-    category_paths=[
-        ["Clothing, Shoes & Jewelry", "Women", "Clothing"],
-        ["Clothing, Shoes & Jewelry", "Men", "Clothing"],
-        ["Clothing, Shoes & Jewelry", "Women", "Accessories"],
-        ["Clothing, Shoes & Jewelry", "Men", "Shoes"],
-        ["Clothing, Shoes & Jewelry", "Novelty & More", "Clothing"],
-    ],
-    audiences=["Women's", "Men's", "Unisex", "Girls'", "Boys'", "Womens", "Mens"],
-    general_materials=["cotton", "polyester", "denim", "leather", "wool", "linen", "silk", "nylon"],
-)
 
-APPLIANCES = CategoryVocab(
-    name="Appliances",
-    main_categories=[("Appliances", 0.7), ("Tools & Home Improvement", 0.15), ("Amazon Home", 0.15)],
-    types=[
-        ProductType(
-            "refrigerator",
-            "refrigerator",
-            ["Refrigerator", "Fridge", "Mini Fridge", "Compact Refrigerator"],
-            (150, 1800),
-        ),
-        ProductType(
-            "microwave", "microwave", ["Microwave", "Microwave Oven", "Countertop Microwave"], (70, 400)
-        ),
-        ProductType(
-            "toaster",
-            "toaster",
-            ["Toaster", "2-Slice Toaster", "4 Slice Toaster", "Wide Slot Toaster"],
-            (20, 120),
-        ),
-        ProductType(
-            "kettle", "kettle", ["Electric Kettle", "Kettle", "Tea Kettle", "Water Boiler"], (18, 90)
-        ),
-        ProductType(
-            "blender",
-            "blender",
-            ["Blender", "Countertop Blender", "Smoothie Blender", "Personal Blender"],
-            (25, 250),
-        ),
-        ProductType(
-            "washing_machine",
-            "washing_machine",
-            ["Washing Machine", "Washer", "Front Load Washer", "Portable Washer"],
-            (180, 1200),
-        ),
-        ProductType(
-            "coffee_maker",
-            "coffee_maker",
-            ["Coffee Maker", "Drip Coffee Machine", "Coffeemaker", "Brewer"],
-            (25, 220),
-        ),
-        ProductType(
-            "vacuum",
-            "vacuum",
-            ["Vacuum Cleaner", "Stick Vacuum", "Upright Vacuum", "Cordless Vacuum"],
-            (60, 450),
-        ),
-        ProductType("fan", "fan", ["Pedestal Fan", "Stand Fan", "Oscillating Fan", "Floor Fan"], (25, 140)),
-        ProductType("air_fryer", "air_fryer", ["Air Fryer", "Air Fryer Oven", "Oil-Free Fryer"], (45, 200)),
-        ProductType(
-            "water_filter",
-            "water_filter",
-            ["Refrigerator Water Filter", "Water Filter Cartridge", "Replacement Filter"],
-            (9, 55),
-            ["plastic"],
-        ),
-        ProductType(
-            "range_hood",
-            "range_hood",
-            ["Range Hood", "Wall Mount Range Hood", "Chimney Hood", "Kitchen Vent Hood"],
-            (120, 700),
-            ["stainless", "glass", "aluminum"],
-        ),
-        ProductType(
-            "dishwasher",
-            "dishwasher",
-            ["Dishwasher", "Built-In Dishwasher", "Countertop Dishwasher"],
-            (250, 1100),
-        ),
-        ProductType(
-            "ice_maker",
-            "ice_maker",
-            ["Ice Maker", "Countertop Ice Maker", "Nugget Ice Maker", "Ice Machine"],
-            (90, 450),
-        ),
-    ],
-    colours=[
-        "silver",
-        "black",
-        "white",
-        "red",
-        "cream",
-        "charcoal",
-        "copper",
-        "mint",
-        "blue",
-        "yellow",
-        "grey",
-        "teal",
-    ],
-    colour_names=COLOUR_NAMES,
-    pattern_weights={
-        "solid": 0.5,
-        "stripes": 0.12,
-        "dots": 0.1,
-        "checks": 0.1,
-        "zigzag": 0.08,
-        "floral": 0.1,
-    },
-    pattern_names={
-        "solid": ["Matte", "Solid", "Classic", "Smooth Finish"],
-        "stripes": ["Striped", "Retro Stripe", "Racing Stripe", "Stripe Design"],
-        "dots": ["Polka Dot", "Speckled", "Dotted", "Dot Pattern"],
-        "checks": ["Checkered", "Gingham", "Check Pattern", "Plaid"],
-        "zigzag": ["Zigzag", "Chevron", "Zig-Zag Pattern"],
-        "floral": ["Floral", "Flower Decal", "Floral Print", "Botanical"],
-    },
-    materials={
-        "stainless": (["Stainless Steel", "Brushed Stainless", "SS"], "brushed"),
-        "plastic": (["Plastic", "BPA-Free Plastic", "ABS"], "gloss"),
-        "glass": (["Glass", "Tempered Glass", "Borosilicate Glass"], "glass"),
-        "aluminum": (["Aluminum", "Die-Cast Aluminum", "Aluminium"], "fine"),
-        "ceramic": (["Ceramic", "Enamel", "Porcelain"], "gloss"),
-        "cast_iron": (["Cast Iron", "Enameled Cast Iron"], "coarse"),
-    },
-    brands=[
-        "Kelvane",
-        "Brisko",
-        "Homtek",
-        "Vantorra",
-        "Frostline",
-        "Cuisara",
-        "Ovenly",
-        "Thermia",
-        "Zentro",
-        "Aquaviva",
-        "Hearthmark",
-        "Pellano",
-    ],
-    fillers=[
-        "Compact",
-        "Energy Efficient",
-        "Quiet",
-        "Portable",
-        "Digital",
-        "Programmable",
-        "Heavy Duty",
-        "Smart",
-        "Countertop",
-        "Retro",
-        "Professional",
-        "Upgraded",
-        "2023 Model",
-        "Large Capacity",
-    ],
-    feature_pool=[
-        "Auto shut-off",
-        "Dishwasher-safe parts",
-        "ETL listed",
-        "Energy Star certified",
-        "1-year warranty",
-        "Easy to clean",
-        "Cool-touch handle",
-        "LED display",
-        "Child lock",
-        "Low noise operation",
-        "Overheat protection",
-        "Removable drip tray",
-        "BPA free",
-        "Adjustable thermostat",
-    ],
-    sentences=[
-        "Designed for small kitchens, dorms, offices and RVs.",
-        "Installation is quick and easy — no tools required.",
-        "Backed by our 1-year warranty &amp; friendly US-based support.",
-        "Powerful performance with whisper-quiet operation.",
-        "Please verify the model number before ordering to ensure compatibility.",
-        "A thoughtful gift for housewarmings, weddings and holidays.",
-        "Enjoy café-quality results at home, every day.",
-        "Its sleek design complements any kitchen décor.",
-    ],
-    category_paths=[
-        ["Appliances", "Parts & Accessories"],
-        ["Appliances", "Small Appliances"],
-        ["Appliances", "Refrigerators, Freezers & Ice Makers"],
-        ["Appliances", "Laundry Appliances"],
-        ["Appliances", "Cooktops & Range Hoods"],
-        ["Home & Kitchen", "Kitchen & Dining", "Small Appliances"],
-    ],
-)
+def _vocab(spec: dict[str, Any]) -> CategoryVocab:
+    """A hand-written vocabulary of vocabulary.json (JSON's pairs become the dataclasses' tuples)."""
+    fields = {**spec, "colour_names": COLOUR_NAMES}
+    fields["main_categories"] = [tuple(m) for m in spec["main_categories"]]
+    fields["types"] = [ProductType(**{**t, "price": tuple(t["price"])}) for t in spec["types"]]
+    fields["materials"] = {k: (names, texture) for k, (names, texture) in spec["materials"].items()}
+    return CategoryVocab(**fields)
 
-_GENERIC_TYPES = {
-    "bottle": ["Bottle", "Spray Bottle", "Pump Bottle"],
-    "jar": ["Jar", "Canister", "Container"],
-    "box": ["Box", "Gift Box", "Storage Box"],
-    "tube": ["Tube", "Squeeze Tube"],
-    "book": ["Book", "Notebook", "Journal"],
-    "mug": ["Mug", "Cup", "Tumbler"],
-    "ball": ["Ball", "Sphere"],
-    "lamp": ["Lamp", "Light", "Table Lamp"],
-    "phone": ["Phone", "Device", "Tablet"],
-    "pouch": ["Pouch", "Case", "Organizer Bag"],
-    "cushion": ["Cushion", "Pillow", "Pad"],
-    "tray": ["Tray", "Holder", "Stand"],
-}
-_SYLLABLES = [
-    "ka",
-    "lo",
-    "mi",
-    "ra",
-    "ven",
-    "to",
-    "sa",
-    "quin",
-    "del",
-    "bri",
-    "no",
-    "zu",
-    "fen",
-    "ar",
-    "tel",
-    "mo",
-]
+
+FASHION = _vocab(_VOCABULARY["categories"]["Amazon_Fashion"])
+APPLIANCES = _vocab(_VOCABULARY["categories"]["Appliances"])
+_GENERIC = _VOCABULARY["generic"]  # what a category without a hand-written vocabulary draws on
+_GENERIC_TYPES: dict[str, list[str]] = _GENERIC["types"]
+_SYLLABLES: list[str] = _GENERIC["brand_syllables"]
+_MONTHS: list[str] = _VOCABULARY["months"]
 
 
 def _stable_int(*parts: object) -> int:
@@ -952,51 +416,13 @@ def _generic_vocab(category: str) -> CategoryVocab:
         types=types,
         colours=colours,
         colour_names=COLOUR_NAMES,
-        pattern_weights={
-            "solid": 0.4,
-            "stripes": 0.12,
-            "dots": 0.12,
-            "checks": 0.12,
-            "zigzag": 0.12,
-            "floral": 0.12,
-        },
+        pattern_weights=dict(_GENERIC["pattern_weights"]),
         pattern_names=FASHION.pattern_names,
-        materials={
-            "plastic": (["Plastic", "BPA-Free Plastic"], "gloss"),
-            "metal": (["Metal", "Aluminum", "Steel"], "brushed"),
-            "wood": (["Wood", "Bamboo", "Natural Wood"], "grain"),
-            "glass": (["Glass", "Crystal Glass"], "glass"),
-            "fabric": (["Fabric", "Cotton", "Canvas"], "fine"),
-            "paper": (["Paper", "Cardboard", "Kraft Paper"], "coarse"),
-        },
+        materials={k: (names, texture) for k, (names, texture) in _GENERIC["materials"].items()},
         brands=brands,
-        fillers=[
-            "Premium",
-            "Deluxe",
-            "Portable",
-            "Classic",
-            "Large",
-            "Mini",
-            "Set of 2",
-            "New",
-            "Professional",
-        ],
-        feature_pool=[
-            "Easy to use",
-            "Durable construction",
-            "Lightweight",
-            "Gift ready",
-            "Satisfaction guaranteed",
-            "Compact size",
-            "Easy to clean",
-            "Travel friendly",
-        ],
-        sentences=[
-            f"A must-have for every {label.lower()} lover.",
-            "Quality you can trust &amp; feel.",
-            "Makes a wonderful gift — order yours today.",
-            "Designed with care for everyday use.",
-        ],
+        fillers=list(_GENERIC["fillers"]),
+        feature_pool=list(_GENERIC["feature_pool"]),
+        sentences=[s.format(label=label.lower()) for s in _GENERIC["sentences"]],
         category_paths=[[label], [label, words[0]]],
     )
 
@@ -1009,18 +435,7 @@ def category_vocab(category: str) -> CategoryVocab:
     return VOCABS.get(category) or _generic_vocab(category)
 
 
-_BRAND_MARK_COLOURS: list[RGB] = [
-    (220, 20, 60),
-    (0, 110, 220),
-    (250, 200, 0),
-    (0, 160, 90),
-    (150, 40, 200),
-    (255, 110, 0),
-    (20, 20, 20),
-    (250, 250, 250),
-    (0, 180, 200),
-    (240, 80, 160),
-]
+_BRAND_MARK_COLOURS: list[RGB] = [tuple(rgb) for rgb in _DRAWING["brand_mark_colours"]]
 
 
 def brand_mark(brand: str) -> Mark:
@@ -1203,22 +618,6 @@ def _features(product: Product, vocab: CategoryVocab, rng: np.random.Generator) 
     if vocab is APPLIANCES and _maybe(rng, 0.5):
         feats.append(f"{int(rng.integers(6, 18)) * 100} Watts")
     return feats
-
-
-_MONTHS = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-]
 
 
 def _details(
