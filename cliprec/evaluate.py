@@ -54,10 +54,11 @@ from cliprec.artifacts import (
     write_json,
 )
 from cliprec.errors import CliprecError
-from cliprec.index import LoadedIndex, fuse, load_index, read_ids
+from cliprec.index import LoadedIndex, load_index, read_ids
 from cliprec.metrics import per_query, target_ranks
 from cliprec.paths import rebuild_hint
 from cliprec.stats import bootstrap_ci
+from cliprec.vectors import fuse
 
 log = logging.getLogger(__name__)
 

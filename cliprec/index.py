@@ -77,13 +77,6 @@ ADD_BATCH = 65_536  # rows copied out of the memmap at a time while adding
 LINEAGE_KEYS = ("category", "catalog_sha256", "adapter_sha256")  # copied from the embeddings' manifest
 
 
-def fuse(text: np.ndarray, image: np.ndarray, text_weight: float) -> np.ndarray:
-    """Row-wise normalise(w * text + (1 - w) * image), float32."""
-    v = text_weight * np.asarray(text, np.float32) + (1.0 - text_weight) * np.asarray(image, np.float32)
-    norm = np.linalg.norm(v, axis=-1, keepdims=True)
-    return (v / np.maximum(norm, 1e-12)).astype(np.float32)
-
-
 class IndexIntegrityError(ArtifactError):
     """The saved index does not match its manifest, its ids or what the caller expects."""
 

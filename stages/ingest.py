@@ -6,8 +6,8 @@ Usage: python stages/ingest.py <category>
 from __future__ import annotations
 
 from cliprec import paths
-from cliprec.errors import run_stage
 from cliprec.params import stage_params
+from cliprec.runtime import run_stage
 from cliprec.sources import check_fingerprint
 
 

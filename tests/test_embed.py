@@ -16,9 +16,10 @@ from PIL import Image
 from tiny import make_catalog, make_clip
 
 from cliprec import paths
-from cliprec.embed import FILES, embed_catalog, encode_images, encode_texts, fuse
+from cliprec.embed import FILES, embed_catalog, encode_images, encode_texts
 from cliprec.images import decode_jpeg, read_image_table
 from cliprec.model import decode_side, load_clip
+from cliprec.vectors import fuse
 
 REPO = Path(__file__).resolve().parents[1]
 CAT = "Tiny"

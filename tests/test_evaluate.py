@@ -13,11 +13,11 @@ import pytest
 
 from cliprec import paths
 from cliprec.artifacts import ArtifactError, catalog_identity, write_manifest
-from cliprec.embed import fuse
 from cliprec.errors import CliprecError
 from cliprec.evaluate import MODES, evaluate, exact_topk, gallery_digest, headline, write_outputs
 from cliprec.index import IndexIntegrityError, build_from_embeddings
 from cliprec.metrics import metrics_from_ranks
+from cliprec.vectors import fuse
 
 REPO = Path(__file__).resolve().parents[1]
 D = 16
