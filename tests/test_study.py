@@ -120,7 +120,7 @@ def test_the_study_path_at_small_shapes(small, tmp_path, monkeypatch):
     """amazon source (local hub copy) -> photos over file:// -> BART at 1,024 tokens -> embeddings."""
     from transformers import BartForConditionalGeneration
 
-    from cliprec.embed import embed_catalog
+    from cliprec.embed import EmbedOptions, embed_catalog
     from cliprec.images import build_image_shards
     from cliprec.model import load_clip
     from cliprec.summarize import summarize_catalog
@@ -150,7 +150,12 @@ def test_the_study_path_at_small_shapes(small, tmp_path, monkeypatch):
     model, processor = load_clip(small["clip"])
     summaries_path = tmp_path / "summaries" / "summaries.parquet"
     manifest = embed_catalog(
-        model, processor, tmp_path / "images", summaries_path, tmp_path / "embed", batch_size=8
+        model,
+        processor,
+        tmp_path / "images",
+        summaries_path,
+        tmp_path / "embed",
+        options=EmbedOptions(batch_size=8),
     )
     assert manifest["n"] == 16 and manifest["d"] == 16
 
