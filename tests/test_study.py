@@ -103,12 +103,14 @@ def test_amazon_source_reads_a_local_hub_copy_through_the_same_call(small, tmp_p
         return real(data_files, cache_dir=cache_dir)
 
     monkeypatch.setattr(catalog, "load_meta", spy)
-    report = catalog.build_catalog(CATEGORY, "amazon", tmp_path / "out", n_products=12, hub_root=small["hub"])
+    report = catalog.build_catalog(
+        CATEGORY, catalog.CatalogSource("amazon", n_products=12, hub_root=small["hub"]), tmp_path / "out"
+    )
     assert calls == [catalog.amazon_data_files(CATEGORY, small["hub"])]
     assert calls[0].endswith("raw/meta_categories/meta_Appliances.jsonl")
     assert report["source"] == "amazon" and report["n_products"] == 12
     assert report["dropped"]["no_title"] >= 1 and report["dropped"]["duplicate_id"] >= 1
-    products = catalog.read_products(tmp_path / "out" / "products.parquet")
+    products = pd.read_parquet(tmp_path / "out" / "products.parquet")
     # per product, per photo: its URLs hi_res -> large -> thumb
     assert all(u.startswith("file:///") for photos in products["image_urls"] for urls in photos for u in urls)
 
@@ -125,8 +127,10 @@ def test_the_study_path_at_small_shapes(small, tmp_path, monkeypatch):
     from cliprec.model import load_clip
     from cliprec.summarize import summarize_catalog
 
-    catalog.build_catalog(CATEGORY, "amazon", tmp_path / "ingest", n_products=16, hub_root=small["hub"])
-    products = catalog.read_products(tmp_path / "ingest" / "products.parquet")
+    catalog.build_catalog(
+        CATEGORY, catalog.CatalogSource("amazon", n_products=16, hub_root=small["hub"]), tmp_path / "ingest"
+    )
+    products = pd.read_parquet(tmp_path / "ingest" / "products.parquet")
     images = Images(**{**RAW["images"], "side": 32, "workers": 2})
     report = build_image_shards(products[["id", "image_urls", "image_variants"]], tmp_path / "images", images,
                                 progress=False)  # fmt: skip
