@@ -69,9 +69,9 @@ CURVE_KS = tuple(range(1, 11))
 SEED_K = 5
 ANN_K = 10
 TIE_EPS = 1e-5  # float32 inner products of equal vectors can differ in the last bits
-# The DVC metrics file's columns: `dvc exp show` has ~130 columns of params and deps before any metric, so
+# The DVC metrics file's columns: `dvc exp show` has a column per param and dep before any metric, so
 # one per variant and category; the key names the category and variant, because DVC heads a column with
-# its key alone only where no other metrics file has the same key (else with the file's path, ~60 chars).
+# its key alone only where no other metrics file has the same key (else with the file's long path).
 HEADLINE = (("text_to_image", "recall_at_5", "t2i_r5"),)  # (mode, metric, key suffix)
 
 
