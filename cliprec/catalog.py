@@ -74,10 +74,8 @@ PLAY_ICON_MARKER = "play-icon-overlay"
 
 _STRING_FIELDS = ("main_category", "title", "store", "parent_asin", "subtitle")
 _LIST_FIELDS = ("features", "description", "categories")
-# Fields whose type varies across records (or is free-form): `datasets` stores them as JSON text and
+# The Json() fields vary in type across records (or are free-form): `datasets` stores them as JSON text and
 # decodes them back to Python objects; a JSON-string `details` decodes to the same dict as an object.
-_JSON_FIELDS = ("price", "videos", "details", "bought_together", "author")
-
 FEATURES = Features(
     {
         "main_category": Value("string"),
