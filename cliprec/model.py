@@ -148,8 +148,9 @@ def tokenize(processor: CLIPProcessor, texts: Sequence[str], max_length: int) ->
 def image_pixels(processor: CLIPProcessor, images: Sequence[Image.Image]) -> torch.Tensor:
     """The processor's RGB conversion + resize + center crop only: (n, 3, H, W), uint8 for the PIL backend.
 
-    For CLIP's usual settings this calls Pillow directly: the same pixels (tests check equality) at ~60%
-    of the cost, which matters on a CPU where decoding competes with the model for the cores.
+    For CLIP's usual settings this calls Pillow directly: the same pixels (tests check equality) at a
+    fraction of the cost (bench/embed_throughput.py), which matters on a CPU where decoding competes with
+    the model for the cores.
     """
     ip = processor.image_processor
     fast = _pillow_resize_crop(ip)

@@ -24,6 +24,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from cliprec.artifacts import sha256_file
+
 PACKAGES = ("cliprec", "cliprec_worlds")  # the runtime, and the demo world that its `synthetic` source loads
 ROOT = Path(__file__).resolve().parents[1]  # the project root: cliprec/ and stages/ live here
 
@@ -83,7 +85,7 @@ def code_identity(*entries: str, root: Path = ROOT) -> str:
     h = hashlib.sha256()
     for rel in import_closure(*entries, root=root):
         h.update(rel.as_posix().encode() + b"\0")
-        h.update(hashlib.sha256((root / rel).read_bytes()).digest())
+        h.update(bytes.fromhex(sha256_file(root / rel)))
     return h.hexdigest()
 
 

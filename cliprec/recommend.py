@@ -223,7 +223,7 @@ class Recommender:
             vectors.append(self.image_vector(query.image_obj))
         if len(vectors) == 1:
             return vectors[0]
-        from cliprec.index import fuse
+        from cliprec.vectors import fuse
 
         return np.asarray(fuse(vectors[0], vectors[1], self.text_weight), dtype=np.float32)
 

@@ -32,10 +32,10 @@ import pyarrow.parquet as pq
 
 from cliprec import paths
 from cliprec.images import ImageFailure, decode_jpeg, pillow_limits, process_image
-from cliprec.index import fuse
 from cliprec.params import Images, load_params
 from cliprec.photos import PhotoStore
 from cliprec.recommend import Hit, Query, Recommender, RecommendError
+from cliprec.vectors import fuse
 
 log = logging.getLogger(__name__)
 

@@ -38,10 +38,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from cliprec.artifacts import write_json
+from cliprec.artifacts import model_identity, write_json
 from cliprec.hub import SUMMARIZER_SETTING, hub_errors, pretrained_kwargs
 from cliprec.params import Bart, Summarize
-from cliprec.paths import model_identity
 from cliprec.provenance import append_run_log, code_identity, library_versions
 from cliprec.text import clean_text, extractive_summary, idf_weights
 

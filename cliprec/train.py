@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cliprec.artifacts import write_json, write_manifest
+from cliprec.artifacts import model_identity, write_json, write_manifest
 from cliprec.errors import CliprecError
 from cliprec.loss import clip_loss
 from cliprec.metrics import retrieval_metrics
@@ -75,7 +75,7 @@ from cliprec.model import (
 )
 from cliprec.pairs import PairData, load_pairs, prefetch
 from cliprec.params import Params
-from cliprec.paths import ADAPTER_DIR, model_identity
+from cliprec.paths import ADAPTER_DIR
 from cliprec.precision import amp_dtype, autocast, grad_scaler
 from cliprec.provenance import append_run_log, code_identity, library_versions
 

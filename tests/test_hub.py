@@ -28,7 +28,9 @@ CATEGORY = "Appliances"
 
 def test_a_local_hub_copy_without_the_category_is_one_line(tmp_path):
     with pytest.raises(CliprecError, match=r"setups\.study\.ingest\.hub_root = .* must hold a copy") as e:
-        catalog.build_catalog(CATEGORY, "amazon", tmp_path / "out", hub_root=str(tmp_path / "empty"))
+        catalog.build_catalog(
+            CATEGORY, catalog.CatalogSource("amazon", hub_root=str(tmp_path / "empty")), tmp_path / "out"
+        )
     assert "\n" not in str(e.value)
 
 

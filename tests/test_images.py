@@ -26,7 +26,7 @@ from PIL import Image, features
 
 import cliprec.images as ci
 from cliprec.artifacts import ArtifactError, sha256_file, write_manifest
-from cliprec.errors import CliprecError, run_stage
+from cliprec.errors import CliprecError
 from cliprec.images import (
     build_image_shards,
     decode_jpeg,
@@ -39,6 +39,7 @@ from cliprec.images import (
     read_status,
 )
 from cliprec.params import Images, load_params
+from cliprec.runtime import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 

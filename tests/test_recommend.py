@@ -18,7 +18,7 @@ from tiny import COLORS, make_catalog, make_clip
 
 from cliprec import paths
 from cliprec.artifacts import ArtifactError, catalog_identity, manifest_sha256, write_manifest
-from cliprec.embed import embed_catalog, encode_images, encode_texts, fuse
+from cliprec.embed import EmbedOptions, embed_catalog, encode_images, encode_texts
 from cliprec.index import build_from_embeddings
 from cliprec.model import add_lora, load_clip, save_adapter
 from cliprec.params import load_params
@@ -32,6 +32,7 @@ from cliprec.recommend import (
     render_grid,
     thumbnails,
 )
+from cliprec.vectors import fuse
 
 REPO = Path(__file__).resolve().parents[1]
 CAT = "Amazon_Fashion"
@@ -78,7 +79,7 @@ def build_category(root: Path, category: str, n: int, seed: int = 0) -> None:
             root / paths.images_dir(category),
             summaries,
             root / paths.embed_dir(category, variant),
-            text_weight=p.embed.text_weight,
+            options=EmbedOptions(text_weight=p.embed.text_weight),
             info={
                 "model": model_name,
                 "variant": variant,
