@@ -193,7 +193,16 @@ def faiss_scale() -> list[str]:
         for r in s["rows"]:
             rows.append([f"{s['n']:,}", f"`{r['factory']}`", f"{r['build_s']:.1f}", _num(r["memory_mb"], 0),
                          _num(r["qps"]), f"{r['recall']:.3f}", f"{r['speedup_vs_flat']:.1f}×"])  # fmt: skip
+    best = [
+        f"at {s['n']:,}: `{b['factory']}` at nprobe {b['nprobe']}, k_factor {b['k_factor']:g}: "
+        f"{_num(b['qps'])} QPS, "
+        f"recall {b['recall']:.3f} ({b['speedup_vs_flat']:.0f}× exact)"
+        for s in d["sizes"]
+        for b in [s["best"]]
+    ]
     return _table(["vectors", "index", "build s", "MB", "QPS", "recall@10", "vs exact"], rows) + [
+        "",
+        "Fastest setting at recall@10 ≥ 0.95 in the sweep: " + "; ".join(best) + ".",
         "",
         measured_on(d["machine"], "bench/results/faiss_scale.json"),
     ]
@@ -280,7 +289,7 @@ def results() -> list[str]:
     sys.path.insert(0, str(REPO))
     from cliprec.report import MODES, SHORT, report_data
 
-    report, _ = report_data(REPO, exp_show=lambda *_a, **_k: [])
+    report, notes = report_data(REPO, exp_show=lambda *_a, **_k: [])
     wanted = {"text_to_image": SHORT, "image_to_text": ("recall_at_5", "mrr"),
               "image_to_image": ("recall_at_5", "mrr"), "multimodal": ("recall_at_5", "mrr")}  # fmt: skip
     rows = []
@@ -291,12 +300,27 @@ def results() -> list[str]:
                 if e:
                     rows.append([cat, MODES[mode], SHORT[m], _ci(e.get("zeroshot")), _ci(e.get("lora")),
                                  _diff(e.get("lora_minus_zeroshot"))])  # fmt: skip
+    for cat, src in notes["sources"].items():
+        sims = [_seed(src.metrics.get(v)) for v in ("zeroshot", "lora")]
+        rows.append([cat, "seed", "sim@5 (w/o self)", *sims, "(not paired: not a relevance metric)"])
     return _table(["Category", "Mode", "Metric", "zero-shot", "LoRA", "LoRA − zero-shot (paired)"], rows)
+
+
+def _seed(metrics: dict[str, Any] | None) -> str:
+    """The seed project's similarity metric with its CI, from one variant's metrics file."""
+    if not metrics or "avg_mean_similarity_at_5" not in metrics:
+        return "—"
+    ci = metrics.get("avg_mean_similarity_at_5_ci95") or {}
+    return _ci(
+        {"value": metrics["avg_mean_similarity_at_5"], "ci_low": ci.get("low"), "ci_high": ci.get("high")}
+    )
 
 
 def _ci(v: dict[str, Any] | None) -> str:
     if not v:
         return "—"
+    if v.get("ci_low") is None:
+        return f"{v['value']:.3f}"
     return f"{v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
 
 
