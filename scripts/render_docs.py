@@ -245,6 +245,58 @@ def study_rehearsal() -> list[str]:
     ]
 
 
+def _hours(h: float) -> str:
+    return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h" if h < 2 else f"{h:.0f} h"
+
+
+def study_projection() -> list[str]:
+    """The rehearsal's projection to the study's size: this CPU from measured rates, a GPU from estimates."""
+    d = _load("study_rehearsal")
+    p = d["projection"][0]
+    cpu, gpu, basis = p["cpu_hours"], p["a100_estimate_minutes"], p["a100_basis"]
+    ref, flops = basis["bart_reference"], basis["clip_gflop"]
+    mix = d["bart"][p["category"]]
+    images_min = cpu["images"] * 60
+    total_fp32 = gpu["summarize_bf16_reference"] + gpu["train_fp32"] + gpu["embed_fp32"] + images_min
+    total_amp = gpu["summarize_bf16_reference"] + gpu["train_bf16"] + gpu["embed_bf16"] + images_min
+    steps = p["train_steps"] // p["epochs"]
+    tflops = basis["sustained_tflops_estimate"]
+    bart_basis = (
+        f"CPU: the measured {p['bart_cpu_gflop_per_s']} GFLOP/s × a FLOP model of the study's batches "
+        f"(stand-in mix: {mix['study_mix_mean_tokens']:.0f} input tokens on average, "
+        f"{mix['study_mix_share_at_limit']:.1%} at {mix['max_input_tokens']:,}). GPU: NVIDIA "
+        f"DeepLearningExamples' BART README, 1× A100 80 GB, {ref['conditions']}: {ref['sequences_per_s']} "
+        "sequences/s; our summarize runs in fp32 with transformers' generate: expect it slower"
+    )
+    train_basis = (
+        f"CPU: the batch-128 step ({p['train_cpu_s_per_example']} s per example) + photo decoding + "
+        f"validation passes. GPU: ({flops['image']} + {flops['text77']}) GFLOP × "
+        f"{basis['train_flop_factor']:g} per example at {tflops['fp32']:.1f} / {tflops['bf16']:.0f} "
+        "sustained TFLOPS fp32 / bf16"
+    )
+    embed_basis = (
+        f"CPU: {p['embed_cpu_s_per_product']} s per product (two photos and a summary). GPU: as above"
+    )
+    rows = [
+        ["summarize (BART)", f"**{_hours(cpu['summarize'])}**",
+         f"~{gpu['summarize_bf16_reference']:.0f} min (bf16)", bart_basis],
+        [f"train ({p['epochs']} epochs × {steps} steps of 128)", _hours(cpu["train"]),
+         f"~{gpu['train_fp32']:.0f} min fp32, ~{gpu['train_bf16']:.0f} min bf16 (**estimate**)", train_basis],
+        ["embed, zero-shot + LoRA", _hours(cpu["embed"]), f"~{gpu['embed_fp32']:.0f} min fp32 (**estimate**)",
+         embed_basis],
+        ["images", f"{images_min:.0f} min", "the same (CPU)",
+         "local files here; over the network see [the fetcher](performance.md#image-fetcher)"],
+        ["ingest, index, evaluate, compare", "seconds each", "seconds",
+         "the hub download of the category file is not included"],
+        ["**total**", f"**~{p['cpu_hours_total']:.0f} h**",
+         f"**~{total_fp32:.0f} min** (fp32 train and embed), ~{total_amp:.0f} min with `amp: true`", ""],
+    ]  # fmt: skip
+    return _table(["stage", "this CPU (2 vCPUs)", "A100-class GPU", "basis"], rows) + [
+        "",
+        measured_on(d["machine"], "bench/results/study_rehearsal.json, projection"),
+    ]
+
+
 def fanout() -> list[str]:
     """How many modules a one-line edit reruns how many stages of, before and after cliprec_worlds/."""
     out = _table(
@@ -335,7 +387,7 @@ def _diff(d: dict[str, Any] | None) -> str:
 RENDERERS: dict[str, Callable[[], list[str]]] = {
     f.__name__: f
     for f in (serve_load, serve_hostile, scale, repro, embed_throughput, fetch_images, faiss_scale,
-              train_step, study_rehearsal, fanout, results, results_index)
+              train_step, study_rehearsal, study_projection, fanout, results, results_index)
 }  # fmt: skip
 
 
