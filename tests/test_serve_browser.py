@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_recommend import CAT, shared_project
+from test_recommend import CAT, build_category, shared_project
 from test_serve import free_port, wait_healthy
 
-from cliprec import paths
 from cliprec.serve import ServeSettings, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -81,7 +80,7 @@ FLAGS = (
     "--window-size=1400,1000",
 )
 WAIT_S = 60
-OTHER = "Appliances"  # the fixture's second category: a copy of CAT's files (the same product ids)
+OTHER = "Appliances"  # the fixture's second category, built like the first
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +100,8 @@ def project(tmp_path_factory) -> tuple[Path, list[str]]:
         return root, configured_categories(root)
     root = tmp_path_factory.mktemp("browser") / "project"
     shutil.copytree(shared_project(tmp_path_factory), root)
-    for stage_dir in (paths.ingest_dir, paths.summaries_dir, paths.images_dir, paths.train_dir):
-        shutil.copytree(root / stage_dir(CAT), root / stage_dir(OTHER))
-    for variant in paths.VARIANTS:
-        for variant_dir in (paths.embed_dir, paths.index_dir):
-            shutil.copytree(root / variant_dir(CAT, variant), root / variant_dir(OTHER, variant))
+    # a real second category (its own products and manifests: a copy of CAT's files is refused)
+    build_category(root, OTHER, n=16, seed=1)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "metrics", root / "metrics", dirs_exist_ok=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
