@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CAT, listening_socket, shared_project, wait_healthy
 from PIL import Image
-from test_recommend import CAT, shared_project
-from test_serve import free_port, wait_healthy
 
 from cliprec import paths
 from cliprec.serve import ServeSettings, create_app
@@ -118,16 +117,17 @@ def server(project):
 
     root, categories = project
     app = create_app(root, categories=categories, settings=ServeSettings(max_upload_bytes=2_000_000))
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    sock = listening_socket()  # bound here and handed over: no window in which another process takes it
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     wait_healthy(url, WAIT_S, 0.1)
     yield url
     srv.should_exit = True
     thread.join(30)
+    sock.close()
 
 
 @pytest.fixture(scope="module")

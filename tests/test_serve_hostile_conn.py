@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import resource
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,8 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from test_recommend import CAT, shared_project
-from test_serve import REPO, free_port, wait_healthy
+from helpers import CAT, serve_command, shared_project, wait_healthy, wait_listening
 
 LIMITS = ["--header-timeout", "2", "--body-timeout", "2", "--idle-timeout", "1", "--max-connections", "200"]
 INFLIGHT = 8
@@ -32,19 +29,17 @@ TEXT_PART = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n'  # the
 def start_server(
     root: Path, log: Path, *args: str, nofile: int | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """`cliprec serve` on a free loopback port, its output to `log`; (process, base url) once healthy."""
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "cliprec.cli", "--root", str(root), "serve", "--port", str(port), *args]
+    """`cliprec serve` on port 0, its output to `log`; (process, base url) once healthy."""
 
     def limit_files() -> None:
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit_files)
-    url = f"http://127.0.0.1:{port}"
+        cmd = serve_command(root, *args)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit_files)
     try:
+        url = wait_listening(proc, log)
         wait_healthy(url, 90, 0.2)
     except AssertionError:
         proc.kill()

@@ -18,9 +18,8 @@ from contextlib import contextmanager
 
 import pytest
 import yaml
+from helpers import CAT, serve_process, shared_project, wait_healthy
 from PIL import Image, features
-from test_recommend import CAT, shared_project
-from test_serve import free_port, serve_process, wait_healthy
 
 from bench.hostile import progressive_jpeg_bomb, truncated_avif
 from cliprec.decode_pool import DecodePool
@@ -65,12 +64,10 @@ def uncapped_root(tmp_path_factory, root):
 
 @contextmanager
 def server(root, *args) -> Iterator[tuple[str, object, list[str]]]:
-    """A `cliprec serve` process on a free loopback port: (url, process, its log once stopped)."""
-    port = free_port()
-    proc = serve_process(root, port, "--category", CAT, *args)
-    log: list[str] = []
+    """A `cliprec serve` process on port 0: (url, process, its log once stopped)."""
+    proc, url, head = serve_process(root, "--category", CAT, *args)
+    log: list[str] = head.splitlines()
     try:
-        url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 90, 0.2, proc)
         yield url, proc, log
     finally:

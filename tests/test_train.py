@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import make_catalog, make_clip
 from safetensors.torch import load_file
-from tiny import make_catalog, make_clip
 
 import cliprec.train as tr
 from cliprec import precision
