@@ -15,6 +15,7 @@ binds it could be taken by then); wait_healthy() polls /healthz.
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import signal
@@ -318,3 +319,41 @@ def wait_healthy(url: str, timeout_s: float, poll_s: float, proc: subprocess.Pop
 def listening_socket() -> socket.socket:
     """A loopback socket bound to a port the kernel picks, to hand to a server (uvicorn's sockets=)."""
     return socket.create_server(("127.0.0.1", 0))
+
+
+# --- a script run in a subprocess, watched from the inside -----------------------------------------------
+
+_PROBE = """\
+import json, runpy, sys
+from pathlib import Path
+report, script, *args = sys.argv[1:]
+network = []  # name look-ups and connections: where DNS fails no connect is ever tried
+def watch(event, args):
+    if event == "socket.getaddrinfo":
+        network.append(f"look-up {args[0]}")
+    elif event == "socket.connect":
+        network.append(f"connect {args[1]!r}")
+sys.addaudithook(watch)
+sys.argv, sys.path[0] = [script, *args], str(Path(script).parent)  # as `python script args` sets them
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    Path(report).write_text(json.dumps({"modules": sorted(sys.modules), "network": network}))
+"""
+
+
+def run_probed(
+    script: Path, *args: str, cwd: Path, env: dict, timeout: float = 300
+) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run `python script args` in cwd: (its CompletedProcess, {"modules": what it had imported when it
+    ended, "network": the names it looked up and addresses it connected to}), seen from inside it."""
+    report = cwd / "probe.json"
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(report), str(script), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return done, json.loads(report.read_text())
