@@ -153,7 +153,8 @@ def test_a_body_nobody_reads_is_cut_at_the_deadline_too(server):
                 break
             time.sleep(0.3)
         assert closed or read_all(sock, 5).startswith(b"HTTP/1.1 404 ")
-        assert time.monotonic() - t0 < 6  # 2 s body deadline + 1 s backstop, generously
+        # the behaviour is this time bound: the 2 s body deadline + 1 s backstop, with 2 x room
+        assert time.monotonic() - t0 < 6
 
 
 # --- case 4: never-ending headers -------------------------------------------------------------------
@@ -191,11 +192,11 @@ def test_slow_head_gets_408_and_idle_connections_close(server):
         t0 = time.monotonic()
         answer = read_all(sock, 10)
     assert answer.startswith(b"HTTP/1.1 408 ") and b"request head not complete within 2 s" in answer
-    assert time.monotonic() - t0 < 6
+    assert time.monotonic() - t0 < 6  # the behaviour is this time bound: the 2 s head deadline, 3 x
     with socket.create_connection(("127.0.0.1", port_of(url))) as sock:  # never sends a byte
         t0 = time.monotonic()
         assert read_all(sock, 10) == b""  # closed by the server (1 s idle timeout)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 5  # the behaviour is this time bound: the 1 s idle timeout, 5 x
 
 
 def test_malformed_http_gets_one_line_of_json(server):
@@ -268,7 +269,9 @@ def test_sigterm_does_not_wait_for_slow_clients(tmp_path_factory):
         t0 = time.monotonic()
         proc.terminate()
         proc.wait(30)
-        assert time.monotonic() - t0 < 5  # not the 10 s graceful limit, nor the 60 s deadlines
+        # the behaviour is this time bound: the stop does not wait out the 10 s graceful limit (nor the
+        # 60 s deadlines); 8 s stays below that limit and leaves room for a busy machine
+        assert time.monotonic() - t0 < 8
         assert "Traceback" not in log.read_text()
     finally:
         for sock in slow:
