@@ -573,6 +573,7 @@ def test_plots(client):
 # --- the `cliprec serve` process ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # each case a fresh `cliprec serve` process: over 10 s here
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_command_stops_gracefully(root, sig):
     import httpx

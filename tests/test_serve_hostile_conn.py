@@ -245,6 +245,7 @@ def test_connections_past_the_cap_are_refused_logged_and_idle_ones_time_out(serv
             sock.close()
 
 
+@pytest.mark.slow  # its own `cliprec serve` process: over 15 s here
 def test_connection_cap_follows_the_open_file_limit(tmp_path_factory):
     log = tmp_path_factory.mktemp("fdlimit") / "serve.log"
     proc, url = start_server(shared_project(tmp_path_factory), log, "--category", CAT, nofile=600)
@@ -256,6 +257,7 @@ def test_connection_cap_follows_the_open_file_limit(tmp_path_factory):
         stop(proc)
 
 
+@pytest.mark.slow  # its own `cliprec serve` process: over 15 s here
 def test_sigterm_does_not_wait_for_slow_clients(tmp_path_factory):
     log = tmp_path_factory.mktemp("sigterm") / "serve.log"
     root = shared_project(tmp_path_factory)

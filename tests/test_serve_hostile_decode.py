@@ -126,6 +126,7 @@ def assert_quiet(log: list[str]) -> None:
 # --- acceptance, on a real server process -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # its own `cliprec serve` process and an attack: over 10 s here
 def test_scan_bomb_is_refused_while_searches_go_on(root):
     bomb = progressive_jpeg_bomb()  # 6000 x 6000, 23,000 scans (~1.3 MB)
     with server(root) as (url, _, log):
@@ -137,6 +138,7 @@ def test_scan_bomb_is_refused_while_searches_go_on(root):
     assert_quiet(log)
 
 
+@pytest.mark.slow  # its own `cliprec serve` process and an attack: over 10 s here
 def test_slow_decode_is_cut_off_while_searches_go_on(uncapped_root):
     # no scan cap here: the bomb decodes until the decoders' time limit kills it
     bombs = [progressive_jpeg_bomb(), progressive_jpeg_bomb(scans=20_000)]
@@ -155,6 +157,7 @@ def test_slow_decode_is_cut_off_while_searches_go_on(uncapped_root):
     assert_quiet(log)
 
 
+@pytest.mark.slow  # its own `cliprec serve` process and an attack: over 10 s here
 @pytest.mark.skipif(not features.check("avif"), reason="Pillow built without AVIF")
 def test_truncated_avif_is_422_and_no_one_else_sees_an_error(root):
     bad = truncated_avif()  # Pillow's AVIF plugin raises RuntimeError on it
@@ -171,6 +174,7 @@ def test_truncated_avif_is_422_and_no_one_else_sees_an_error(root):
     assert_quiet(log)
 
 
+@pytest.mark.slow  # its own `cliprec serve` process and an attack: over 10 s here
 def test_sigterm_during_a_slow_decode_exits_in_time_without_tracebacks(uncapped_root):
     with server(uncapped_root) as (url, proc, log), ThreadPoolExecutor(2) as pool:
         bombs = [pool.submit(upload, url, progressive_jpeg_bomb()) for _ in range(2)]
@@ -209,6 +213,7 @@ def service(root):
     return Service(root, [CAT])
 
 
+@pytest.mark.slow  # decodes until the time limit kills them, twice: over 10 s here
 def test_decoder_pool_bounds_each_decode_and_replaces_what_it_kills(service):
     cfg = Images(**{**service.image_config.model_dump(), "max_jpeg_scans": 10_000_000})
     pool = DecodePool(cfg, processes=1, timeout_s=1.0)

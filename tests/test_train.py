@@ -115,6 +115,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow  # three training runs and a killed one: ~10 s here
 def test_training_learns_and_resumes_after_a_kill_to_the_same_adapter(tiny, tmp_path, monkeypatch):
     cfg = _cfg(tiny)
     whole = _run(tiny, tmp_path / "whole", cfg)
