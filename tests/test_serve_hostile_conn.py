@@ -56,6 +56,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+# the tests on this shared server are marked slow: starting it takes over 10 s here, whichever runs first
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("hostile") / "serve.log"
@@ -112,6 +113,7 @@ def trickle(port: int, stop_at: float, answers: list[bytes]) -> None:
                 answers.append(read_all(sock, 5))
 
 
+@pytest.mark.slow  # the shared `server` process
 def test_slow_bodies_do_not_hold_the_search_slots(server):
     proc, url, _ = server
     before = metric(url, "body_timeout")
@@ -139,6 +141,7 @@ def test_slow_bodies_do_not_hold_the_search_slots(server):
     assert proc.poll() is None
 
 
+@pytest.mark.slow  # the shared `server` process
 def test_a_body_nobody_reads_is_cut_at_the_deadline_too(server):
     _, url, _ = server
     with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
@@ -163,6 +166,7 @@ def test_a_body_nobody_reads_is_cut_at_the_deadline_too(server):
 @pytest.mark.parametrize(
     "line", [b"a" * 65536, b"X-Filler: " + b"v" * 50 + b"\r\n"], ids=["one-header", "many"]
 )
+@pytest.mark.slow  # the shared `server` process
 def test_never_ending_headers_are_cut_at_the_cap(server, line):
     proc, url, _ = server
     rss = psutil.Process(proc.pid)
@@ -185,6 +189,7 @@ def test_never_ending_headers_are_cut_at_the_cap(server, line):
     assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
 
 
+@pytest.mark.slow  # the shared `server` process
 def test_slow_head_gets_408_and_idle_connections_close(server):
     _, url, _ = server
     with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
@@ -199,6 +204,7 @@ def test_slow_head_gets_408_and_idle_connections_close(server):
     assert time.monotonic() - t0 < 5  # the behaviour is this time bound: the 1 s idle timeout, 5 x
 
 
+@pytest.mark.slow  # the shared `server` process
 def test_malformed_http_gets_one_line_of_json(server):
     _, url, _ = server
     with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
@@ -211,6 +217,7 @@ def test_malformed_http_gets_one_line_of_json(server):
 # --- case 5: more connections than the cap ---------------------------------------------------------
 
 
+@pytest.mark.slow  # the shared `server` process
 def test_connections_past_the_cap_are_refused_logged_and_idle_ones_time_out(server):
     _, url, log = server
     port = port_of(url)
