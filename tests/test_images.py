@@ -318,7 +318,7 @@ def test_user_agent_sent(matrix_run, image_server):
 
 
 def test_failed_products_absent_and_counted(matrix_run):
-    out, report, _, _ = matrix_run
+    out, report, _ = matrix_run
     table = read_image_table(out)
     stored = set(table.id)
     assert stored == {"P_good", "P_altonly", "P_429"}
