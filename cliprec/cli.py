@@ -37,7 +37,7 @@ def _positive(text: str) -> int:
 
 
 def _port(text: str) -> int:
-    return int(_number(text, int, 1, 65535))
+    return int(_number(text, int, 0, 65535))  # 0: the kernel picks one, and serve logs it
 
 
 def _positive_mb(text: str) -> float:
@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="HTTP API and web page (FastAPI + uvicorn); Ctrl-C stops it")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    srv.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    srv.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free one, logged)")
     srv.add_argument(
         "--category", action="append", help="serve only these categories (repeatable; default: all)"
     )

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import make_catalog, make_clip
 from PIL import Image
-from tiny import make_catalog, make_clip
 
 from cliprec import paths
 from cliprec.embed import FILES, EmbedOptions, embed_catalog, encode_images, encode_texts

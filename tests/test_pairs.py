@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from tiny import make_catalog, make_clip
+from helpers import make_catalog, make_clip
 
 from cliprec.errors import CliprecError
 from cliprec.images import read_image_table

@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from helpers import CAT, COLORS, build_category, photo_file, shared_project
 from PIL import Image
-from tiny import COLORS, make_catalog, make_clip
 
 from cliprec import paths
-from cliprec.artifacts import ArtifactError, catalog_identity, manifest_sha256, write_manifest
-from cliprec.embed import EmbedOptions, embed_catalog, encode_images, encode_texts
-from cliprec.index import build_from_embeddings
-from cliprec.model import add_lora, load_clip, save_adapter
+from cliprec.artifacts import ArtifactError, catalog_identity, write_manifest
+from cliprec.embed import encode_images, encode_texts
+from cliprec.model import load_clip
 from cliprec.params import load_params
 from cliprec.recommend import (
     Query,
@@ -33,90 +31,6 @@ from cliprec.recommend import (
     thumbnails,
 )
 from cliprec.vectors import fuse
-
-REPO = Path(__file__).resolve().parents[1]
-CAT = "Amazon_Fashion"
-
-
-def build_project(root: Path) -> Path:
-    """params.yaml + models/demo-clip + every file the recommend CLI reads, for CAT and both variants."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    make_clip(root / load_params(root / "params.yaml").active.model.name)
-    build_category(root, CAT, n=32)
-    return root
-
-
-def build_category(root: Path, category: str, n: int, seed: int = 0) -> None:
-    """What the pipeline writes for one category of the project in `root`, manifests as the stages write."""
-    p = load_params(root / "params.yaml")
-    model_name = p.active.model.name
-    made = make_catalog(root / "scratch" / category, category=category, n=n, seed=seed)
-    shutil.copytree(made["products"].parent, root / paths.ingest_dir(category))
-    summaries = root / paths.summaries_dir(category) / "summaries.parquet"
-    summaries.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(made["summaries"], summaries)
-    shutil.copytree(made["images"], root / paths.images_dir(category))
-    # a LoRA adapter with random (not zero) B matrices, so that the lora variant differs from zero-shot
-    base, _ = load_clip(root / model_name)
-    peft = add_lora(base, p.lora.model_dump())
-    torch.manual_seed(1 + seed)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    train_dir = root / paths.train_dir(category)
-    save_adapter(peft, train_dir / paths.ADAPTER_DIR)
-    adapter_files = [f"{paths.ADAPTER_DIR}/{f.name}" for f in (train_dir / paths.ADAPTER_DIR).iterdir()]
-    lineage = catalog_identity(root / paths.products_path(category), category)
-    write_manifest(train_dir, adapter_files, {"model": model_name, **lineage})  # as train does
-    for variant in paths.VARIANTS:
-        adapter = train_dir / paths.ADAPTER_DIR if variant == "lora" else None
-        model, processor = load_clip(root / model_name, adapter=adapter)
-        embed_catalog(
-            model,
-            processor,
-            root / paths.images_dir(category),
-            summaries,
-            root / paths.embed_dir(category, variant),
-            options=EmbedOptions(text_weight=p.embed.text_weight),
-            info={
-                "model": model_name,
-                "variant": variant,
-                "adapter": str(adapter) if adapter else None,
-                **lineage,
-                "adapter_sha256": manifest_sha256(train_dir) if adapter else None,
-            },
-        )  # as stages/embed.py does
-        build_from_embeddings(
-            root / paths.embed_dir(category, variant),
-            root / paths.index_dir(category, variant),
-            factory=p.index.factory,
-            memory_budget_mb=p.index.memory_budget_mb,
-            variant=variant,
-            category=category,
-        )
-
-
-def photo_file(path: Path, color: str = "red") -> Path:
-    Image.new("RGB", (80, 60), COLORS[color]).save(path, "JPEG")
-    return path
-
-
-def shared_project(tmp_path_factory) -> Path:
-    """Build the fake project once per test session (test_cli.py uses it too)."""
-    root = tmp_path_factory.getbasetemp() / "recommend-project"
-    done = root / ".built"
-    if not done.is_file():
-        shutil.rmtree(root, ignore_errors=True)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny matrices: threads only add contention on a busy 2-core box
-        try:
-            build_project(root)
-        finally:
-            torch.set_num_threads(threads)
-        done.write_text("ok\n")
-    return root
 
 
 @pytest.fixture(scope="module")

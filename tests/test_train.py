@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import make_catalog, make_clip
 from safetensors.torch import load_file
-from tiny import make_catalog, make_clip
 
 import cliprec.train as tr
 from cliprec import precision
@@ -115,6 +115,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow  # three training runs and a killed one: ~10 s here
 def test_training_learns_and_resumes_after_a_kill_to_the_same_adapter(tiny, tmp_path, monkeypatch):
     cfg = _cfg(tiny)
     whole = _run(tiny, tmp_path / "whole", cfg)
