@@ -16,9 +16,10 @@ from PIL import Image
 from tiny import make_catalog, make_clip
 
 from cliprec import paths
+from cliprec.codec import decode_jpeg
 from cliprec.embed import FILES, embed_catalog, encode_images, encode_texts, fuse
-from cliprec.images import decode_jpeg, read_image_table
 from cliprec.model import decode_side, load_clip
+from cliprec.shards import read_image_table
 
 REPO = Path(__file__).resolve().parents[1]
 CAT = "Tiny"

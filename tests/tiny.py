@@ -22,7 +22,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.models.clip import CLIPImageProcessorPil
 
 from cliprec.artifacts import catalog_identity, write_manifest
-from cliprec.images import SHARD_SCHEMA
+from cliprec.shards import SHARD_SCHEMA
 
 COLORS = {
     "red": (220, 30, 30),
