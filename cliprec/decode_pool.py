@@ -16,8 +16,8 @@ that finds no decoder free within `timeout_s`, or finds 2 uploads per decoder in
 with Retry-After instead of a growing wait: uploads never hold more than a few of the server's admission
 slots, whatever their number.
 
-A decoder is a fresh `python -m cliprec.decode_pool` (~0.6 s to start: Pillow, numpy, pandas through
-cliprec.codec; no torch), not a fork of the server with its threads and models. It talks over a socket
+A decoder is a fresh `python -m cliprec.decode_pool` (it imports Pillow and numpy through cliprec.codec;
+no pandas, no torch), not a fork of the server with its threads and models. It talks over a socket
 pair in plain bytes, not pickles: a decoder handles hostile bytes, so the server trusts nothing it sends.
 It exits when the server's end closes, and by itself within a second when the server dies mid-decode.
 """

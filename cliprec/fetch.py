@@ -219,20 +219,24 @@ def retry_policy(cfg: Images, pause: Callable[[float], None] = time.sleep) -> Im
 def _request_failure(e: requests.RequestException) -> ImageFailure:
     """The final status of a request that got no answer (urllib3 has retried what it could)."""
     cause = e.args[0] if e.args else None
-    cause = cause.reason if isinstance(cause, MaxRetryError) else cause
+    if isinstance(cause, MaxRetryError):  # the last try's error says more than "Max retries exceeded"
+        cause = cause.reason
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        text = f"{type(e).__name__}: {e}"
     if isinstance(e, requests.exceptions.Timeout) or isinstance(cause, urllib3.exceptions.ReadTimeoutError):
-        return ImageFailure("timeout", f"{type(e).__name__}: {e}")
+        return ImageFailure("timeout", text)
     if isinstance(e, (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema)):
-        return ImageFailure("bad_url", f"{type(e).__name__}: {e}")
-    return ImageFailure("connection_error", f"{type(e).__name__}: {e}")  # refused, DNS, TLS, redirects, ...
+        return ImageFailure("bad_url", text)
+    return ImageFailure("connection_error", text)  # refused, DNS, TLS, too many redirects, ...
 
 
-def _check_answer(resp: requests.Response, retry: Retry, max_bytes: int) -> None:
+def _check_answer(resp: requests.Response, retry: ImageRetry, max_bytes: int) -> None:
     """Raise the final status of a non-2xx answer, or too_large for a Content-Length over max_bytes."""
     code = resp.status_code
     if not 200 <= code < 300:
         message = f"HTTP {code} {resp.reason}"
-        wait = retry.get_retry_after(resp.raw) if code in RETRY_STATUSES else None
+        wait = retry.get_retry_after(resp.raw)
         if wait is not None and wait > MAX_RETRY_AFTER_S and retry.total:
             message += f"; Retry-After {wait:g} s is over the {MAX_RETRY_AFTER_S:g} s cap: not retried"
         raise ImageFailure(f"http_{code}", message)
@@ -264,7 +268,7 @@ def _read_body(resp: requests.Response, cfg: Images) -> bytes:
     return bytes(buf)
 
 
-def _next_try(retry: Retry, url: str, failure: ImageFailure) -> Retry:
+def _next_try(retry: ImageRetry, url: str, failure: ImageFailure) -> ImageRetry:
     """The Retry state after a failed body read; raises `failure` when the budget is spent."""
     try:
         retry = retry.increment("GET", url, error=failure)
@@ -301,7 +305,7 @@ class Fetcher:
                 self._sessions.append(local.session)
         return local.session, local.adapter
 
-    def _get(self, url: str, retry: Retry) -> requests.Response:
+    def _get(self, url: str, retry: ImageRetry) -> requests.Response:
         """The answer to GET url with `retry` as what is left of its budget; raises its final failure."""
         session, adapter = self._session()
         adapter.max_retries = retry  # the adapter is this thread's: the budget is this URL's
@@ -316,7 +320,7 @@ class Fetcher:
 
     def _read_http(self, url: str) -> tuple[bytes, int]:
         """The body of an http(s) URL and the requests it took; raises ImageFailure."""
-        retry: Retry = self._retry
+        retry: ImageRetry = self._retry
         while True:
             with self._get(url, retry) as resp:
                 retry = resp.raw.retries or retry  # the state after urllib3's own retries
