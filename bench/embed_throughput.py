@@ -55,7 +55,6 @@ from transformers import CLIPProcessor
 from transformers.utils import logging as hf_logging
 
 from cliprec.embed import PREFETCH, EmbedOptions, _images, _view_batches, embed_catalog, encode_texts
-from cliprec.images import read_image_table
 from cliprec.model import (
     decode_pixels,
     image_features,
@@ -67,6 +66,7 @@ from cliprec.model import (
 from cliprec.pairs import prefetch
 from cliprec.params import load_params
 from cliprec.precision import amp_dtype, autocast, pick_device
+from cliprec.shards import read_image_table
 
 GOAL_RATIO = 0.9
 MODELS = ("demo", "vitb32")

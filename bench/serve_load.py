@@ -59,7 +59,7 @@ from _common import REPO_ROOT, RESULTS_DIR, fill_defaults, machine_info, print_t
 from hostile import progressive_jpeg_bomb
 
 from cliprec import paths
-from cliprec.images import read_image_table
+from cliprec.shards import read_image_table
 
 GOAL_TEXT_RATIO = 0.7
 GOAL_SOAK_GROWTH = 0.10

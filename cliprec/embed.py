@@ -21,7 +21,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from cliprec.artifacts import MANIFEST_FILE, write_manifest
-from cliprec.images import iter_image_batches, read_image_table
 from cliprec.model import (
     clip_module,
     decode_pixels,
@@ -35,6 +34,7 @@ from cliprec.model import (
 )
 from cliprec.pairs import DECODE_THREADS, prefetch
 from cliprec.precision import autocast
+from cliprec.shards import iter_image_batches, read_image_table
 from cliprec.vectors import fuse
 
 log = logging.getLogger(__name__)

@@ -169,7 +169,7 @@ def decode_side(processor: CLIPProcessor) -> int | None:
 
 def decode_pixels(processor: CLIPProcessor, jpegs: Sequence[bytes]) -> torch.Tensor:
     """Stored JPEG bytes -> (n, 3, H, W) uint8 model input: decoded at the model's size, resized, cropped."""
-    from cliprec.images import decode_jpeg
+    from cliprec.codec import decode_jpeg
 
     side = decode_side(processor)
     return image_pixels(processor, [decode_jpeg(b, side) for b in jpegs])

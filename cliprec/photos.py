@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cliprec.images import VIEWS, decode_jpeg, list_shards
+from cliprec.codec import decode_jpeg
+from cliprec.shards import VIEWS, list_shards
 
 log = logging.getLogger(__name__)
 

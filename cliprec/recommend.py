@@ -245,7 +245,8 @@ class Recommender:
 
 def load_query_image(source: str, cfg: Images) -> Any:
     """Fetch (URL) or read (path) a query image and prepare it like the catalog's images (PIL RGB)."""
-    from cliprec.images import decode_jpeg, fetch_image
+    from cliprec.codec import decode_jpeg
+    from cliprec.fetch import fetch_image
 
     if "://" not in source and not Path(source).exists():
         raise RecommendError(f"unreadable image {source!r}: no such file")
@@ -280,7 +281,8 @@ def thumbnails(images_dir: str | Path, ids: list[str]) -> dict[str, Any]:
     """Main-view images (PIL) of the given products from the image shards."""
     import pyarrow.parquet as pq
 
-    from cliprec.images import decode_jpeg, list_shards
+    from cliprec.codec import decode_jpeg
+    from cliprec.shards import list_shards
 
     wanted, out = set(ids), {}
     for shard in list_shards(images_dir):

@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from cliprec import paths
-from cliprec.images import ImageFailure, decode_jpeg, pillow_limits, process_image
+from cliprec.codec import ImageFailure, decode_jpeg, pillow_limits, process_image
 from cliprec.params import Images, load_params
 from cliprec.photos import PhotoStore
 from cliprec.recommend import Hit, Query, Recommender, RecommendError
@@ -79,7 +79,7 @@ def _image_config(params: Any) -> Any:
     """The images-stage settings that `process_image` checks uploads with (as `load_query_image` does)."""
     if not isinstance(params, Mapping):
         return params.images  # the validated images block is what the images stage takes
-    # plain-dict params: validate the block as params.yaml's is (cliprec.images has no ImageConfig)
+    # plain-dict params: validate the block as params.yaml's is (cliprec.codec has no ImageConfig)
     return Images(**(params.get("images") or {}))
 
 

@@ -39,10 +39,10 @@ from cliprec import paths
 from cliprec.artifacts import catalog_identity, manifest_sha256, write_manifest
 from cliprec.embed import EmbedOptions, embed_catalog
 from cliprec.evaluate import gallery_digest
-from cliprec.images import SHARD_SCHEMA
 from cliprec.index import build_from_embeddings
 from cliprec.model import add_lora, load_clip, save_adapter
 from cliprec.params import load_params
+from cliprec.shards import SHARD_SCHEMA
 
 COLORS = {
     "red": (220, 30, 30),

@@ -16,9 +16,10 @@ from helpers import make_catalog, make_clip
 from PIL import Image
 
 from cliprec import paths
+from cliprec.codec import decode_jpeg
 from cliprec.embed import FILES, EmbedOptions, embed_catalog, encode_images, encode_texts
-from cliprec.images import decode_jpeg, read_image_table
 from cliprec.model import decode_side, load_clip
+from cliprec.shards import read_image_table
 from cliprec.vectors import fuse
 
 REPO = Path(__file__).resolve().parents[1]

@@ -444,7 +444,7 @@ def test_product_detail(client):
 
 
 def test_photos_and_thumbnails(root, client):
-    from cliprec.images import read_image_table
+    from cliprec.shards import read_image_table
 
     table = read_image_table(root / paths.images_dir(CAT))
     stored = {(r.id, r.view): r.jpeg for r in table.itertuples()}
