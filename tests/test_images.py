@@ -436,7 +436,7 @@ def test_trickling_body_times_out(image_server):
     # body deadline (3 x timeout_s) can end it, and it ends as a timeout, not as "ok"
     res = fetch_image(image_server.url("/trickle.jpg"), images_cfg(**{**TEST_CFG, "retries": 0}))
     assert res.status == "timeout" and res.error.startswith(
-        f"body not done within {ci.BODY_DEADLINE_FACTOR * TEST_CFG['timeout_s']:g} s"
+        f"body not done within {fetch.BODY_DEADLINE_FACTOR * TEST_CFG['timeout_s']:g} s"
     ), res.error
 
 
