@@ -307,28 +307,29 @@ class _Run:
                         self.max_length)  # fmt: skip
 
 
-def train(
-    cfg: TrainConfig,
-    products_path: str | Path,
-    summaries_path: str | Path,
-    images_dir: str | Path,
-    out_dir: str | Path,
-    checkpoint_dir: str | Path,
-    live_dir: str | Path,
-    *,
-    run_log: str | Path | None = None,
-    lineage: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainPaths:
+    """What a run reads (catalog, summaries, photos) and where it writes (outputs, checkpoint, DVCLive)."""
+
+    products_path: str | Path
+    summaries_path: str | Path
+    images_dir: str | Path
+    out_dir: str | Path  # adapter/ + summary.json + manifest.json
+    checkpoint_dir: str | Path  # state.pt between runs (cliprec.train_state)
+    live_dir: str | Path  # DVCLive
+    run_log: str | Path | None = None  # how the run went (cliprec.provenance.append_run_log)
+
+
+def train(cfg: TrainConfig, where: TrainPaths, *, lineage: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune, resumably; write out_dir/adapter/ (best epoch) + out_dir/summary.json; return the latter.
 
-    `run_log`, if given, gets a line saying how the run went (`cliprec.provenance.append_run_log`).
     `lineage` (category, catalog_sha256: what the adapter was trained on) goes into manifest.json.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     started = time.time()
-    out_dir, checkpoint_dir, live_dir = Path(out_dir), Path(checkpoint_dir), Path(live_dir)
+    out_dir, checkpoint_dir, live_dir = Path(where.out_dir), Path(where.checkpoint_dir), Path(where.live_dir)
     # cpu=True without CUDA: `accelerate launch --multi_gpu` then gives real gloo DDP (see stack notes).
     # Mixed precision is ours (cliprec.precision), so accelerate's stays off.
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
@@ -339,7 +340,7 @@ def train(
         _quiet_other_rank(acc.process_index)
     set_seed(cfg.seed % 2**32)  # numpy takes 32-bit seeds only; params allow any seed >= 0
     model, processor = load_clip(cfg.model, device=acc.device)
-    data = load_pairs(products_path, summaries_path, images_dir)
+    data = load_pairs(where.products_path, where.summaries_path, where.images_dir)
     try:
         run = _setup(cfg, acc, model, processor, data)
         fp = fingerprint(cfg, data, acc.num_processes, identity := run_identity())
@@ -351,8 +352,8 @@ def train(
             log.info("best epoch %d: %s -> %s (%s, %.0f s)", state["best"]["epoch"], _fmt(state["best"]),
                      out_dir / ADAPTER_DIR, "from scratch" if resumed_from is None else
                      f"resumed after epoch {resumed_from}", time.time() - started)  # fmt: skip
-            if run_log is not None:
-                append_run_log(run_log, {"stage": "train", "out": out_dir.as_posix(),
+            if where.run_log is not None:
+                append_run_log(where.run_log, {"stage": "train", "out": out_dir.as_posix(),
                                "resumed_from_epoch": resumed_from, "epochs_run": summary["epochs_run"],
                                "best_epoch": summary["best_epoch"], "world_size": acc.num_processes,
                                "seconds": round(time.time() - started, 1)})  # fmt: skip

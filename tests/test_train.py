@@ -39,10 +39,9 @@ def _cfg(tiny, **kw):
 
 
 def _run(tiny, root: Path, cfg):
-    return tr.train(
-        cfg, tiny["products"], tiny["summaries"], tiny["images"], root / "out", root / "ckpt", root / "live",
-        run_log=root / "runs.jsonl",
-    )  # fmt: skip
+    where = tr.TrainPaths(tiny["products"], tiny["summaries"], tiny["images"], root / "out", root / "ckpt",
+                          root / "live", run_log=root / "runs.jsonl")  # fmt: skip
+    return tr.train(cfg, where)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -242,9 +241,9 @@ def test_two_process_ddp_matches_one_process(tiny, tmp_path):
     script.write_text(
         "import json, sys\n"
         "import torch.distributed as dist\n"
-        "from cliprec.train import TrainConfig, train\n"
+        "from cliprec.train import TrainConfig, TrainPaths, train\n"
         "cfg, paths, ranks = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]\n"
-        "train(TrainConfig(**cfg), **paths)\n"
+        "train(TrainConfig(**cfg), TrainPaths(**paths))\n"
         "rank, world = dist.get_rank(), dist.get_world_size()\n"
         "open(f'{ranks}/rank{rank}.json', 'w').write(json.dumps({'rank': rank, 'world_size': world}))\n"
     )
@@ -317,7 +316,7 @@ def test_ddp_decisions_are_rank_zeros(tiny, tmp_path):
         "    return {**real(*args, **kwargs), 'val_recall_at_5': score}\n"
         "tr.evaluate = rigged\n"
         "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
-        "got = tr.train(tr.TrainConfig(**cfg), **paths)\n"
+        "got = tr.train(tr.TrainConfig(**cfg), tr.TrainPaths(**paths))\n"
         "rank = dist.get_rank()\n"
         "open(f'{out}/rank{rank}.json', 'w').write(json.dumps({'epochs_run': got['epochs_run'],\n"
         "                                                      'evaluations': calls['n']}))\n"
