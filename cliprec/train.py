@@ -8,17 +8,17 @@ DVCLive and checkpoints. The adapter of the best candidate (by val Recall@5, tie
 gets written, and zero-shot is a candidate: if no epoch beats the untouched model on val, the saved
 adapter is the identity (B = 0) and summary.json says `adapter_is_identity: true`.
 
-Resume: each epoch's end writes `state.pt` to the checkpoint dir (LoRA weights, optimizer, scheduler,
-scaler, every rank's RNG states, history, best so far); a rerun continues after the last finished epoch
-and reaches the same adapter as an uninterrupted run. The state carries a fingerprint of the config, the
-model, the data, the code (the import closure of this module) and the library versions; a state that
-does not match (e.g. after `-S amp=true`, an edit of cliprec/loss.py or a peft upgrade) is deleted and
-the run starts over, and so is the state of a FINISHED run (`dvc repro -f` retrains). summary.json says
-the code/library identity; whether the run was resumed (and how long it took) is no property of the
-adapter, so it goes to the log and to the run log (`run_log`, outside the DVC outputs), and a killed and
-resumed run writes the same bytes as an uninterrupted one. DVCLive's files are rebuilt from the state's
-history on every start, because `dvc repro` deletes a stage's metrics before running it; its summary
-(metrics.json, a DVC metrics file) holds the headline only (`LIVE_SUMMARY`), the curves are its plots.
+Resume: each epoch's end writes `state.pt` to the checkpoint dir (`cliprec.train_state`: LoRA weights,
+optimizer, scheduler, scaler, every rank's RNG states, history, best so far); a rerun continues after the last
+finished epoch and reaches the same adapter as an uninterrupted run. The state carries a fingerprint of the
+config, the model, the data, the code (the import closure of this module) and the library versions; a state
+that does not match (e.g. after `-S amp=true`, an edit of cliprec/loss.py or a peft upgrade) is deleted and
+the run starts over, and so is the state of a FINISHED run (`dvc repro -f` retrains). summary.json says the
+code/library identity; whether the run was resumed (and how long it took) is no property of the adapter, so it
+goes to the log and to the run log (`run_log`, outside the DVC outputs), and a killed and resumed run writes
+the same bytes as an uninterrupted one. DVCLive's files are rebuilt from the state's history on every start,
+because `dvc repro` deletes a stage's metrics before running it; its summary (metrics.json, a DVC metrics
+file) holds the headline only (`LIVE_SUMMARY`), the curves are its plots.
 
 Small splits: val Recall@5 is what picks the best epoch and stops early. With fewer than
 `MIN_VAL_PAIRS` val pairs one query moves it by more than 0.01 and its standard error is 0.05 or more (at
