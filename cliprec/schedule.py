@@ -1,7 +1,10 @@
-"""The learning-rate schedule of both training loops (LoRA fine-tuning, the demo CLIP's pre-training).
+"""The learning-rate schedule of LoRA fine-tuning: linear warm-up, then cosine decay.
 
 Not transformers' `get_cosine_schedule_with_warmup`: its warm-up factor is step / warmup (0 at the first
-step), this one's (step + 1) / warmup, so the numbers differ and swapping it in would retrain both models.
+step), this one's (step + 1) / warmup, so the numbers differ and swapping it in would change the adapter.
+The demo CLIP's builder (cliprec_worlds/demo_clip.py `_lr_at`) keeps its own copy: it computes the cosine's
+argument as pi * (step - warmup) / n where this takes pi * ((step - warmup) / n), which rounds differently
+in the last bit at some steps, so sharing one would change either the adapter or a rebuilt demo CLIP.
 """
 
 from __future__ import annotations

@@ -42,7 +42,6 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from cliprec.loss import clip_loss
 from cliprec.metrics import retrieval_metrics
-from cliprec.schedule import warmup_cosine
 from cliprec_worlds.demo import synthetic
 
 log = logging.getLogger(__name__)
@@ -677,6 +676,12 @@ def normalise_pixels(images: np.ndarray, processor: CLIPProcessor) -> torch.Tens
 # Pre-training
 
 
+def _lr_at(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
 def _optimizer(model: CLIPModel, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -726,7 +731,7 @@ def pretrain(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     opt = _optimizer(model, cfg.lr, cfg.weight_decay)
-    lr_factor = warmup_cosine(max(1, int(cfg.warmup_frac * cfg.steps)), cfg.steps)
+    warmup = max(1, int(cfg.warmup_frac * cfg.steps))
     order = np.concatenate(
         [rng.permutation(len(images)) for _ in range(math.ceil(cfg.steps * cfg.batch_size / len(images)))]
     )
@@ -739,7 +744,7 @@ def pretrain(
         texts = [generic_caption(attrs[i], rng, long, cfg.rare_word_prob) for i in idx]
         tok = processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step)
+            g["lr"] = cfg.lr * _lr_at(step, cfg.steps, warmup)
         out = model(
             input_ids=tok["input_ids"],
             attention_mask=tok["attention_mask"],
