@@ -108,9 +108,10 @@ def run_identity(module: str, libraries: Sequence[str]) -> dict[str, Any]:
 def resume_fingerprint(inputs: Mapping[str, Any], identity: Mapping[str, Any]) -> dict[str, Any]:
     """What a resumable stage's progress must match to be resumed: its inputs and its `run_identity`.
 
-    Returned as JSON reads it back (tuples as lists, keys sorted), so a stored copy compares equal.
+    Returned as JSON reads it back (tuples as lists; key order kept, as the stages' reports print it), so a
+    stored copy compares equal.
     """
-    return json.loads(json.dumps({**inputs, **identity}, sort_keys=True, default=list))
+    return json.loads(json.dumps({**inputs, **identity}, default=list))
 
 
 def fingerprint_digest(fp: Mapping[str, Any]) -> str:
