@@ -171,6 +171,7 @@ def test_beam_search_skips_reordering_the_cross_attention_cache_and_changes_noth
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.cache_utils import DynamicCache
 
+    from cliprec.params import Bart
     from cliprec.summarize import beam_search_cache, generate_summaries
 
     model = AutoModelForSeq2SeqLM.from_pretrained(small["bart"]).eval()
@@ -199,6 +200,7 @@ def test_beam_search_skips_reordering_the_cross_attention_cache_and_changes_noth
     monkeypatch.setattr(
         type(model), "generate", lambda self, **kw: seen.append(kw) or real_generate(self, **kw)
     )
-    out = generate_summaries(model, tokenizer, texts, device="cpu", batch_size=2, num_beams=4, max_length=10,
-                             min_length=2, max_input_tokens=1024)  # fmt: skip
+    bart = Bart(method="bart", model="x", max_input_tokens=1024, max_length=10, min_length=2, num_beams=4,
+                batch_size=2, max_words=10, chunk_size=2)  # fmt: skip
+    out = generate_summaries(model, tokenizer, texts, params=bart, device="cpu")
     assert len(out) == 3 and all(type(kw["cache"]).__name__ == "BeamSearchCache" for kw in seen)
