@@ -145,20 +145,22 @@ def _serve_connection_options(srv: argparse.ArgumentParser) -> None:
 
 def _recommend(args: argparse.Namespace) -> int:
     from cliprec import paths
-    from cliprec.recommend import Query, Recommender, as_json, as_table, render_grid, thumbnails
+    from cliprec.query import Query, QueryError
+    from cliprec.recommend import Recommender, as_json, as_table, render_grid, thumbnails
 
-    if not (args.text or args.image or args.product):
-        raise CliprecError("no query: give --text, --image and/or --product")
+    try:  # before anything loads: a query that cannot be asked fails at once
+        query = Query(text=args.text, image=args.image, product=args.product, k=args.k)
+    except QueryError as e:
+        raise CliprecError(e.as_options()) from None
     rec = Recommender(args.category, args.variant, root=args.root)
-    if (args.text or args.image) and not args.verbose:
+    if query.product is None and not args.verbose:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr for every query
-    query = Query(text=args.text, image=args.image, product=args.product)
-    hits = rec.recommend(query, k=args.k)
+    hits = rec.recommend(query)
     print(as_json(args.category, args.variant, query, hits) if args.json else as_table(hits))
     if args.grid:
-        wanted = [h.id for h in hits] + ([args.product] if args.product else [])
+        wanted = [h.id for h in hits] + ([query.product] if query.product else [])
         images = thumbnails(Path(args.root) / paths.images_dir(args.category), wanted)
         out = render_grid(query, hits, images, args.grid)
         log.info("wrote %s", out)
