@@ -403,7 +403,7 @@ def in_process(rec: Any, kind: str, queries: list[Any], k: int, seconds: float, 
     import faiss
     import torch
 
-    from cliprec.recommend import Query
+    from cliprec.query import Query
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)

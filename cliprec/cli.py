@@ -62,17 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     parser.add_argument("--debug", action="store_true", help="full tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    rec = sub.add_parser("recommend", help="recommend products by text, image, text+image or product")
-    rec.add_argument("--category", required=True, help="a category of params.yaml, e.g. Amazon_Fashion")
-    rec.add_argument("--text", help="query text")
-    rec.add_argument("--image", help="query image: local path or http(s)/file URL")
-    rec.add_argument("--product", help="product id (parent_asin): more like this product")
-    rec.add_argument("--k", type=int, default=5, help="number of results (default 5)")
-    rec.add_argument("--variant", default="lora", choices=("lora", "zeroshot"), help="embeddings to use")
-    rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    rec.add_argument("--grid", metavar="OUT.png", help="also write a picture of the query and the results")
-
+    _recommend_options(
+        sub.add_parser("recommend", help="recommend products by text, image, text+image or product")
+    )
     rep = sub.add_parser(
         "report", help="metrics with 95% CIs and paired differences: zero-shot / LoRA / LoRA+AMP"
     )
@@ -120,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     _serve_connection_options(srv)
     return parser
+
+
+def _recommend_options(rec: argparse.ArgumentParser) -> None:
+    """The options of `cliprec recommend`: the query (cliprec.query.Query) and the output."""
+    rec.add_argument("--category", required=True, help="a category of params.yaml, e.g. Amazon_Fashion")
+    rec.add_argument("--text", help="query text")
+    rec.add_argument("--image", help="query image: local path or http(s)/file URL")
+    rec.add_argument("--product", help="product id (parent_asin): more like this product")
+    rec.add_argument("--k", type=int, default=5, help="number of results (default 5)")
+    rec.add_argument("--variant", default="lora", choices=("lora", "zeroshot"), help="embeddings to use")
+    rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rec.add_argument("--grid", metavar="OUT.png", help="also write a picture of the query and the results")
 
 
 def _serve_connection_options(srv: argparse.ArgumentParser) -> None:

@@ -22,8 +22,8 @@ from cliprec.embed import embed_catalog, encode_images, encode_texts, fuse
 from cliprec.index import build_from_embeddings
 from cliprec.model import add_lora, load_clip, save_adapter
 from cliprec.params import load_params
+from cliprec.query import Query
 from cliprec.recommend import (
-    Query,
     Recommender,
     RecommendError,
     as_json,

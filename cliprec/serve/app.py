@@ -307,7 +307,11 @@ async def _answer(request: Request, svc: Service, req: SearchRequest) -> JSONRes
 
 
 def _search_route(settings: ServeSettings) -> Callable[..., Any]:
-    """The search endpoint; its form's limits (text length, k) are `settings`', so its schema says them."""
+    """The search endpoint; its form's limits (text length, k) are `settings`', so its schema says them.
+
+    The fields are parameters, not a form model (`Annotated[Model, Form()]`): FastAPI does not see the
+    UploadFile inside a model, and would describe the body as url-encoded and required.
+    """
 
     async def search(
         request: Request,
