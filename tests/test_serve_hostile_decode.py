@@ -277,9 +277,9 @@ class _GatedService:
         self.calls.append(len(reqs))
         if len(self.calls) == 1:
             self.gate.wait(10)
-        if any(r.text == "bug" for r in reqs):
+        if any(r.query.text == "bug" for r in reqs):
             raise RuntimeError("search_many itself broke")
-        return [{"text": r.text} for r in reqs]
+        return [{"text": r.query.text} for r in reqs]
 
 
 def test_worker_answers_each_request_when_a_batch_breaks():
