@@ -113,7 +113,7 @@ def request_error(req: SearchRequest, e: Exception) -> ServiceError:
     where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
     at = f" at {Path(where.filename).name}:{where.lineno} in {where.name}" if where else ""
     # one line, not a traceback: a request that trips a bug may be repeated by its client many times
-    log.error("serve: %s search failed: %s: %s%s", req.kind or "empty", type(e).__name__, one_line(e), at)
+    log.error("serve: %s search failed: %s: %s%s", req.kind, type(e).__name__, one_line(e), at)
     return ServiceError(500, "internal error (see the server log)")
 
 

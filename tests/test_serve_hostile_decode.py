@@ -25,10 +25,10 @@ from test_serve import free_port, serve_process, wait_healthy
 from bench.hostile import progressive_jpeg_bomb, truncated_avif
 from cliprec.decode_pool import DecodePool
 from cliprec.params import Images
+from cliprec.query import Query
 from cliprec.serve import ServeSettings, create_app
 from cliprec.serve.cancel import CancelledInOneLine
 from cliprec.serve.worker import SearchWorker
-from cliprec.query import Query
 from cliprec.service import SearchRequest, Service, ServiceError
 
 httpx = pytest.importorskip("httpx")
