@@ -403,7 +403,7 @@ def in_process(rec: Any, kind: str, queries: list[Any], k: int, seconds: float, 
     import faiss
     import torch
 
-    from cliprec.recommend import Query
+    from cliprec.query import Query
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
@@ -416,19 +416,19 @@ def in_process(rec: Any, kind: str, queries: list[Any], k: int, seconds: float, 
                 files.append(str(path))
             queries = files
         make = {
-            "text": lambda q: Query(text=q),
-            "image": lambda q: Query(image=q),
-            "product": lambda q: Query(product=q),
+            "text": lambda q: Query(text=q, k=k),
+            "image": lambda q: Query(image=q, k=k),
+            "product": lambda q: Query(product=q, k=k),
         }
         for q in queries[:5]:  # warm-up
-            rec.recommend(make[kind](q), k=k)
+            rec.recommend(make[kind](q))
         n, latencies = 0, []
         cpu0 = time.process_time()
         t0 = time.perf_counter()
         t_end = t0 + seconds
         while time.perf_counter() < t_end:
             t = time.perf_counter()
-            rec.recommend(make[kind](queries[n % len(queries)]), k=k)
+            rec.recommend(make[kind](queries[n % len(queries)]))
             latencies.append(time.perf_counter() - t)
             n += 1
         elapsed = time.perf_counter() - t0

@@ -62,17 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     parser.add_argument("--debug", action="store_true", help="full tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    rec = sub.add_parser("recommend", help="recommend products by text, image, text+image or product")
-    rec.add_argument("--category", required=True, help="a category of params.yaml, e.g. Amazon_Fashion")
-    rec.add_argument("--text", help="query text")
-    rec.add_argument("--image", help="query image: local path or http(s)/file URL")
-    rec.add_argument("--product", help="product id (parent_asin): more like this product")
-    rec.add_argument("--k", type=int, default=5, help="number of results (default 5)")
-    rec.add_argument("--variant", default="lora", choices=("lora", "zeroshot"), help="embeddings to use")
-    rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    rec.add_argument("--grid", metavar="OUT.png", help="also write a picture of the query and the results")
-
+    _recommend_options(
+        sub.add_parser("recommend", help="recommend products by text, image, text+image or product")
+    )
     rep = sub.add_parser(
         "report", help="metrics with 95% CIs and paired differences: zero-shot / LoRA / LoRA+AMP"
     )
@@ -122,6 +114,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _recommend_options(rec: argparse.ArgumentParser) -> None:
+    """The options of `cliprec recommend`: the query (cliprec.query.Query) and the output."""
+    rec.add_argument("--category", required=True, help="a category of params.yaml, e.g. Amazon_Fashion")
+    rec.add_argument("--text", help="query text")
+    rec.add_argument("--image", help="query image: local path or http(s)/file URL")
+    rec.add_argument("--product", help="product id (parent_asin): more like this product")
+    rec.add_argument("--k", type=int, default=5, help="number of results (default 5)")
+    rec.add_argument("--variant", default="lora", choices=("lora", "zeroshot"), help="embeddings to use")
+    rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rec.add_argument("--grid", metavar="OUT.png", help="also write a picture of the query and the results")
+
+
 def _serve_connection_options(srv: argparse.ArgumentParser) -> None:
     """The connection limits of `cliprec serve` (README: Serve, the limits table)."""
     srv.add_argument(
@@ -145,20 +149,22 @@ def _serve_connection_options(srv: argparse.ArgumentParser) -> None:
 
 def _recommend(args: argparse.Namespace) -> int:
     from cliprec import paths
-    from cliprec.recommend import Query, Recommender, as_json, as_table, render_grid, thumbnails
+    from cliprec.query import Query, QueryError
+    from cliprec.recommend import Recommender, as_json, as_table, render_grid, thumbnails
 
-    if not (args.text or args.image or args.product):
-        raise CliprecError("no query: give --text, --image and/or --product")
+    try:  # before anything loads: a query that cannot be asked fails at once
+        query = Query(text=args.text, image=args.image, product=args.product, k=args.k)
+    except QueryError as e:
+        raise CliprecError(e.as_options()) from None
     rec = Recommender(args.category, args.variant, root=args.root)
-    if (args.text or args.image) and not args.verbose:
+    if query.product is None and not args.verbose:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr for every query
-    query = Query(text=args.text, image=args.image, product=args.product)
-    hits = rec.recommend(query, k=args.k)
+    hits = rec.recommend(query)
     print(as_json(args.category, args.variant, query, hits) if args.json else as_table(hits))
     if args.grid:
-        wanted = [h.id for h in hits] + ([args.product] if args.product else [])
+        wanted = [h.id for h in hits] + ([query.product] if query.product else [])
         images = thumbnails(Path(args.root) / paths.images_dir(args.category), wanted)
         out = render_grid(query, hits, images, args.grid)
         log.info("wrote %s", out)

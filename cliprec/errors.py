@@ -22,7 +22,9 @@ def debug_enabled() -> bool:
     return os.environ.get("CLIPREC_DEBUG", "") not in ("", "0")
 
 
-def one_line(e: BaseException) -> str:
-    """The first non-empty line of an exception's text (library errors can span dozens)."""
+def one_line(e: BaseException | str) -> str:
+    """The first non-empty line of an exception's (or a message's) text: library errors can span dozens."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    if not text:
+        return type(e).__name__ if isinstance(e, BaseException) else ""
+    return text.splitlines()[0]

@@ -406,16 +406,17 @@ def test_queued_searches_are_answered_in_one_batch(root, client):
 
 
 def test_search_many_keeps_each_answer_in_its_place(root, client):
+    from cliprec.query import Query
     from cliprec.service import SearchRequest, ServiceError
 
     service = client.app.state.service
     reqs = [
-        SearchRequest(CAT, text="a red shirt", k=3),
-        SearchRequest(CAT, product="NOPE"),
-        SearchRequest(CAT, product="P0001", k=3),
-        SearchRequest(CAT, text="a blue hat", variant="lora", k=4),
-        SearchRequest(CAT, image=b"not an image"),
-        SearchRequest(CAT, text="a blue hat", variant="lora", k=2),
+        SearchRequest(CAT, Query(text="a red shirt", k=3)),
+        SearchRequest(CAT, Query(product="NOPE")),
+        SearchRequest(CAT, Query(product="P0001", k=3)),
+        SearchRequest(CAT, Query(text="a blue hat", k=4), "lora"),
+        SearchRequest(CAT, Query(image="upload"), upload=b"not an image"),
+        SearchRequest(CAT, Query(text="a blue hat", k=2), "lora"),
     ]
     out = service.search_many(reqs)
     assert isinstance(out[1], ServiceError) and out[1].status == 404

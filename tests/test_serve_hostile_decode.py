@@ -24,6 +24,7 @@ from PIL import Image, features
 from bench.hostile import progressive_jpeg_bomb, truncated_avif
 from cliprec.decode_pool import DecodePool
 from cliprec.params import Images
+from cliprec.query import Query
 from cliprec.serve import ServeSettings, create_app
 from cliprec.serve.cancel import CancelledInOneLine
 from cliprec.serve.worker import SearchWorker
@@ -258,11 +259,11 @@ def test_search_many_keeps_each_failure_to_its_request(service, monkeypatch, cap
     monkeypatch.setattr(rec, "text_vectors", text_vectors)
     monkeypatch.setattr(rec, "text_vector", lambda t: text_vectors([t])[0] if t == "boom" else real_vector(t))
     reqs = [
-        SearchRequest(CAT, text="a red shirt"),
-        SearchRequest(CAT, text="boom"),
-        SearchRequest(CAT, image=truncated_avif(), image_name="bad.avif"),
-        SearchRequest(CAT, text="blue jeans"),
-        SearchRequest("nope", text="x"),
+        SearchRequest(CAT, Query(text="a red shirt")),
+        SearchRequest(CAT, Query(text="boom")),
+        SearchRequest(CAT, Query(image="bad.avif"), upload=truncated_avif()),
+        SearchRequest(CAT, Query(text="blue jeans")),
+        SearchRequest("nope", Query(text="x")),
     ]
     with caplog.at_level(logging.WARNING, logger="cliprec"):
         out = service.search_many(reqs)
@@ -283,18 +284,18 @@ class _GatedService:
         self.calls.append(len(reqs))
         if len(self.calls) == 1:
             self.gate.wait(10)
-        if any(r.text == "bug" for r in reqs):
+        if any(r.query.text == "bug" for r in reqs):
             raise RuntimeError("search_many itself broke")
-        return [{"text": r.text} for r in reqs]
+        return [{"text": r.query.text} for r in reqs]
 
 
 def test_worker_answers_each_request_when_a_batch_breaks():
     service, worker = _GatedService(), SearchWorker(max_batch=8)
 
     async def run() -> list:
-        first = worker.submit(service, SearchRequest(CAT, text="first"))
+        first = worker.submit(service, SearchRequest(CAT, Query(text="first")))
         await asyncio.sleep(0.2)  # the worker is inside the first call: the next three queue up
-        rest = [worker.submit(service, SearchRequest(CAT, text=t)) for t in ("a", "bug", "b")]
+        rest = [worker.submit(service, SearchRequest(CAT, Query(text=t))) for t in ("a", "bug", "b")]
         service.gate.set()
         return await asyncio.gather(first, *rest, return_exceptions=True)
 
