@@ -11,6 +11,7 @@ import platform
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,6 +20,8 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
+SCRATCH_DIR = BENCH_DIR / "scratch"  # git-ignored: results of a dirty tree
+ALLOW_DIRTY = "CLIPREC_BENCH_ALLOW_DIRTY"
 REPO_ROOT = BENCH_DIR.parent
 DEMO_CLIP = REPO_ROOT / "models" / "demo-clip"
 
@@ -135,10 +138,27 @@ def machine_info() -> dict[str, Any]:
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:
-    """Write payload (+ machine_info() as "machine" unless given) to bench/results/<name>.json; return it."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    """Write payload (+ machine_info() as "machine" unless given) to bench/results/<name>.json; return it.
+
+    Results from a tree with uncommitted changes name a commit that is not the code that ran, so they go to
+    bench/scratch/ (git-ignored) instead, with a warning, unless CLIPREC_BENCH_ALLOW_DIRTY=1: then they are
+    written to bench/results/ marked `"dirty": true` (bench/results/README.md lists every file's commit).
+    """
     payload = {"machine": machine_info(), **payload}
-    path = RESULTS_DIR / f"{name}.json"
+    dirty = str(payload["machine"].get("git_commit") or "").endswith("+dirty")
+    out_dir = RESULTS_DIR
+    if dirty and os.environ.get(ALLOW_DIRTY) == "1":
+        payload["dirty"] = True
+    elif dirty:
+        out_dir = SCRATCH_DIR
+        print(
+            f"warning: the working tree has uncommitted changes: results go to "
+            f"{out_dir.relative_to(REPO_ROOT)}/, not bench/results/ "
+            f"(commit first, or set {ALLOW_DIRTY}=1 to write them there marked dirty)",
+            file=sys.stderr,
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)

@@ -5,7 +5,7 @@ CLIPConfig, random fp32 weights: the FLOPs of openai/clip-vit-base-patch32, ~8.8
 ~6.0 per 77-token text), each under torch.inference_mode, fp32 or (--amp) cliprec.precision.autocast:
 
 - images, path: cliprec.embed's image loop as in `embed_catalog`: parquet shards -> `_view_batches` ->
-  JPEG decode + resize/crop (`decode_jpeg`, `image_pixels`) in `_prefetch`'s threads -> `_images`
+  JPEG decode + resize/crop (`decode_jpeg`, `image_pixels`) in `prefetch`'s threads -> `_images`
   (normalise on the device, forward, features back to the host).
 - images, bare: `image_features` on one pre-made normalised pixel batch on the device, same batch sizes.
 - texts, path: `cliprec.embed.encode_texts` (tokenise, padded to the longest text of each batch, forward).
@@ -54,8 +54,7 @@ from torch.utils import flop_counter
 from transformers import CLIPProcessor
 from transformers.utils import logging as hf_logging
 
-from cliprec.embed import _images, _prefetch, _view_batches, embed_catalog, encode_texts
-from cliprec.images import read_image_table
+from cliprec.embed import PREFETCH, EmbedOptions, _images, _view_batches, embed_catalog, encode_texts
 from cliprec.model import (
     decode_pixels,
     image_features,
@@ -64,8 +63,10 @@ from cliprec.model import (
     text_max_length,
     tokenize,
 )
+from cliprec.pairs import prefetch
 from cliprec.params import load_params
 from cliprec.precision import amp_dtype, autocast, pick_device
+from cliprec.shards import read_image_table
 
 GOAL_RATIO = 0.9
 MODELS = ("demo", "vitb32")
@@ -93,7 +94,7 @@ def image_path(
 
     workers = min(4, os.cpu_count() or 1)  # embed_catalog's default
     n = 0
-    for pixels in _prefetch(prepare, _view_batches(images_dir, keep, batch_size), workers):
+    for pixels in prefetch(prepare, _view_batches(images_dir, keep, batch_size), workers, PREFETCH):
         n += len(_images(model, processor, pixels, device, amp))
     return n
 
@@ -116,9 +117,7 @@ def catalog_path(
             images_dir,
             summaries_path,
             out_dir,
-            batch_size=batch_size,
-            amp=amp,
-            device=device,
+            options=EmbedOptions(batch_size=batch_size, amp=amp, device=device),
         )
 
 

@@ -46,7 +46,8 @@ import pandas as pd
 from _common import REPO_ROOT, median_time, print_table, write_results
 from PIL import Image, ImageDraw
 
-from cliprec.images import build_image_shards, pillow_limits, process_image
+from cliprec.codec import pillow_limits, process_image
+from cliprec.images import build_image_shards
 from cliprec.params import Images, load_params
 
 GOAL_PER_CORE = 100.0  # images/s per core at the default concurrency, decode+resize included

@@ -12,7 +12,7 @@ would run it, each in its own process under /usr/bin/time: ingest, summarize, im
 embed (lora), index, evaluate (lora). Photos are drawn at and stored at `--image-side` px (64, the demo
 CLIP's input: cheap at 200k; the model sees what it sees in the demo). Written to
 bench/results/scale.json: rows {n_products, stage, wall_s, peak_rss_mb}, per size the disk use of data/,
-and the machine. The README's Performance section turns them into per-product costs and projections.
+and the machine. docs/performance.md ("Scale") turns them into per-product costs and projections.
 """
 
 from __future__ import annotations

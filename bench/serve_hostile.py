@@ -110,8 +110,7 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(20_000, hard), hard))  # the server inherits it
     serve_load.DATA_ROOT = args.root.resolve()
     (REPO_ROOT / "bench" / "scratch").mkdir(parents=True, exist_ok=True)
-    port = serve_load.free_port()
-    proc = serve_load.start_server(args.category, port, 64, 1)
+    proc, port = serve_load.start_server(args.category, 64, 1)
     try:
         case4 = header_stream(port, proc.pid, args.header_mib)
         print(f"case 4: {case4}")

@@ -41,8 +41,8 @@ import asyncio
 import itertools
 import json
 import os
+import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,7 +59,7 @@ from _common import REPO_ROOT, RESULTS_DIR, fill_defaults, machine_info, print_t
 from hostile import progressive_jpeg_bomb
 
 from cliprec import paths
-from cliprec.images import read_image_table
+from cliprec.shards import read_image_table
 
 GOAL_TEXT_RATIO = 0.7
 GOAL_SOAK_GROWTH = 0.10
@@ -403,7 +403,7 @@ def in_process(rec: Any, kind: str, queries: list[Any], k: int, seconds: float, 
     import faiss
     import torch
 
-    from cliprec.recommend import Query
+    from cliprec.query import Query
 
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
@@ -416,19 +416,19 @@ def in_process(rec: Any, kind: str, queries: list[Any], k: int, seconds: float, 
                 files.append(str(path))
             queries = files
         make = {
-            "text": lambda q: Query(text=q),
-            "image": lambda q: Query(image=q),
-            "product": lambda q: Query(product=q),
+            "text": lambda q: Query(text=q, k=k),
+            "image": lambda q: Query(image=q, k=k),
+            "product": lambda q: Query(product=q, k=k),
         }
         for q in queries[:5]:  # warm-up
-            rec.recommend(make[kind](q), k=k)
+            rec.recommend(make[kind](q))
         n, latencies = 0, []
         cpu0 = time.process_time()
         t0 = time.perf_counter()
         t_end = t0 + seconds
         while time.perf_counter() < t_end:
             t = time.perf_counter()
-            rec.recommend(make[kind](queries[n % len(queries)]), k=k)
+            rec.recommend(make[kind](queries[n % len(queries)]))
             latencies.append(time.perf_counter() - t)
             n += 1
         elapsed = time.perf_counter() - t0
@@ -461,32 +461,37 @@ def check_answer(port: int, kind: str, query: Any, category: str, variant: str, 
 # --- the server -------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LISTENING = re.compile(r"serve: listening on http://127\.0\.0\.1:([0-9]+) ")
 
 
-def start_server(category: str, port: int, max_inflight: int, threads: int) -> subprocess.Popen:
-    """`cliprec serve` of this checkout on 127.0.0.1:port, ready (healthz 200)."""
+def start_server(category: str, max_inflight: int, threads: int) -> tuple[subprocess.Popen, int]:
+    """`cliprec serve` of this checkout on a loopback port it binds itself, ready: (process, port)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "cliprec.cli", "--root", str(DATA_ROOT), "serve", "--port", str(port)]
+    # port 0: the kernel picks a free one while binding it (a port found free here could be taken by the
+    # time the server binds it); the server logs the one it got
+    cmd = [sys.executable, "-m", "cliprec.cli", "--root", str(DATA_ROOT), "serve", "--port", "0"]
     cmd += ["--category", category, "--max-inflight", str(max_inflight), "--threads", str(threads)]
-    log = open(REPO_ROOT / "bench" / "scratch" / "serve_load.server.log", "w")  # noqa: SIM115 (kept open)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log_path = REPO_ROOT / "bench" / "scratch" / "serve_load.server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    port = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"cliprec serve exited with {proc.returncode}; see {log.name}")
+            raise RuntimeError(f"cliprec serve exited with {proc.returncode}; see {log_path}")
+        if port is None and (found := LISTENING.search(log_path.read_text())):
+            port = int(found.group(1))
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
+            if (
+                port is not None
+                and httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+            ):
+                return proc, port
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("cliprec serve did not get ready in 120 s")
+    raise RuntimeError(f"cliprec serve did not get ready in 120 s; see {log_path}")
 
 
 def stop_server(proc: subprocess.Popen) -> int | None:
@@ -537,8 +542,7 @@ def parse_args() -> argparse.Namespace:
 def attack_only(args: argparse.Namespace) -> None:
     """Only the clean and under-attack runs, added to the results file as `under_attack`."""
     queries = load_queries(args.category, args.queries)
-    port = free_port()
-    proc = start_server(args.category, port, args.max_inflight, args.threads)
+    proc, port = start_server(args.category, args.max_inflight, args.threads)
     requests = raw_requests("text", queries["text"], args.category, args.variant, args.k, port)
     try:
         variant = "lora" if args.variant == "both" else args.variant
@@ -569,8 +573,7 @@ def main() -> None:
     queries = load_queries(args.category, args.queries)
     variant = "lora" if args.variant == "both" else args.variant
     rec = Recommender(args.category, variant, root=DATA_ROOT)
-    port = free_port()
-    proc = start_server(args.category, port, args.max_inflight, args.threads)
+    proc, port = start_server(args.category, args.max_inflight, args.threads)
     default_threads = max(args.threads, len(os.sched_getaffinity(0)))
     pid = proc.pid
     counts = ", ".join(f"{k}: {len(v)}" for k, v in queries.items())

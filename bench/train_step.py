@@ -30,6 +30,7 @@ import functools
 import itertools
 import statistics
 import tempfile
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,7 @@ from cliprec.model import add_lora, text_max_length
 from cliprec.pairs import PairData, load_pairs
 from cliprec.params import load_params
 from cliprec.precision import amp_dtype, grad_scaler, pick_device
-from cliprec.train import TrainConfig, _optimizer, _Towers, _train_step, epoch_plan
+from cliprec.train import TrainConfig, _optimizer, _Run, _Towers, _train_step, epoch_plan
 
 MODELS = ("demo", "vitb32")
 FULL = {"batch_size": 32, "steps": 5, "warmup": 1, "vitb32_layers": 12}
@@ -102,17 +103,34 @@ def bench_model(
     data.close()
     batches = itertools.cycle(prepared)
     configs = {"fp32": dataclasses.replace(base, amp=False), "amp": dataclasses.replace(base, amp=True)}
-    scalers = {key: grad_scaler(device, cfg.amp) for key, cfg in configs.items()}
+    # the step reads only the device and its rank/world from the Accelerator: one process here
+    acc = types.SimpleNamespace(device=device, num_processes=1, process_index=0)
+    runs = {
+        key: _Run(
+            cfg=cfg,
+            acc=acc,
+            model=model,
+            processor=processor,
+            max_length=max_length,
+            train_data=data,
+            val_data=data,
+            batch=args.batch_size,
+            steps_per_epoch=BATCHES,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=grad_scaler(device, cfg.amp),
+            trainable=trainable,
+            towers=towers,
+        )
+        for key, cfg in configs.items()
+    }
     token_lengths: list[int] = []
 
     def step(key: str) -> None:
         """One library training step on the next batch, in `key`'s precision (fp32 or amp)."""
         input_ids, mask, pixels = next(batches)
         token_lengths.append(int(input_ids.shape[1]))  # padded to the batch's longest text
-        _train_step(
-            towers, optimizer, scheduler, scalers[key], input_ids, mask, pixels, processor, configs[key],
-            device, rank=0, world=1, trainable=trainable,
-        )  # fmt: skip
+        _train_step(runs[key], input_ids, mask, pixels)
         synchronize(device)
 
     times = interleaved_times({key: functools.partial(step, key) for key in configs}, args.steps, args.warmup)

@@ -43,13 +43,25 @@ class ArtifactError(CliprecError):
     """An artefact is missing, truncated or not the one its manifest describes."""
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks: the project's one file hasher."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def model_identity(name: str) -> str:
+    """A hub id as is; a local model directory as its path + the sha256 of its files.
+
+    Fingerprints use this: the weights in a directory can change while its name stays the same.
+    """
+    path = Path(name)
+    if not path.is_dir():
+        return name
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(bytes.fromhex(sha256_file(f)))
+    return f"{path.as_posix()}@sha256:{h.hexdigest()}"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -74,10 +74,8 @@ PLAY_ICON_MARKER = "play-icon-overlay"
 
 _STRING_FIELDS = ("main_category", "title", "store", "parent_asin", "subtitle")
 _LIST_FIELDS = ("features", "description", "categories")
-# Fields whose type varies across records (or is free-form): `datasets` stores them as JSON text and
+# The Json() fields vary in type across records (or are free-form): `datasets` stores them as JSON text and
 # decodes them back to Python objects; a JSON-string `details` decodes to the same dict as an object.
-_JSON_FIELDS = ("price", "videos", "details", "bought_together", "author")
-
 FEATURES = Features(
     {
         "main_category": Value("string"),
@@ -611,40 +609,46 @@ def _write_rows(ds: datasets.Dataset, groups: list[str], splits: list[str], path
             writer.write_table(pa.Table.from_pylist(rows, schema=PRODUCTS_SCHEMA))
 
 
-def build_catalog(
-    category: str,
-    source: str,
-    out_dir: str | Path,
-    *,
-    path: str | None = None,
-    n_products: int | None = None,
-    seed: int = 0,
-    split: Mapping[str, float] | None = None,
-    hub_root: str | None = None,
-) -> dict[str, Any]:
-    """Read one category from `source`, write out_dir/products.parquet + report.json; return the report.
+@dataclass(frozen=True)
+class CatalogSource:
+    """Where a category's products come from: `setups.<setup>.ingest` (cliprec.params.Ingest validates it).
 
     `hub_root` (source amazon): a local copy of the hub repo's layout to read instead of the hub.
     """
-    if source not in SOURCES:
-        raise ValueError(f"ingest.source must be one of {SOURCES}, got {source!r}")
-    if n_products is not None and n_products <= 0:
-        raise ValueError(f"ingest.n_products must be positive or null, got {n_products}")
-    split = split or {"train": 0.8, "val": 0.1, "test": 0.1}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = dict.fromkeys(DROP_REASONS, 0)
 
+    source: str
+    path: str | None = None
+    n_products: int | None = None
+    hub_root: str | None = None
+
+
+@dataclass
+class _Picked:
+    """What one read of the source chose: the sample, its photo groups and splits, and the counts."""
+
+    rows_read: int
+    kept: int
+    chosen: list[str]
+    groups: list[str]
+    splits: list[str]
+    prices: Counter[str]
+    scan: LineScan
+
+
+def _read_and_write(
+    category: str, src: CatalogSource, out_dir: Path, seed: int, split: Mapping[str, float], counts: dict
+) -> _Picked:
+    """Read, screen and sample the source, write out_dir/products.parquet; fills the drop counts."""
     with tempfile.TemporaryDirectory(prefix="cliprec-ingest-") as tmp:
-        if source == "amazon":
-            ds, scan = _load_amazon(category, hub_root, Path(tmp)), LineScan()
+        if src.source == "amazon":
+            ds, scan = _load_amazon(category, src.hub_root, Path(tmp)), LineScan()
             rows_read = len(ds)
         else:
-            ds, scan = _load_jsonl(category, source, out_dir, Path(tmp), path, n_products, seed)
+            ds, scan = _load_jsonl(category, src, out_dir, Path(tmp), seed)
             rows_read, counts["malformed_line"] = scan.read, scan.malformed
 
         kept = _screen(ds, counts) if ds is not None else {}
-        chosen = sample_ids(kept, n_products, seed)
+        chosen = sample_ids(kept, src.n_products, seed)
         picked = ds.select([kept[i] for i in chosen]) if chosen else None
         # the split follows the photo group, so a relisted product never lands in another split than its
         # copy; grouping needs only each product's MAIN photo URLs (a light pass), so the full rows
@@ -657,32 +661,57 @@ def build_catalog(
         else:
             write_products([], out_dir / "products.parquet")
         del ds, picked  # release the Arrow files before the temporary cache goes away
+    return _Picked(rows_read, len(kept), chosen, groups, splits, prices, scan)
 
-    sizes = Counter(groups)
-    report = {
+
+def _report(category: str, source: str, got: _Picked, counts: dict[str, int]) -> dict[str, Any]:
+    """report.json's content."""
+    sizes = Counter(got.groups)
+    return {
         "source": source,
         "category": category,
-        "rows_read": rows_read,
-        "kept": len(kept),
+        "rows_read": got.rows_read,
+        "kept": got.kept,
         "dropped": counts,
-        "n_products": len(chosen),
+        "n_products": len(got.chosen),
         "photo_groups": {  # MAIN photos shared by several products (relistings)
             "groups_with_copies": sum(n > 1 for n in sizes.values()),
             "products_in_them": sum(n for n in sizes.values() if n > 1),
         },
-        "splits": {s: splits.count(s) for s in SPLITS},
+        "splits": {s: got.splits.count(s) for s in SPLITS},
         # of the sampled products: stated prices that were not read (their price is null)
-        "prices_unread": {r: prices[r] for r in PRICE_PROBLEMS},
-        "invalid_text": scan.invalid_text,  # jsonl and synthetic sources: repaired on reading
-        "malformed_lines": scan.skipped,  # the first MAX_LISTED_SKIPS, by line number in the source
+        "prices_unread": {r: got.prices[r] for r in PRICE_PROBLEMS},
+        "invalid_text": got.scan.invalid_text,  # jsonl and synthetic sources: repaired on reading
+        "malformed_lines": got.scan.skipped,  # the first MAX_LISTED_SKIPS, by line number in the source
     }
+
+
+def build_catalog(
+    category: str,
+    src: CatalogSource,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    split: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Read one category from `src`, write out_dir/products.parquet + report.json; return the report."""
+    if src.source not in SOURCES:
+        raise ValueError(f"ingest.source must be one of {SOURCES}, got {src.source!r}")
+    if src.n_products is not None and src.n_products <= 0:
+        raise ValueError(f"ingest.n_products must be positive or null, got {src.n_products}")
+    split = split or {"train": 0.8, "val": 0.1, "test": 0.1}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = dict.fromkeys(DROP_REASONS, 0)
+    got = _read_and_write(category, src, out_dir, seed, split, counts)
+    report = _report(category, src.source, got, counts)
     with open(out_dir / "report.json", "w") as f:
         json.dump(report, f, indent=2)
         f.write("\n")
     # written last: what every loader of products.parquet verifies (bytes, and the category it is of)
     write_manifest(out_dir, ["products.parquet"], {"category": category})
-    _log_summary(report, out_dir / "report.json", n_products)
-    if not chosen:
+    _log_summary(report, out_dir / "report.json", src.n_products)
+    if not got.chosen:
         raise CliprecError(f"ingest {category}: no usable product (report: {out_dir / 'report.json'})")
     return report
 
@@ -709,10 +738,11 @@ def _load_amazon(category: str, hub_root: str | None, tmp: Path) -> datasets.Dat
 
 
 def _load_jsonl(
-    category: str, source: str, out_dir: Path, tmp: Path, path: str | None, n_products: int | None, seed: int
+    category: str, src: CatalogSource, out_dir: Path, tmp: Path, seed: int
 ) -> tuple[datasets.Dataset | None, LineScan]:
     """The jsonl and synthetic sources: the file (generated for synthetic), screened by validate_jsonl."""
-    if source == "synthetic":
+    path, n_products = src.path, src.n_products
+    if src.source == "synthetic":
         from cliprec_worlds.demo.synthetic import generate_catalog  # only this source needs it
 
         if n_products is None:
@@ -771,10 +801,3 @@ def _log_summary(report: dict[str, Any], report_path: Path, n_products: int | No
         logger.warning(
             "ingest %s: only %d usable products for n_products=%d", category, report["kept"], n_products
         )
-
-
-def read_products(path: str | Path, columns: list[str] | None = None):
-    """products.parquet as a pandas DataFrame."""
-    import pandas as pd
-
-    return pd.read_parquet(path, columns=columns)

@@ -37,7 +37,7 @@ def _positive(text: str) -> int:
 
 
 def _port(text: str) -> int:
-    return int(_number(text, int, 1, 65535))
+    return int(_number(text, int, 0, 65535))  # 0: the kernel picks one, and serve logs it
 
 
 def _positive_mb(text: str) -> float:
@@ -62,17 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     parser.add_argument("--debug", action="store_true", help="full tracebacks for user errors too")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    rec = sub.add_parser("recommend", help="recommend products by text, image, text+image or product")
-    rec.add_argument("--category", required=True, help="a category of params.yaml, e.g. Amazon_Fashion")
-    rec.add_argument("--text", help="query text")
-    rec.add_argument("--image", help="query image: local path or http(s)/file URL")
-    rec.add_argument("--product", help="product id (parent_asin): more like this product")
-    rec.add_argument("--k", type=int, default=5, help="number of results (default 5)")
-    rec.add_argument("--variant", default="lora", choices=("lora", "zeroshot"), help="embeddings to use")
-    rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    rec.add_argument("--grid", metavar="OUT.png", help="also write a picture of the query and the results")
-
+    _recommend_options(
+        sub.add_parser("recommend", help="recommend products by text, image, text+image or product")
+    )
     rep = sub.add_parser(
         "report", help="metrics with 95% CIs and paired differences: zero-shot / LoRA / LoRA+AMP"
     )
@@ -99,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve", help="HTTP API and web page (FastAPI + uvicorn); Ctrl-C stops it")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    srv.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    srv.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free one, logged)")
     srv.add_argument(
         "--category", action="append", help="serve only these categories (repeatable; default: all)"
     )
@@ -120,6 +112,18 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     _serve_connection_options(srv)
     return parser
+
+
+def _recommend_options(rec: argparse.ArgumentParser) -> None:
+    """The options of `cliprec recommend`: the query (cliprec.query.Query) and the output."""
+    rec.add_argument("--category", required=True, help="a category of params.yaml, e.g. Amazon_Fashion")
+    rec.add_argument("--text", help="query text")
+    rec.add_argument("--image", help="query image: local path or http(s)/file URL")
+    rec.add_argument("--product", help="product id (parent_asin): more like this product")
+    rec.add_argument("--k", type=int, default=5, help="number of results (default 5)")
+    rec.add_argument("--variant", default="lora", choices=("lora", "zeroshot"), help="embeddings to use")
+    rec.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    rec.add_argument("--grid", metavar="OUT.png", help="also write a picture of the query and the results")
 
 
 def _serve_connection_options(srv: argparse.ArgumentParser) -> None:
@@ -145,20 +149,22 @@ def _serve_connection_options(srv: argparse.ArgumentParser) -> None:
 
 def _recommend(args: argparse.Namespace) -> int:
     from cliprec import paths
-    from cliprec.recommend import Query, Recommender, as_json, as_table, render_grid, thumbnails
+    from cliprec.query import Query, QueryError
+    from cliprec.recommend import Recommender, as_json, as_table, render_grid, thumbnails
 
-    if not (args.text or args.image or args.product):
-        raise CliprecError("no query: give --text, --image and/or --product")
+    try:  # before anything loads: a query that cannot be asked fails at once
+        query = Query(text=args.text, image=args.image, product=args.product, k=args.k)
+    except QueryError as e:
+        raise CliprecError(e.as_options()) from None
     rec = Recommender(args.category, args.variant, root=args.root)
-    if (args.text or args.image) and not args.verbose:
+    if query.product is None and not args.verbose:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr for every query
-    query = Query(text=args.text, image=args.image, product=args.product)
-    hits = rec.recommend(query, k=args.k)
+    hits = rec.recommend(query)
     print(as_json(args.category, args.variant, query, hits) if args.json else as_table(hits))
     if args.grid:
-        wanted = [h.id for h in hits] + ([args.product] if args.product else [])
+        wanted = [h.id for h in hits] + ([query.product] if query.product else [])
         images = thumbnails(Path(args.root) / paths.images_dir(args.category), wanted)
         out = render_grid(query, hits, images, args.grid)
         log.info("wrote %s", out)

@@ -1,6 +1,6 @@
 """Uploads of `cliprec serve` decoded apart from its search worker: a few decoder processes, time-bounded.
 
-Outside cliprec.serve on purpose: a decoder process imports this module (and cliprec.images), not the
+Outside cliprec.serve on purpose: a decoder process imports this module (and cliprec.codec), not the
 server's FastAPI, FAISS or torch.
 
 Why processes, not threads: a decode that runs past `timeout_s` can only be stopped by killing what runs
@@ -16,8 +16,8 @@ that finds no decoder free within `timeout_s`, or finds 2 uploads per decoder in
 with Retry-After instead of a growing wait: uploads never hold more than a few of the server's admission
 slots, whatever their number.
 
-A decoder is a fresh `python -m cliprec.decode_pool` (~0.6 s to start: Pillow, numpy, pandas through
-cliprec.images; no torch), not a fork of the server with its threads and models. It talks over a socket
+A decoder is a fresh `python -m cliprec.decode_pool` (it imports Pillow and numpy through cliprec.codec;
+no pandas, no torch), not a fork of the server with its threads and models. It talks over a socket
 pair in plain bytes, not pickles: a decoder handles hostile bytes, so the server trusts nothing it sends.
 It exits when the server's end closes, and by itself within a second when the server dies mid-decode.
 """
@@ -58,7 +58,7 @@ def _exit_when_orphaned(parent: int) -> None:
 
 def _reply(data: bytes, cfg: Images) -> bytes:
     """b"ok\n" + JPEG, b"fail\n<status>\n<message>" or b"bug\n<message>" for one upload."""
-    from cliprec.images import ImageFailure, process_image
+    from cliprec.codec import ImageFailure, process_image
 
     try:
         return b"ok\n" + process_image(data, cfg)
@@ -80,7 +80,7 @@ def decoder_main(fd: int) -> None:
     """A decoder process: read the images config, then answer each upload on the socket fd."""
     os.nice(NICE)
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    from cliprec.images import pillow_limits
+    from cliprec.codec import pillow_limits
 
     conn = Connection(fd)
     cfg = Images.model_validate_json(conn.recv_bytes())

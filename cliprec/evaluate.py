@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,12 @@ from cliprec.artifacts import (
     write_json,
 )
 from cliprec.errors import CliprecError
-from cliprec.index import LoadedIndex, fuse, load_index, read_ids
+from cliprec.index import LoadedIndex, load_index, read_ids
 from cliprec.metrics import per_query, target_ranks
+from cliprec.params import Params
 from cliprec.paths import rebuild_hint
 from cliprec.stats import bootstrap_ci
+from cliprec.vectors import fuse
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +69,9 @@ CURVE_KS = tuple(range(1, 11))
 SEED_K = 5
 ANN_K = 10
 TIE_EPS = 1e-5  # float32 inner products of equal vectors can differ in the last bits
-# The DVC metrics file's columns: `dvc exp show` has ~130 columns of params and deps before any metric, so
+# The DVC metrics file's columns: `dvc exp show` has a column per param and dep before any metric, so
 # one per variant and category; the key names the category and variant, because DVC heads a column with
-# its key alone only where no other metrics file has the same key (else with the file's path, ~60 chars).
+# its key alone only where no other metrics file has the same key (else with the file's long path).
 HEADLINE = (("text_to_image", "recall_at_5", "t2i_r5"),)  # (mode, metric, key suffix)
 
 
@@ -178,67 +181,93 @@ def gallery_digest(ids: list[str]) -> str:
     return hashlib.sha256("".join(f"{i}\n" for i in ids).encode()).hexdigest()
 
 
-def evaluate(
-    products_path: str | Path,
-    embed_dir: str | Path,
-    index_dir: str | Path,
-    ks: tuple[int, ...] = (1, 5, 10),
-    text_weight: float = 0.5,
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-    k_factor: float | None = None,
-    resamples: int = 10_000,
-    confidence: float = 0.95,
-    seed: int = 0,
-    category: str | None = None,
-    variant: str | None = None,
-) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """(metrics, recall@k curve, per-query ranks) of one category/variant (see the module doc).
+@dataclass(frozen=True)
+class EvalSettings:
+    """What an evaluation reads from params.yaml: evaluate.*, embed.text_weight, the search knobs, seed."""
 
-    products.parquet, the embeddings and the index must be of one category (`category`, or the catalog's
-    own), of `variant` when given, and built from one another (their manifests' lineage); else ArtifactError.
-    """
-    catalog = catalog_identity(products_path, category)
-    emb = Embeddings(embed_dir, {**catalog, **({"variant": variant} if variant else {})})
+    ks: tuple[int, ...] = (1, 5, 10)
+    text_weight: float = 0.5
+    nprobe: int | None = None
+    ef_search: int | None = None
+    k_factor: float | None = None
+    resamples: int = 10_000
+    confidence: float = 0.95
+    seed: int = 0
+
+    @classmethod
+    def from_params(cls, p: Params) -> EvalSettings:
+        """The settings of the validated params.yaml."""
+        return cls(
+            ks=tuple(p.evaluate.ks),
+            text_weight=p.embed.text_weight,
+            nprobe=p.index.nprobe,
+            ef_search=p.index.ef_search,
+            k_factor=p.index.k_factor,
+            resamples=p.evaluate.resamples,
+            confidence=p.evaluate.confidence,
+            seed=p.seed,
+        )
+
+
+@dataclass
+class _Gallery:
+    """The test products that have embeddings, in embed row order, with their vectors."""
+
+    test_ids: list[str]
+    rows: np.ndarray
+    ids: list[str]
+    text: np.ndarray
+    image: np.ndarray
+    fused: np.ndarray
+
+    @property
+    def missing(self) -> int:
+        """Test products without an embedding (no image)."""
+        return len(self.test_ids) - len(self.rows)
+
+
+def _gallery(products_path: str | Path, emb: Embeddings) -> _Gallery:
+    """The gallery: the test-split products that have embeddings (a CliprecError when there is none)."""
     products = pd.read_parquet(products_path, columns=["id", "split"])
     test_ids = products.loc[products["split"] == "test", "id"].astype(str).tolist()
-    gallery_rows = np.array([emb.row[pid] for pid in test_ids if pid in emb.row], dtype=np.int64)
-    # embed row order, so the gallery does not depend on the parquet's row order
-    gallery_rows.sort()
-    missing = len(test_ids) - len(gallery_rows)
+    rows = np.array([emb.row[pid] for pid in test_ids if pid in emb.row], dtype=np.int64)
+    rows.sort()  # embed row order, so the gallery does not depend on the parquet's row order
+    missing = len(test_ids) - len(rows)
     if missing:
         log.warning("evaluate: %d of %d test products have no embedding (no image)", missing, len(test_ids))
-    if len(gallery_rows) == 0:
-        raise CliprecError(f"evaluate: no test product of {products_path} has an embedding in {embed_dir}")
-    g_ids = [emb.ids[r] for r in gallery_rows]
-    text, image, fused = (
-        _rows(emb.text, gallery_rows),
-        _rows(emb.image, gallery_rows),
-        _rows(emb.fused, gallery_rows),
+    if len(rows) == 0:
+        raise CliprecError(f"evaluate: no test product of {products_path} has an embedding in {emb.dir}")
+    ids = [emb.ids[r] for r in rows]
+    return _Gallery(
+        test_ids, rows, ids, _rows(emb.text, rows), _rows(emb.image, rows), _rows(emb.fused, rows)
     )
-    n_g = len(g_ids)
-    everyone = np.arange(n_g)
 
-    alt_pos = np.array([i for i, pid in enumerate(g_ids) if pid in emb.alt_row], dtype=np.int64)
-    alt_img = _rows(emb.alt_image, np.array([emb.alt_row[g_ids[i]] for i in alt_pos], dtype=np.int64))
-    skipped = n_g - len(alt_pos)
 
-    runs = {
-        "text_to_image": (text, image, everyone),
-        "image_to_text": (image, text, everyone),
-        "multimodal": (
-            fuse(text[alt_pos], alt_img, text_weight) if len(alt_pos) else alt_img,
-            fused,
-            alt_pos,
-        ),
-        "image_to_image": (alt_img, image, alt_pos),
+def _query_modes(emb: Embeddings, g: _Gallery, text_weight: float) -> dict[str, tuple[np.ndarray, ...]]:
+    """(queries, gallery, target positions) of every mode; alt-image modes only where there is an alt."""
+    everyone = np.arange(len(g.ids))
+    alt_pos = np.array([i for i, pid in enumerate(g.ids) if pid in emb.alt_row], dtype=np.int64)
+    alt_img = _rows(emb.alt_image, np.array([emb.alt_row[g.ids[i]] for i in alt_pos], dtype=np.int64))
+    multimodal = fuse(g.text[alt_pos], alt_img, text_weight) if len(alt_pos) else alt_img
+    return {
+        "text_to_image": (g.text, g.image, everyone),
+        "image_to_text": (g.image, g.text, everyone),
+        "multimodal": (multimodal, g.fused, alt_pos),
+        "image_to_image": (alt_img, g.image, alt_pos),
     }
+
+
+def _rank_modes(
+    runs: Mapping[str, tuple[np.ndarray, ...]], n_g: int, s: EvalSettings
+) -> tuple[dict[str, Any], dict[str, list[float]], dict[str, list[int | None]]]:
+    """Per mode: metrics with CIs, the recall@1..10 curve, and the target rank by gallery position."""
     metrics: dict[str, Any] = {}
     curves: dict[str, list[float]] = {}
     per_mode_ranks: dict[str, list[int | None]] = {}
+    skipped = n_g - len(runs["multimodal"][2])
     for mode, (queries, gallery, targets) in runs.items():
         ranks = target_ranks(queries, gallery, targets.astype(np.int64)) if len(queries) else np.zeros(0, int)
-        m, curves[mode] = _mode_metrics(ranks, ks, resamples, confidence, seed)
+        m, curves[mode] = _mode_metrics(ranks, s.ks, s.resamples, s.confidence, s.seed)
         m["gallery_size"] = n_g
         m["queries"] = int(len(queries))
         if mode in ("multimodal", "image_to_image"):
@@ -251,50 +280,87 @@ def evaluate(
         log.info(
             "evaluate: %s MRR %.4f nDCG@10 %.4f (%d queries)", mode, m["mrr"], m["ndcg_at_10"], len(queries)
         )
+    return metrics, curves, per_mode_ranks
 
-    # the seed's metric and ANN recall: test products' fused vectors against the whole catalog
+
+def _neighbourhoods(emb: Embeddings, g: _Gallery, s: EvalSettings) -> tuple[dict[str, Any], np.ndarray]:
+    """The seed's similarity metrics of the test products against the whole catalog, + exact top scores."""
     k_top = min(max(ANN_K, SEED_K) + 1, len(emb.ids))  # + 1: the product itself is among its neighbours
-    top_i, top_s = exact_topk(fused, emb.fused, k_top)
-    is_self = top_i == gallery_rows[:, None]
+    top_i, top_s = exact_topk(g.fused, emb.fused, k_top)
+    is_self = top_i == g.rows[:, None]
     others_first = np.argsort(is_self, axis=1, kind="stable")  # drops the product, keeps the order
     without_self = np.take_along_axis(top_s, others_first, axis=1)[:, : min(SEED_K, k_top - 1)]
     seed_values = without_self.mean(axis=1)
-    metrics["avg_mean_similarity_at_5"] = float(seed_values.mean())
-    low, high = bootstrap_ci(seed_values[None], resamples, confidence, seed)
-    metrics["avg_mean_similarity_at_5_ci95"] = {"low": float(low[0]), "high": float(high[0])}
-    # the seed project's own definition, for its tables: the product itself (cosine 1) among the top 5
-    metrics["avg_mean_similarity_at_5_with_self"] = float(np.mean(top_s[:, :SEED_K]))
+    low, high = bootstrap_ci(seed_values[None], s.resamples, s.confidence, s.seed)
+    out = {
+        "avg_mean_similarity_at_5": float(seed_values.mean()),
+        "avg_mean_similarity_at_5_ci95": {"low": float(low[0]), "high": float(high[0])},
+        # the seed project's own definition, for its tables: the product itself (cosine 1) among the top 5
+        "avg_mean_similarity_at_5_with_self": float(np.mean(top_s[:, :SEED_K])),
+    }
+    return out, top_s
+
+
+def _verified_index(
+    emb: Embeddings, index_dir: str | Path, expect: Mapping[str, Any], s: EvalSettings
+) -> LoadedIndex:
+    """The built index, verified to be of these embeddings (ArtifactError otherwise)."""
     index = load_index(
         index_dir,
         expect_model=emb.manifest.get("model"),
         expect_variant=emb.manifest.get("variant"),
         expect_d=emb.d,
-        nprobe=nprobe,
-        ef_search=ef_search,
-        k_factor=k_factor,
-        expect={**catalog, "embeddings_sha256": manifest_sha256(embed_dir)},
+        nprobe=s.nprobe,
+        ef_search=s.ef_search,
+        k_factor=s.k_factor,
+        expect={**expect, "embeddings_sha256": manifest_sha256(emb.dir)},
     )
     if index.ids != emb.ids:
         raise ArtifactError(
-            f"evaluate: {index_dir} was built from other embeddings than {embed_dir}: rebuild it with "
+            f"evaluate: {index_dir} was built from other embeddings than {emb.dir}: rebuild it with "
             f"`{rebuild_hint(index_dir)}`"
         )
+    return index
+
+
+def evaluate(
+    products_path: str | Path,
+    embed_dir: str | Path,
+    index_dir: str | Path,
+    settings: EvalSettings = EvalSettings(),
+    category: str | None = None,
+    variant: str | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """(metrics, recall@k curve, per-query ranks) of one category/variant (see the module doc).
+
+    products.parquet, the embeddings and the index must be of one category (`category`, or the catalog's
+    own), of `variant` when given, and built from one another (their manifests' lineage); else ArtifactError.
+    """
+    catalog = catalog_identity(products_path, category)
+    emb = Embeddings(embed_dir, {**catalog, **({"variant": variant} if variant else {})})
+    g = _gallery(products_path, emb)
+    n_g = len(g.ids)
+    metrics, curves, per_mode_ranks = _rank_modes(_query_modes(emb, g, settings.text_weight), n_g, settings)
+    # the seed's metric and ANN recall: test products' fused vectors against the whole catalog
+    seed_metrics, top_s = _neighbourhoods(emb, g, settings)
+    metrics.update(seed_metrics)
+    index = _verified_index(emb, index_dir, catalog, settings)
     k_ann = min(ANN_K, len(emb.ids))
-    metrics["ann_recall_at_10"] = ann_recall(index, fused, emb.fused, top_s[:, :k_ann], k_ann)
-    _, copies = np.unique(image, axis=0, return_counts=True)
+    metrics["ann_recall_at_10"] = ann_recall(index, g.fused, emb.fused, top_s[:, :k_ann], k_ann)
+    _, copies = np.unique(g.image, axis=0, return_counts=True)
     metrics["catalog"] = {
         "products": len(emb.ids),
-        "test_products": len(test_ids),
-        "test_without_embedding": int(missing),
+        "test_products": len(g.test_ids),
+        "test_without_embedding": int(g.missing),
         # gallery products whose MAIN photo is another's too (relistings in the test split): exact ties,
         # which the pessimistic rank counts against the query
         "gallery_photo_ties": int(copies[copies > 1].sum()),
     }
     curve = [{"k": k, **{mode: _round(curves[mode][i]) for mode in MODES}} for i, k in enumerate(CURVE_KS)]
     ranks_doc = {
-        "test_set": {"ids_sha256": gallery_digest(g_ids), "gallery_size": n_g},
-        "ks": list(ks),
-        "ids": g_ids,
+        "test_set": {"ids_sha256": gallery_digest(g.ids), "gallery_size": n_g},
+        "ks": list(settings.ks),
+        "ids": g.ids,
         "ranks": per_mode_ranks,
     }
     return _round(metrics), curve, ranks_doc

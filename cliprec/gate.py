@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 from cliprec.compare import compare_ranks, unpaired_reason
 from cliprec.errors import CliprecError
+from cliprec.git import git
 from cliprec.paths import METRICS
 from cliprec.stats import Comparison
 
@@ -65,24 +65,17 @@ class Verdict:
 # --- reading a revision ---------------------------------------------------------------------------------
 
 
-def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
-    except FileNotFoundError as e:
-        raise GateError("git is not installed") from e
-
-
 def revision_files(rev: str, root: Path, pattern: str = RANKS_GLOB) -> dict[str, str]:
     """{path: text} of the files under metrics/ matching `pattern` at git revision `rev`."""
-    if _git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").returncode != 0:
+    if git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").returncode != 0:
         raise GateError(f"unknown git revision {rev!r} in {root}")
-    listed = _git(root, "ls-tree", "-r", "--name-only", rev, "--", METRICS.as_posix())
+    listed = git(root, "ls-tree", "-r", "--name-only", rev, "--", METRICS.as_posix())
     if listed.returncode != 0:
         raise GateError(f"git ls-tree {rev} failed: {listed.stderr.strip()}")
     out = {}
     for name in listed.stdout.splitlines():
         if Path(name).match(pattern):
-            shown = _git(root, "show", f"{rev}:{name}")
+            shown = git(root, "show", f"{rev}:{name}")
             if shown.returncode != 0:
                 raise GateError(f"git show {rev}:{name} failed: {shown.stderr.strip()}")
             out[name] = shown.stdout

@@ -2,10 +2,11 @@
 
 The study reads three things from the hub: the Amazon-2023 catalog (`datasets`, an hf:// path), the CLIP
 and the BART summariser (`transformers` from_pretrained). Offline (`HF_HUB_OFFLINE=1`, or no network)
-each library ends in a traceback of ~100 lines, and from_pretrained first retries for ~50 s. Here:
+each library ends in a traceback of dozens of lines, and from_pretrained first retries for a long while.
+Here:
 
 - `pretrained_kwargs` decides, before from_pretrained, how a hub id can be loaded: as usual when the hub
-  answers one request (no retries: a few ms when DNS fails), from the local HF cache when it does not but
+  answers one request (no retries: at once when DNS fails), from the local HF cache when it does not but
   the model is cached, else a `HubError` at once.
 - `hub_errors` turns whatever a hub access still raises (a network error anywhere in the exception chain,
   or transformers' OSError for a name that is not a local directory) into a `HubError`.

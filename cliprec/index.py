@@ -3,20 +3,20 @@
 Cosine similarity is the inner product of the L2-normalised vectors (`METRIC_INNER_PRODUCT`).
 
 `factory: auto` picks the index from the catalog size n, the dimension d and `index.memory_budget_mb`
-(autofaiss' `get_optimal_index_keys_v2` is the model; the rules and thresholds are what
-bench/faiss_scale.py measured on 2 CPU cores, clustered 512-d vectors, 1,000 queries at k=10):
+(autofaiss' `get_optimal_index_keys_v2` is the model; the rules and thresholds follow what
+bench/faiss_scale.py measured: the figures, machine and query set are in bench/results/faiss_scale.json):
 
-1. n < FLAT_MAX_VECTORS (20 000) and the raw vectors (4 n d bytes) fit the budget -> `Flat`: exact; a
-   scan of 20k x 512 is ~0.2 ms per query, so an approximate index would only lose recall.
-   (autofaiss switches at 1 000; exact search is cheap enough here to go 20x further.)
+1. n < FLAT_MAX_VECTORS and the raw vectors (4 n d bytes) fit the budget -> `Flat`: exact; a scan of
+   that many vectors is cheap enough per query that an approximate index would only lose recall
+   (autofaiss switches to approximate indexes far earlier).
 2. The raw vectors still fit -> `IVF{nlist},PQ{m}x4fs,RFlat`, m = the largest even divisor of d up
    to d / 8: an IVF shortlist of 4-bit fast-scan PQ codes, re-ranked exactly on the raw vectors
    (`index.k_factor` x k candidates; FAISS's default of 1 would make the re-rank useless).
-   nlist = the power of two nearest 2 sqrt(n). Measured against HNSW32 at 100k: 13.2k vs 7.5k QPS
-   at recall@10 0.995 vs 0.944, built in 6 s vs 12 s, same memory; at 1M: 8.4k QPS (135x exact) at
-   recall 0.975, built in 101 s, where HNSW32 takes ~16 min. HNSW is therefore no longer an `auto`
-   choice (name it in `index.factory` if you want it). For d < 128 (m < 16: too few code bits to
-   shortlist well) it is `IVF{nlist},Flat` instead.
+   nlist = the power of two nearest 2 sqrt(n). Against HNSW32 it answered more queries per second at a
+   higher recall@10 and built faster in the same memory; at 1M vectors it is still far faster than exact
+   search, where HNSW32's build is too slow to measure by default (bench/results/faiss_scale.json). HNSW
+   is therefore no longer an `auto` choice (name it in `index.factory` if you want it). For d < 128
+   (m < 16: too few code bits to shortlist well) it is `IVF{nlist},Flat` instead.
 3. Otherwise IVF-PQ: `IVF{nlist},PQ{m}x{nbits}`. nlist = the power of two nearest 4 sqrt(n) for
    n < 1M (at most n / 39: FAISS wants >= 39 training points per list), 16 384 up to 10M and 65 536
    beyond, with an HNSW32 coarse quantizer from 1M on (`IVF{nlist}_HNSW32`), as autofaiss does.
@@ -75,13 +75,6 @@ MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-tra
 MAX_POINTS_PER_LIST = 100  # autofaiss' training cap: more points barely move the centroids
 ADD_BATCH = 65_536  # rows copied out of the memmap at a time while adding
 LINEAGE_KEYS = ("category", "catalog_sha256", "adapter_sha256")  # copied from the embeddings' manifest
-
-
-def fuse(text: np.ndarray, image: np.ndarray, text_weight: float) -> np.ndarray:
-    """Row-wise normalise(w * text + (1 - w) * image), float32."""
-    v = text_weight * np.asarray(text, np.float32) + (1.0 - text_weight) * np.asarray(image, np.float32)
-    norm = np.linalg.norm(v, axis=-1, keepdims=True)
-    return (v / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
 class IndexIntegrityError(ArtifactError):
@@ -230,7 +223,7 @@ def build_index(
     for part in (inner, base):
         if getattr(part, "do_polysemous_training", False):
             # the factory turns it on for PQ; it only serves Hamming-threshold search, which we never use,
-            # and costs ~100x the PQ training itself
+            # and costs far more than the PQ training itself
             part.do_polysemous_training = False
     use_gpu = gpu_available() if use_gpu is None else use_gpu
     if not index.is_trained:

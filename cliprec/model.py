@@ -148,8 +148,9 @@ def tokenize(processor: CLIPProcessor, texts: Sequence[str], max_length: int) ->
 def image_pixels(processor: CLIPProcessor, images: Sequence[Image.Image]) -> torch.Tensor:
     """The processor's RGB conversion + resize + center crop only: (n, 3, H, W), uint8 for the PIL backend.
 
-    For CLIP's usual settings this calls Pillow directly: the same pixels (tests check equality) at ~60%
-    of the cost, which matters on a CPU where decoding competes with the model for the cores.
+    For CLIP's usual settings this calls Pillow directly: the same pixels (tests check equality) at a
+    fraction of the cost (bench/embed_throughput.py), which matters on a CPU where decoding competes with
+    the model for the cores.
     """
     ip = processor.image_processor
     fast = _pillow_resize_crop(ip)
@@ -168,7 +169,7 @@ def decode_side(processor: CLIPProcessor) -> int | None:
 
 def decode_pixels(processor: CLIPProcessor, jpegs: Sequence[bytes]) -> torch.Tensor:
     """Stored JPEG bytes -> (n, 3, H, W) uint8 model input: decoded at the model's size, resized, cropped."""
-    from cliprec.images import decode_jpeg
+    from cliprec.codec import decode_jpeg
 
     side = decode_side(processor)
     return image_pixels(processor, [decode_jpeg(b, side) for b in jpegs])

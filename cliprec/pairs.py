@@ -32,9 +32,9 @@ import torch
 from tqdm import tqdm
 
 from cliprec.errors import CliprecError
-from cliprec.images import iter_image_batches
 from cliprec.model import decode_pixels, tokenize
 from cliprec.paths import rebuild_hint
+from cliprec.shards import iter_image_batches
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,6 @@ class JpegSpool:
 
     def __len__(self) -> int:
         return len(self.offsets)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes on disk."""
-        return self._end
 
     def close(self) -> None:
         """Delete the spool."""

@@ -354,7 +354,7 @@ def check_index_factory(params: Params, path: str | Path = PARAMS_FILE) -> None:
     factory = params.index.factory
     if factory == "auto":
         return
-    import faiss  # ~0.3 s; only when a factory is named
+    import faiss  # slow to import; only when a factory is named
 
     for name, setup in params.setups.items():
         d = embedding_dim(setup.model.name)

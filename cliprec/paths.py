@@ -5,7 +5,6 @@ dvc.yaml spells the same paths out for DVC; tests/test_paths.py checks that the 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 DATA = Path("data")
@@ -103,21 +102,6 @@ def compare_detail_path(category: str) -> Path:
 def recall_plot_path(category: str, variant: str) -> Path:
     """Recall@K for K=1..10 per query mode, for `dvc plots show` (committed to git)."""
     return METRICS / category / "plots" / f"recall_at_k_{variant}.json"
-
-
-def model_identity(name: str) -> str:
-    """A hub id as is; a local model directory as its path + the sha256 of its files.
-
-    Fingerprints use this: the weights in a directory can change while its name stays the same.
-    """
-    path = Path(name)
-    if not path.is_dir():
-        return name
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(hashlib.sha256(f.read_bytes()).digest())
-    return f"{path.as_posix()}@sha256:{h.hexdigest()}"
 
 
 _STAGE_OF = {"ingest": "ingest", "summaries": "summarize", "images": "images", "train": "train"}

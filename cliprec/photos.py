@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cliprec.images import VIEWS, decode_jpeg, list_shards
+from cliprec.codec import decode_jpeg
+from cliprec.shards import VIEWS, list_shards
 
 log = logging.getLogger(__name__)
 
-ROW_GROUP_CACHE = 8  # row groups of JPEG bytes kept (~5 MB each at the stage's 256 rows x ~20 kB)
+ROW_GROUP_CACHE = 8  # row groups of JPEG bytes kept (each holds images.ROW_GROUP_ROWS photos)
 PHOTO_CACHE = 1024
-THUMB_CACHE = 4096  # thumbnails are ~3-5 kB
+THUMB_CACHE = 4096  # thumbnails: a few kB each
 
 
 @dataclass(frozen=True)

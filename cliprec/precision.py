@@ -62,6 +62,5 @@ def _warn_slow_bf16() -> None:
         _warned_slow_bf16 = True
         log.warning(
             "amp is on, but this CPU has no native bf16: autocast emulates it and runs many times SLOWER "
-            "than fp32 (10x for the demo CLIP's LoRA step, 38x for ViT-B/32 layers on a 2-core AVX2 "
-            "EPYC; bench/train_step.py). AMP pays off on GPUs; set amp: false here."
+            "than fp32 (bench/results/train_step.*.json). AMP pays off on GPUs; set amp: false here."
         )

@@ -3,10 +3,11 @@ how a run went (`append_run_log`).
 
 `import_closure` follows the import statements of project files (read with `ast`, so an import inside a
 function counts too) through every module of the project's packages (`cliprec`, `cliprec_worlds`) they
-reach. `code_identity` hashes that closure; a resumable stage resumes only a run with the same code
-identity and the same `library_versions`, so editing `cliprec/loss.py` or upgrading peft retrains instead
-of re-exporting an old adapter. tests/test_provenance.py uses the same closure to check that dvc.yaml
-lists every module a stage imports.
+reach. `code_identity` hashes that closure. `resume_fingerprint` is what a resumable stage (summarize,
+train) keeps with its progress: its inputs + `run_identity` (code identity and `library_versions`), so a
+run resumes only the progress of the same inputs, code and libraries: editing `cliprec/loss.py` or
+upgrading peft retrains instead of re-exporting an old adapter. tests/test_provenance.py uses the same
+closure to check that dvc.yaml lists every module a stage imports.
 
 What depends on how a run went (resumed or not, how long it took) stays out of the stages' outputs, so
 that a killed and resumed run leaves the same `dvc.lock` as an uninterrupted one: `append_run_log` adds
@@ -19,10 +20,13 @@ import ast
 import hashlib
 import json
 import platform
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
+
+from cliprec.artifacts import sha256_file
 
 PACKAGES = ("cliprec", "cliprec_worlds")  # the runtime, and the demo world that its `synthetic` source loads
 ROOT = Path(__file__).resolve().parents[1]  # the project root: cliprec/ and stages/ live here
@@ -83,7 +87,7 @@ def code_identity(*entries: str, root: Path = ROOT) -> str:
     h = hashlib.sha256()
     for rel in import_closure(*entries, root=root):
         h.update(rel.as_posix().encode() + b"\0")
-        h.update(hashlib.sha256((root / rel).read_bytes()).digest())
+        h.update(bytes.fromhex(sha256_file(root / rel)))
     return h.hexdigest()
 
 
@@ -96,6 +100,25 @@ def library_versions(*packages: str) -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "absent"
     return out
+
+
+def run_identity(module: str, libraries: Sequence[str]) -> dict[str, Any]:
+    """The code (the import closure of `module`) and the library versions a run uses."""
+    return {"code": code_identity(module), "versions": library_versions(*libraries)}
+
+
+def resume_fingerprint(inputs: Mapping[str, Any], identity: Mapping[str, Any]) -> dict[str, Any]:
+    """What a resumable stage's progress must match to be resumed: its inputs and its `run_identity`.
+
+    Returned as JSON reads it back (tuples as lists; key order kept, as the stages' reports print it), so a
+    stored copy compares equal.
+    """
+    return json.loads(json.dumps({**inputs, **identity}, default=list))
+
+
+def fingerprint_digest(fp: Mapping[str, Any]) -> str:
+    """sha256 of a `resume_fingerprint`, for a stage that stores a digest rather than the whole of it."""
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
 
 
 def append_run_log(path: str | Path, record: dict[str, Any]) -> None:

@@ -5,7 +5,8 @@ embedded the catalog; text + image is fused with `embed.text_weight` like the pr
 image goes through the images stage's fetch/decode/resize path, so it is prepared exactly like the
 catalog's pictures. Item -> item uses the product's stored fused vector and leaves the product out.
 
-Every problem the user can fix raises RecommendError with a one-line message (the CLI exits 2).
+Every problem the user can fix raises a one-line CliprecError (the CLI exits 2): RecommendError, or
+QueryError for a query that cannot be asked (cliprec.query, shared with `cliprec serve`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,17 @@ from cliprec.artifacts import catalog_identity, check_built, manifest_sha256, ve
 from cliprec.errors import CliprecError
 from cliprec.index import IndexNotFoundError, LoadedIndex, load_index, read_ids
 from cliprec.params import Images, load_params
+from cliprec.query import Query
 
 log = logging.getLogger(__name__)
 
 
 class RecommendError(CliprecError):
-    """A user-facing problem: unknown category/product, unreadable image, pipeline not run, no query."""
+    """A user-facing problem: unknown category/product, unreadable image, pipeline not run."""
+
+
+class UnknownProduct(RecommendError):
+    """The product is not in the catalog, or has no vector in the index (its photo never arrived)."""
 
 
 @dataclass
@@ -41,23 +47,6 @@ class Hit:
     id: str
     score: float
     title: str
-
-
-@dataclass
-class Query:
-    """What was asked."""
-
-    text: str | None = None
-    image: str | None = None
-    product: str | None = None
-    image_obj: Any = field(default=None, repr=False)  # the decoded PIL image, for the grid
-
-    @property
-    def kind(self) -> str:
-        """text | image | text+image | product."""
-        if self.product:
-            return "product"
-        return "+".join(k for k, v in (("text", self.text), ("image", self.image)) if v)
 
 
 class Recommender:
@@ -160,7 +149,7 @@ class Recommender:
         return self._check_dim(np.asarray(encode_texts(model, processor, [text]), dtype=np.float32))
 
     def text_vectors(self, texts: list[str]) -> np.ndarray:
-        """Embeddings of several query texts in one batch (n x d); row i is text_vector(texts[i]) to ~1e-7."""
+        """Embeddings of several texts in one batch (n x d); row i is text_vector(texts[i]) up to rounding."""
         from cliprec.embed import encode_texts
 
         model, processor = self._load_model()
@@ -173,14 +162,23 @@ class Recommender:
         model, processor = self._load_model()
         return self._check_dim(np.asarray(encode_images(model, processor, [image]), dtype=np.float32))
 
+    def has_vector(self, product: str) -> bool:
+        """True when the index holds the product (a catalog product whose photo never arrived has none)."""
+        return product in self.position
+
+    def check_product(self, product: str) -> None:
+        """UnknownProduct unless the index holds the product."""
+        if product in self.position:
+            return
+        if product in self.titles:
+            raise UnknownProduct(
+                f"product {product!r} is in the catalog but has no embedding (no image could be fetched)"
+            )
+        raise UnknownProduct(f"unknown product {product!r} in category {self.category}")
+
     def product_vector(self, product: str) -> np.ndarray:
         """The stored fused vector of a catalog product."""
-        if product not in self.position:
-            if product in self.titles:
-                raise RecommendError(
-                    f"product {product!r} is in the catalog but has no embedding (no image could be fetched)"
-                )
-            raise RecommendError(f"unknown product {product!r} in category {self.category}")
+        self.check_product(product)
         fused_path = self.embed_dir / "fused.npy"
         if not self.embed_dir.is_dir():
             raise RecommendError(
@@ -204,48 +202,56 @@ class Recommender:
         fused = np.load(fused_path, mmap_mode="r")
         return np.asarray(fused[row : row + 1], dtype=np.float32)
 
-    def query_vector(self, query: Query) -> np.ndarray:
-        """The vector to search with (1 x d, unit length)."""
-        if query.product:
-            if query.text or query.image:
-                raise RecommendError("--product cannot be combined with --text or --image")
+    def query_vector(self, query: Query, image: Any = None) -> np.ndarray:
+        """The vector to search with (1 x d, unit length); `image`: the query's picture decoded already
+        (an upload), else `query.image` is fetched or read and prepared like the catalog's."""
+        if query.product is not None:
             return self.product_vector(query.product)
-        if query.text is not None and not query.text.strip():
-            raise RecommendError("--text is empty")
-        if not query.text and not query.image:
-            raise RecommendError("no query: give --text, --image and/or --product")
-        if query.image:  # before the model loads: a bad image fails fast
-            query.image_obj = load_query_image(query.image, self.params.images)
+        if query.image is not None and image is None:  # before the model loads: a bad image fails fast
+            image = query.image_obj = load_query_image(query.image, self.params.images)
         vectors = []
-        if query.text:
+        if query.text is not None:
             vectors.append(self.text_vector(query.text))
-        if query.image:
-            vectors.append(self.image_vector(query.image_obj))
+        if query.image is not None:
+            vectors.append(self.image_vector(image))
         if len(vectors) == 1:
             return vectors[0]
-        from cliprec.index import fuse
+        from cliprec.vectors import fuse
 
-        return np.asarray(fuse(vectors[0], vectors[1], self.text_weight), dtype=np.float32)
+        weight = self.text_weight if query.weight is None else query.weight
+        return np.asarray(fuse(vectors[0], vectors[1], weight), dtype=np.float32)
 
     # --- search ---------------------------------------------------------------------------------------
 
-    def recommend(self, query: Query, k: int = 5) -> list[Hit]:
+    def recommend(self, query: Query) -> list[Hit]:
         """The top-k products for the query (the queried product itself excluded)."""
-        if k < 1:
-            raise RecommendError(f"--k must be >= 1, not {k}")
-        vector = self.query_vector(query)
-        extra = 1 if query.product else 0
-        ids, scores = self.index.search(vector, k + extra)
-        hits = [(pid, s) for pid, s in zip(ids[0], scores[0]) if pid != query.product][:k]
+        return self.search(self.query_vector(query), query.k, exclude=query.product)
+
+    def search(self, vector: np.ndarray, k: int, exclude: str | None = None) -> list[Hit]:
+        """The top-k products for a query vector (1 x d), leaving out the product `exclude`."""
+        ids, scores = self.index.search(vector, k + (exclude is not None))
+        hits = [(pid, s) for pid, s in zip(ids[0], scores[0]) if pid != exclude][:k]
         return [
             Hit(rank=i + 1, id=pid, score=round(float(s), 6), title=self.titles.get(pid, ""))
             for i, (pid, s) in enumerate(hits)
         ]
 
+    def index_info(self) -> dict[str, Any]:
+        """The index's type, size, dimension, metric and adapter, as its manifest records them."""
+        manifest = self.index.manifest
+        return {
+            "index": (manifest.get("factory") or {}).get("resolved"),
+            "ntotal": int(manifest.get("ntotal", self.index.index.ntotal)),
+            "d": self.index.d,
+            "metric": manifest.get("metric"),
+            "adapter": manifest.get("adapter"),
+        }
+
 
 def load_query_image(source: str, cfg: Images) -> Any:
     """Fetch (URL) or read (path) a query image and prepare it like the catalog's images (PIL RGB)."""
-    from cliprec.images import decode_jpeg, fetch_image
+    from cliprec.codec import decode_jpeg
+    from cliprec.fetch import fetch_image
 
     if "://" not in source and not Path(source).exists():
         raise RecommendError(f"unreadable image {source!r}: no such file")
@@ -280,7 +286,8 @@ def thumbnails(images_dir: str | Path, ids: list[str]) -> dict[str, Any]:
     """Main-view images (PIL) of the given products from the image shards."""
     import pyarrow.parquet as pq
 
-    from cliprec.images import decode_jpeg, list_shards
+    from cliprec.codec import decode_jpeg
+    from cliprec.shards import list_shards
 
     wanted, out = set(ids), {}
     for shard in list_shards(images_dir):

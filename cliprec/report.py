@@ -28,7 +28,9 @@ from typing import Any
 from cliprec import paths
 from cliprec.compare import UnpairedTestSets, compare_ranks, comparison_doc
 from cliprec.errors import CliprecError
+from cliprec.git import show
 from cliprec.params import load_params
+from cliprec.results import read_json, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -171,25 +173,10 @@ def _find_anywhere(
         return find_experiment(parse_experiments(exp_show(root, baseline)), name), baseline
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as e:
-        log.warning("report: %s is not JSON (%s)", path, e)
-        return None
-
-
 def _git_show(root: Path, rev: str, path: Path) -> dict[str, Any] | None:
     """A JSON file at git commit `rev` (an experiment's commit), or None."""
-    done = subprocess.run(
-        ["git", "-C", str(root), "show", f"{rev}:{path.as_posix()}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return json.loads(done.stdout) if done.returncode == 0 else None
+    text = show(root, rev, path)
+    return json.loads(text) if text is not None else None
 
 
 def _value(metrics: dict[str, Any] | None, mode: str | None, metric: str) -> dict[str, Any] | None:
@@ -212,13 +199,8 @@ class Sources:
 
 
 def _sources(root: Path, cat: str, exp: Experiment | None) -> Sources:
-    # the detail file, or in a project evaluated before it existed, the metrics file that held it all
-    metrics = {
-        v: _read_json(root / paths.metrics_detail_path(cat, v))
-        or _read_json(root / paths.metrics_path(cat, v))
-        for v in ("zeroshot", "lora")
-    }
-    ranks = {v: _read_json(root / paths.ranks_path(cat, v)) for v in ("zeroshot", "lora")}
+    metrics = {v: read_metrics(root, cat, v) for v in ("zeroshot", "lora")}
+    ranks = {v: read_json(root / paths.ranks_path(cat, v)) for v in ("zeroshot", "lora")}
     if exp is not None:
         detail = _git_show(root, exp.rev, paths.metrics_detail_path(cat, "lora")) if exp.rev else None
         metrics["lora_amp"] = detail or exp.metrics.get(paths.metrics_path(cat, "lora").as_posix()) or None

@@ -1,26 +1,24 @@
 """The recommender service behind `cliprec serve`: every category's recommenders, loaded once, searched
 the way `cliprec recommend` searches.
 
-Text and "more like this" queries go through `Recommender.recommend` itself. An uploaded image has no
-path for `Query.image`, so it takes the steps `Recommender.query_vector` takes for a file: the images
-stage's `process_image` (bomb, truncation and format checks; resize like the catalog's photos), then
-`decode_jpeg`, `Recommender.image_vector`, `fuse` with the text vector, and the index search. With the
-default weight the answers equal the CLI's on the same file (tests/test_serve.py checks both paths).
+A search is a `cliprec.query.Query` (checked when it is made, as the CLI's) plus the category, the
+variants and the upload. Every search goes through `Recommender.query_vector` and `Recommender.search`,
+as `cliprec recommend` does; an uploaded image is checked and prepared by the images stage's
+`process_image` (bomb, truncation and format checks; resize like the catalog's photos) and handed to
+`query_vector` decoded. With the default weight the answers equal the CLI's on the same file
+(tests/test_serve.py checks both paths).
 
 Every problem a client can fix raises ServiceError with the HTTP status that names it and a one-line
-message. Params are read only through `_param` (and `_image_config`), which accept params as a plain dict
-or as a validated model, so that the params representation can change under this module.
+message.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import subprocess
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +29,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from cliprec import paths
-from cliprec.images import ImageFailure, decode_jpeg, pillow_limits, process_image
-from cliprec.index import fuse
-from cliprec.params import Images, load_params
+from cliprec.codec import ImageFailure, decode_jpeg, pillow_limits, process_image
+from cliprec.errors import one_line
+from cliprec.git import head_commit
+from cliprec.params import load_params
 from cliprec.photos import PhotoStore
-from cliprec.recommend import Hit, Query, Recommender, RecommendError
+from cliprec.query import Query
+from cliprec.recommend import Hit, Recommender, RecommendError, UnknownProduct
+from cliprec.results import read_json, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -64,25 +65,6 @@ class ServiceError(Exception):
         self.status = status
 
 
-def one_line(message: str) -> str:
-    """Collapse whitespace (newlines included) to single spaces: errors are one line."""
-    return " ".join(str(message).split())
-
-
-def _param(params: Any, name: str) -> Any:
-    """One top-level param of loaded params (a dict, or a pydantic model); blocks come back as dicts."""
-    value = params.get(name) if isinstance(params, Mapping) else getattr(params, name, None)
-    return value.model_dump() if hasattr(value, "model_dump") else value
-
-
-def _image_config(params: Any) -> Any:
-    """The images-stage settings that `process_image` checks uploads with (as `load_query_image` does)."""
-    if not isinstance(params, Mapping):
-        return params.images  # the validated images block is what the images stage takes
-    # plain-dict params: validate the block as params.yaml's is (cliprec.images has no ImageConfig)
-    return Images(**(params.get("images") or {}))
-
-
 def configured_categories(root: str | Path) -> list[str]:
     """The categories params.yaml lists (serve them all unless told otherwise)."""
     params_path = Path(root) / "params.yaml"
@@ -90,26 +72,7 @@ def configured_categories(root: str | Path) -> list[str]:
         raise RecommendError(
             f"no params.yaml in {Path(root).resolve()}: run from the project root or pass --root"
         )
-    return [str(c) for c in _param(load_params(params_path), "categories") or []]
-
-
-def git_commit(root: str | Path) -> str | None:
-    """HEAD of the git repository at root (None outside one)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def _read_json(path: Path) -> Any:
-    """A JSON file's content, or None when it is absent or unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return [str(c) for c in load_params(params_path).categories]
 
 
 def _plain(value: Any) -> Any:
@@ -127,26 +90,20 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class SearchRequest:
-    """One search as the API receives it (image = the uploaded bytes)."""
+    """One search as the API receives it: the query, where to search, and the uploaded image's bytes."""
 
-    category: str
+    category: str | None
+    query: Query
     variant: str = "both"
-    text: str | None = None
-    image: bytes | None = None
-    image_name: str | None = None
-    product: str | None = None
-    weight: float | None = None
-    k: int = 10
+    upload: bytes | None = None  # the image of `query.image`, as uploaded
     # the upload as serve's decoder processes prepared it (the images stage's side x side JPEG); when
-    # None, `image` is decoded in this process
+    # None, `upload` is decoded in this process
     prepared: bytes | None = None
 
     @property
     def kind(self) -> str:
-        """text | image | text+image | product (as recommend.Query.kind)."""
-        if self.product:
-            return "product"
-        return "+".join(k for k, v in (("text", self.text), ("image", self.image is not None)) if v)
+        """text | image | text+image | product."""
+        return self.query.kind
 
 
 def request_error(req: SearchRequest, e: Exception) -> ServiceError:
@@ -156,7 +113,7 @@ def request_error(req: SearchRequest, e: Exception) -> ServiceError:
     where = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
     at = f" at {Path(where.filename).name}:{where.lineno} in {where.name}" if where else ""
     # one line, not a traceback: a request that trips a bug may be repeated by its client many times
-    log.error("serve: %s search failed: %s: %s%s", req.kind or "empty", type(e).__name__, one_line(e), at)
+    log.error("serve: %s search failed: %s: %s%s", req.kind, type(e).__name__, one_line(e), at)
     return ServiceError(500, "internal error (see the server log)")
 
 
@@ -170,7 +127,6 @@ class Service:
         thumb_side: int = 128,
         max_upload_bytes: int | None = None,
     ) -> None:
-        t0 = time.perf_counter()
         self.root = Path(root)
         self.categories = list(categories) if categories else configured_categories(self.root)
         if not self.categories:
@@ -188,12 +144,11 @@ class Service:
         first = self.recommenders[self.categories[0]]["lora"]
         self.model_name = first.model_name
         self.text_weight = first.text_weight
-        self.image_config = _image_config(first.params)
+        self.image_config = first.params.images  # what `process_image` checks uploads with
         self.max_upload_bytes = min(
             int(max_upload_bytes or self.image_config.max_bytes), int(self.image_config.max_bytes)
         )
-        self.commit = git_commit(self.root)
-        self.load_seconds = time.perf_counter() - t0
+        self.commit = head_commit(self.root)
 
     def warm_up(self) -> None:
         """Load every model now (Recommender loads lazily), so the first query is not the slow one."""
@@ -254,23 +209,16 @@ class Service:
         if req.variant not in VARIANT_CHOICES:
             raise ServiceError(422, f"unknown variant {req.variant!r} (one of {', '.join(VARIANT_CHOICES)})")
         variants = list(paths.VARIANTS) if req.variant == "both" else [req.variant]
-        if req.text is not None and not req.text.strip():
-            req.text = None
-        if req.product and (req.text or req.image is not None):
-            raise ServiceError(422, "product (more like this) cannot be combined with text or image")
-        if not (req.text or req.image is not None or req.product):
-            raise ServiceError(422, "no query: give text, image and/or product")
-        if req.weight is not None and not 0.0 <= req.weight <= 1.0:
-            raise ServiceError(422, f"weight must be in [0, 1], not {req.weight}")
-        if req.k < 1:
-            raise ServiceError(422, f"k must be >= 1, not {req.k}")
-        if req.product:
-            self.check_product(category, req.product)
+        if (req.upload is None) != (req.query.image is None):
+            raise ValueError("a SearchRequest has an upload exactly when its query names an image")
+        product = req.query.product
+        if product is not None:
+            self.check_product(category, product)
             for v in variants:
-                if req.product not in self.recommenders[category][v].position:
-                    raise ServiceError(
-                        404, f"product {req.product!r} is in the catalog but has no embedding (no image)"
-                    )
+                try:
+                    self.recommenders[category][v].check_product(product)
+                except UnknownProduct as e:
+                    raise ServiceError(404, str(e)) from e
         return category, variants
 
     def search(self, req: SearchRequest) -> dict[str, Any]:
@@ -280,11 +228,10 @@ class Service:
         image = None
         if req.prepared is not None:
             image = decode_jpeg(req.prepared)  # our own side x side JPEG: no limits needed
-        elif req.image is not None:
-            image = self.decode_upload(req.image)
-        weight = self.text_weight if req.weight is None else float(req.weight)
-        results = {v: self._search_one(self.recommenders[category][v], req, image, weight) for v in variants}
-        return self._answer(category, req, results, weight if (req.text and image is not None) else None, t0)
+        elif req.upload is not None:
+            image = self.decode_upload(req.upload)
+        results = {v: self._search_one(self.recommenders[category][v], req.query, image) for v in variants}
+        return self._answer(category, req, results, t0)
 
     def search_many(self, reqs: Sequence[SearchRequest]) -> list[dict[str, Any] | ServiceError]:
         """Answers (or errors) of several searches; the text-only ones share one text-encoder batch.
@@ -293,9 +240,9 @@ class Service:
         one log line) never fails the others. When a shared text batch fails, its texts are answered one
         by one, so only the request at fault fails.
 
-        A lone text query takes `search`, i.e. `Recommender.recommend`, exactly. In a batch the texts are
-        padded to the longest, which changes the float summation order: vectors move by ~1e-7, so a
-        score can move in its 6th decimal (rankings of the demo's test titles came out identical).
+        A lone text query takes `search`, i.e. the path of `Recommender.recommend`, exactly. In a batch
+        the texts are padded to the longest, which changes the float summation order: vectors move in
+        their last digits, so a score can move in its 6th decimal.
         """
         out: list[dict[str, Any] | ServiceError | None] = [None] * len(reqs)
         texts: dict[tuple[str, tuple[str, ...]], list[int]] = {}
@@ -305,7 +252,7 @@ class Service:
             except Exception as e:
                 out[i] = request_error(req, e)
                 continue
-            if req.text and req.image is None and not req.product:
+            if req.kind == "text":
                 texts.setdefault((category, tuple(variants)), []).append(i)
             else:
                 out[i] = self._answer_or_error(req)
@@ -329,14 +276,15 @@ class Service:
     def _text_batch(self, category: str, variants: list[str], reqs: list[SearchRequest]) -> list[dict]:
         """Answers of text-only searches of one category, their texts encoded in one batch."""
         t0 = time.perf_counter()
-        vectors = {v: self.recommenders[category][v].text_vectors([r.text for r in reqs]) for v in variants}
+        recs = self.recommenders[category]
+        vectors = {v: recs[v].text_vectors([r.query.text for r in reqs]) for v in variants}
         answers = []
         for row, req in enumerate(reqs):
             results = {
-                v: self._hits(self.recommenders[category][v], vectors[v][row : row + 1], req.k)
+                v: self._hits(recs[v], recs[v].search(vectors[v][row : row + 1], req.query.k))
                 for v in variants
             }
-            answers.append(self._answer(category, req, results, None, t0))
+            answers.append(self._answer(category, req, results, t0))
         return answers
 
     def _answer_or_error(self, req: SearchRequest) -> dict[str, Any] | ServiceError:
@@ -346,54 +294,38 @@ class Service:
             return request_error(req, e)
 
     def _answer(
-        self,
-        category: str,
-        req: SearchRequest,
-        results: dict[str, list[dict]],
-        weight: float | None,
-        t0: float,
+        self, category: str, req: SearchRequest, results: dict[str, list[dict]], t0: float
     ) -> dict[str, Any]:
+        q = req.query
         ranked = [[h["id"] for h in hits] for hits in results.values()]
         shared = [pid for pid in ranked[0] if all(pid in r for r in ranked[1:])] if len(ranked) > 1 else []
+        weight = (
+            (self.text_weight if q.weight is None else float(q.weight)) if q.kind == "text+image" else None
+        )
         return {
             "category": category,
             "query": {
-                "kind": req.kind,
-                "text": req.text,
-                "image": req.image_name if req.image is not None else None,
-                "product": req.product,
+                "kind": q.kind,
+                "text": q.text,
+                "image": q.image,
+                "product": q.product,
                 "weight": weight,
             },
-            "k": req.k,
+            "k": q.k,
             "results": results,
             "shared": shared,
             "took_ms": round(1000 * (time.perf_counter() - t0), 2),
         }
 
-    def _search_one(self, rec: Recommender, req: SearchRequest, image: Any, weight: float) -> list[dict]:
-        if image is None:
-            try:
-                hits = rec.recommend(Query(text=req.text, product=req.product), k=req.k)
-            except RecommendError as e:  # the request was validated: what is left is a server-side problem
-                log.error("serve: %s/%s: %s", rec.category, rec.variant, e)
-                raise ServiceError(500, f"{rec.category}/{rec.variant}: {e}") from e
-            return [self._hit(rec.category, h) for h in hits]
+    def _search_one(self, rec: Recommender, query: Query, image: Any) -> list[dict]:
         try:
-            vector = rec.image_vector(image)
-            if req.text:
-                vector = np.asarray(fuse(rec.text_vector(req.text), vector, weight), dtype=np.float32)
-        except RecommendError as e:
+            hits = rec.search(rec.query_vector(query, image), query.k, exclude=query.product)
+        except RecommendError as e:  # the request was validated: what is left is a server-side problem
             log.error("serve: %s/%s: %s", rec.category, rec.variant, e)
             raise ServiceError(500, f"{rec.category}/{rec.variant}: {e}") from e
-        return self._hits(rec, vector, req.k)
+        return self._hits(rec, hits)
 
-    def _hits(self, rec: Recommender, vector: np.ndarray, k: int) -> list[dict]:
-        """Top-k of a query vector, ranked and rounded as Recommender.recommend does."""
-        ids, scores = rec.index.search(vector, k)
-        hits = [
-            Hit(rank=i + 1, id=pid, score=round(float(s), 6), title=rec.titles.get(pid, ""))
-            for i, (pid, s) in enumerate(zip(ids[0], scores[0]))
-        ]
+    def _hits(self, rec: Recommender, hits: list[Hit]) -> list[dict]:
         return [self._hit(rec.category, h) for h in hits]
 
     def _hit(self, category: str, hit: Hit) -> dict[str, Any]:
@@ -420,7 +352,7 @@ class Service:
         detail["photos"] = {v: f"{base}/photo?view={v}" for v in self.photos[category].views(pid)}
         # null when there is no stored main photo: its thumb URL would only answer 404
         detail["thumb"] = f"{base}/thumb" if "main" in detail["photos"] else None
-        detail["indexed"] = {v: pid in r.position for v, r in self.recommenders[category].items()}
+        detail["indexed"] = {v: r.has_vector(pid) for v, r in self.recommenders[category].items()}
         return detail
 
     def _category_path(self, category: str) -> str:
@@ -445,23 +377,13 @@ class Service:
         for cat in self.categories:
             variants = {}
             for v, rec in self.recommenders[cat].items():
-                manifest = rec.index.manifest
-                variants[v] = {
-                    "index": (manifest.get("factory") or {}).get("resolved"),
-                    "ntotal": int(manifest.get("ntotal", rec.index.index.ntotal)),
-                    "d": rec.index.d,
-                    "metric": manifest.get("metric"),
-                    "adapter": manifest.get("adapter"),
-                    # every metric with its ci95: the detail file (the DVC metrics file is the headline),
-                    # or in a project evaluated before detail files existed, the metrics file
-                    "metrics": _read_json(self.root / paths.metrics_detail_path(cat, v))
-                    or _read_json(self.root / paths.metrics_path(cat, v)),
-                }
+                # every metric with its ci95 (cliprec.results.read_metrics)
+                variants[v] = {**rec.index_info(), "metrics": read_metrics(self.root, cat, v)}
             cats[cat] = {
                 "products": len(self.details[cat]),
                 "photos": len(self.photos[cat].locations),
                 "variants": variants,
-                "train": _read_json(self.root / paths.live_dir(cat) / "metrics.json"),
+                "train": read_json(self.root / paths.live_dir(cat) / "metrics.json"),
             }
         return {
             "model": self.model_name,

@@ -11,12 +11,12 @@ the catalog stages (a hash each), and only that category's ingest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any, Protocol
 
+from cliprec.artifacts import sha256_file
 from cliprec.errors import CliprecError
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,7 @@ def fingerprint(category: str, ingest: IngestSettings) -> dict[str, Any]:
                 f"ingest {category}: catalog file {file} does not exist (source {ingest.source!r}; "
                 "see README 'Your own catalog')"
             )
-        with open(file, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        digest = sha256_file(file)
     return {"source": ingest.source, "file": file.as_posix() if file else None, "sha256": digest}
 
 

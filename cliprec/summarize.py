@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from cliprec.artifacts import write_json
+from cliprec import provenance
+from cliprec.artifacts import model_identity, write_json
 from cliprec.hub import SUMMARIZER_SETTING, hub_errors, pretrained_kwargs
 from cliprec.params import Bart, Summarize
-from cliprec.paths import model_identity
-from cliprec.provenance import append_run_log, code_identity, library_versions
+from cliprec.provenance import append_run_log
 from cliprec.text import clean_text, extractive_summary, idf_weights
 
 logger = logging.getLogger(__name__)
@@ -96,19 +97,19 @@ def input_hash(ids: Sequence[str], texts: Sequence[str]) -> str:
 
 def run_identity() -> dict[str, Any]:
     """The code (this module's import closure) and library versions a run uses."""
-    return {"code": code_identity(__name__), "versions": library_versions(*SUMMARIZE_LIBRARIES)}
+    return provenance.run_identity(__name__, SUMMARIZE_LIBRARIES)
 
 
 def fingerprint(params: Summarize, ids: Sequence[str], texts: Sequence[str]) -> dict[str, Any]:
     """What identifies a summarize run: all summarize params, model identity, inputs, code, versions."""
-    return {
+    inputs = {
         "method": params.method,
         "params": params.model_dump(),
         "model": model_identity(params.model) if isinstance(params, Bart) else None,
         "inputs": input_hash(ids, texts),
         "n": len(ids),
-        **run_identity(),
     }
+    return provenance.resume_fingerprint(inputs, run_identity())
 
 
 def _chunk_path(progress_dir: Path, index: int) -> Path:
@@ -229,30 +230,23 @@ def beam_search_cache() -> Any:
 
 
 def generate_summaries(
-    model: Any,
-    tokenizer: Any,
-    texts: Sequence[str],
-    *,
-    device: str,
-    batch_size: int,
-    num_beams: int,
-    max_length: int,
-    min_length: int,
-    max_input_tokens: int | None,
-    bar: tqdm | None = None,
+    model: Any, tokenizer: Any, texts: Sequence[str], *, params: Bart, device: str, bar: tqdm | None = None
 ) -> list[str]:
-    """Raw decoded summaries of `texts`, batched by similar length (less padding), in input order."""
+    """Raw decoded summaries of `texts`, batched by similar length (less padding), in input order.
+
+    `params` gives the batch size, beam count, output lengths (tokens) and input limit.
+    """
     import torch
 
     if not texts:
         return []
-    limit = input_token_limit(model, tokenizer, max_input_tokens)
+    limit = input_token_limit(model, tokenizer, params.max_input_tokens)
     lengths = [len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=limit)["input_ids"]]
     order = sorted(range(len(texts)), key=lambda i: (-lengths[i], i))
     out: list[str] = [""] * len(texts)
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+        for start in range(0, len(order), params.batch_size):
+            batch = order[start : start + params.batch_size]
             enc = tokenizer(
                 [texts[i] for i in batch],
                 truncation=True,
@@ -261,14 +255,16 @@ def generate_summaries(
                 return_tensors="pt",
             ).to(device)
             beams = (
-                {"cache": beam_search_cache()} if num_beams > 1 and model.config.is_encoder_decoder else {}
+                {"cache": beam_search_cache()}
+                if params.num_beams > 1 and model.config.is_encoder_decoder
+                else {}
             )
             generated = model.generate(
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
-                num_beams=num_beams,
-                max_length=max_length,
-                min_length=min_length,
+                num_beams=params.num_beams,
+                max_length=params.max_length,
+                min_length=params.min_length,
                 **beams,
             )
             for i, text in zip(batch, tokenizer.batch_decode(generated, skip_special_tokens=True)):
@@ -280,6 +276,72 @@ def generate_summaries(
 
 # --------------------------------------------------------------------------------------------------
 # the stage
+
+
+@dataclass(frozen=True)
+class _Catalog:
+    """The catalog's columns that summarising reads, cleaned, in catalog order."""
+
+    ids: list[str]
+    titles: list[str]
+    features: list[list[str]]
+    descriptions: list[list[str]]
+    texts: list[str]  # what BART reads (and what the fingerprint hashes)
+    has_body: list[bool]  # False: nothing to summarise, the title stands in
+
+    @classmethod
+    def of(cls, products: pd.DataFrame) -> _Catalog:
+        """The columns of a products table."""
+        titles = [clean_text(t) for t in products["title"]]
+        features = [_as_list(v) for v in products["features"]]
+        descriptions = [_as_list(v) for v in products["description"]]
+        return cls(
+            ids=[str(i) for i in products["id"]],
+            titles=titles,
+            features=features,
+            descriptions=descriptions,
+            texts=[source_text(t, f, d) for t, f, d in zip(titles, features, descriptions)],
+            has_body=[bool(body_text(f, d)) for f, d in zip(features, descriptions)],
+        )
+
+
+class _Summariser:
+    """One chunk of products at a time; BART is loaded on the first chunk that is not already done."""
+
+    def __init__(self, params: Summarize, catalog: _Catalog) -> None:
+        self.params, self.catalog = params, catalog
+        self.idf = idf_weights(catalog.texts) if params.method == "extractive" else None
+        self.model = self.tokenizer = self.device = None
+
+    def chunk(self, lo: int, hi: int, bar: tqdm) -> list[str]:
+        """The final summaries of products lo..hi-1 (cleaned, capped, the title where none came out)."""
+        c, max_words = self.catalog, self.params.max_words
+        if self.params.method == "extractive":
+            raw = [
+                extractive_summary(c.titles[i], c.features[i], c.descriptions[i], max_words, idf=self.idf)
+                for i in range(lo, hi)
+            ]
+            bar.update(hi - lo)
+        else:
+            raw = self._generated(lo, hi, bar)
+        return [
+            cap_words(clean_text(s), max_words) or cap_words(c.titles[lo + k], max_words)
+            for k, s in enumerate(raw)
+        ]
+
+    def _generated(self, lo: int, hi: int, bar: tqdm) -> list[str]:
+        if self.model is None:
+            self.model, self.tokenizer, self.device = load_seq2seq(self.params.model)
+        todo = [i for i in range(lo, hi) if self.catalog.has_body[i]]
+        texts = [self.catalog.texts[i] for i in todo]
+        generated = generate_summaries(
+            self.model, self.tokenizer, texts, params=self.params, device=self.device, bar=bar
+        )
+        raw = [""] * (hi - lo)
+        for i, g in zip(todo, generated):
+            raw[i - lo] = g
+        bar.update((hi - lo) - len(todo))
+        return raw
 
 
 def summarize_catalog(
@@ -296,29 +358,38 @@ def summarize_catalog(
     `on_chunk_done(i)` is called after chunk i is safely on disk (progress reporting, tests). `run_log`, if
     given, gets a line saying how the run went (`cliprec.provenance.append_run_log`).
     """
-    method, max_words, chunk_size = params.method, params.max_words, params.chunk_size
     started = time.perf_counter()
     out_dir, progress_dir = Path(out_dir), Path(progress_dir)
-
-    ids = [str(i) for i in products["id"]]
-    titles = [clean_text(t) for t in products["title"]]
-    features = [_as_list(v) for v in products["features"]]
-    descriptions = [_as_list(v) for v in products["description"]]
-    texts = [source_text(t, f, d) for t, f, d in zip(titles, features, descriptions)]
-    has_body = [bool(body_text(f, d)) for f, d in zip(features, descriptions)]
-
-    fp = fingerprint(params, ids, texts)
+    catalog = _Catalog.of(products)
+    fp = fingerprint(params, catalog.ids, catalog.texts)
     prepare_progress_dir(progress_dir, fp)
+    summaries, resumed = _summarise_chunks(catalog, params, progress_dir, on_chunk_done)
+    report = _write_summaries(out_dir, catalog, summaries, params, fp)
+    _write_fingerprint(progress_dir / FINGERPRINT_FILE, fp, done=True)
+    seconds = time.perf_counter() - started
+    if run_log is not None:
+        run = {"stage": "summarize", "out": out_dir.as_posix(), "n": report["n"], "chunks": report["chunks"],
+               "resumed_chunks": resumed, "seconds": round(seconds, 1)}  # fmt: skip
+        append_run_log(run_log, run)
+    logger.info(
+        "summarize: %d products with %s, %d/%d chunks resumed, mean %.1f words, %d title fallbacks, %.1f s",
+        report["n"], params.method, resumed, report["chunks"], report["mean_words"],
+        report["title_fallbacks"], seconds,
+    )  # fmt: skip
+    return report
 
-    model = tokenizer = device = None  # BART is loaded on the first chunk that is not already done
-    idf = idf_weights(texts) if method == "extractive" else None
 
-    n_chunks = (len(ids) + chunk_size - 1) // chunk_size
+def _summarise_chunks(
+    catalog: _Catalog, params: Summarize, progress_dir: Path, on_chunk_done: Callable[[int], None] | None
+) -> tuple[list[str], int]:
+    """(every product's summary, how many chunks were resumed): finished chunks read, the others made."""
+    ids, size = catalog.ids, params.chunk_size
+    summariser = _Summariser(params, catalog)
     summaries: list[str] = []
     resumed = 0
-    with tqdm(total=len(ids), desc=f"summarize ({method})", unit="product", mininterval=2.0) as bar:
-        for c in range(n_chunks):
-            lo, hi = c * chunk_size, min((c + 1) * chunk_size, len(ids))
+    with tqdm(total=len(ids), desc=f"summarize ({params.method})", unit="product", mininterval=2.0) as bar:
+        for c in range((len(ids) + size - 1) // size):
+            lo, hi = c * size, min((c + 1) * size, len(ids))
             chunk_file = _chunk_path(progress_dir, c)
             done = _read_chunk(chunk_file, ids[lo:hi])
             if done is not None:
@@ -326,68 +397,33 @@ def summarize_catalog(
                 resumed += 1
                 bar.update(hi - lo)
                 continue
-            if method == "extractive":
-                raw = [
-                    extractive_summary(titles[i], features[i], descriptions[i], max_words, idf=idf)
-                    for i in range(lo, hi)
-                ]
-                bar.update(hi - lo)
-            else:
-                if model is None:
-                    model, tokenizer, device = load_seq2seq(params.model)
-                todo = [i for i in range(lo, hi) if has_body[i]]
-                generated = generate_summaries(
-                    model,
-                    tokenizer,
-                    [texts[i] for i in todo],
-                    device=device,
-                    batch_size=params.batch_size,
-                    num_beams=params.num_beams,
-                    max_length=params.max_length,
-                    min_length=params.min_length,
-                    max_input_tokens=params.max_input_tokens,
-                    bar=bar,
-                )
-                raw = [""] * (hi - lo)
-                for i, g in zip(todo, generated):
-                    raw[i - lo] = g
-                bar.update((hi - lo) - len(todo))
-            chunk = [
-                cap_words(clean_text(s), max_words) or cap_words(titles[lo + k], max_words)
-                for k, s in enumerate(raw)
-            ]
+            chunk = summariser.chunk(lo, hi, bar)
             _write_chunk(chunk_file, ids[lo:hi], chunk)
             summaries.extend(chunk)
             if on_chunk_done is not None:
                 on_chunk_done(c)
+    return summaries, resumed
 
-    fallbacks = sum(s == cap_words(t, max_words) for s, t in zip(summaries, titles))
 
+def _write_summaries(
+    out_dir: Path, catalog: _Catalog, summaries: list[str], params: Summarize, fp: Mapping[str, Any]
+) -> dict[str, Any]:
+    """summaries.parquet and report.json into out_dir; the report."""
+    max_words = params.max_words
     out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table({"id": ids, "summary": summaries}, schema=SUMMARIES_SCHEMA), out_dir / "summaries.parquet"
-    )
+    table = pa.table({"id": catalog.ids, "summary": summaries}, schema=SUMMARIES_SCHEMA)
+    pq.write_table(table, out_dir / "summaries.parquet")
     # neither wall-clock time nor resumed chunks in the report: the directory is a DVC output, its hash
     # must follow from the inputs alone (how the run went goes to the log and the run log)
     report = {
-        "method": method,
+        "method": params.method,
         "model": params.model if isinstance(params, Bart) else None,
-        "n": len(ids),
-        "chunks": n_chunks,
+        "n": len(catalog.ids),
+        "chunks": (len(catalog.ids) + params.chunk_size - 1) // params.chunk_size,
         "mean_words": round(float(np.mean([len(s.split()) for s in summaries])), 3) if summaries else 0.0,
-        "title_fallbacks": fallbacks,
+        "title_fallbacks": sum(s == cap_words(t, max_words) for s, t in zip(summaries, catalog.titles)),
         "code": fp["code"],
         "versions": fp["versions"],
     }
     write_json(report, out_dir / "report.json")
-    _write_fingerprint(progress_dir / FINGERPRINT_FILE, fp, done=True)
-    seconds = time.perf_counter() - started
-    if run_log is not None:
-        run = {"stage": "summarize", "out": out_dir.as_posix(), "n": len(ids), "chunks": n_chunks,
-               "resumed_chunks": resumed, "seconds": round(seconds, 1)}  # fmt: skip
-        append_run_log(run_log, run)
-    logger.info(
-        "summarize: %d products with %s, %d/%d chunks resumed, mean %.1f words, %d title fallbacks, %.1f s",
-        len(ids), method, resumed, n_chunks, report["mean_words"], fallbacks, seconds,
-    )  # fmt: skip
     return report

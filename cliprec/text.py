@@ -22,7 +22,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 _BLOCK_CONTENT = re.compile(r"<\s*(script|style)\b[^>]*>.*?<\s*/\s*\1\s*>", re.IGNORECASE | re.DOTALL)
 _COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
@@ -143,10 +143,25 @@ def extractive_summary(
     title_words = title.split()
     if len(title_words) >= max_words:
         return " ".join(title_words[:max_words])
+    items = [*(features if features is not None else ()), *(description if description is not None else ())]
+    max_idf = max(idf.values()) if idf else 1.0
 
+    def weight(t: str) -> float:
+        return idf.get(t, max_idf) if idf is not None else 1.0
+
+    covered = {t for t in tokens(title) if t not in STOPWORDS}
+    chosen = _pick(_candidates(items), covered, max_words - len(title_words), weight)
+    if not chosen:
+        return title
+    parts = [_terminated(title)] if title else []
+    text = " ".join(parts + chosen)
+    return " ".join(text.split()[:max_words])
+
+
+def _candidates(items: Iterable[str]) -> list[tuple[str, list[str], set[str]]]:
+    """(sentence, its words, its content tokens) of every distinct sentence with content, in order."""
     candidates: list[tuple[str, list[str], set[str]]] = []
     seen_texts: set[str] = set()
-    items = [*(features if features is not None else ()), *(description if description is not None else ())]
     for item in items:
         for sentence in split_sentences(clean_text(item)):
             key = sentence.lower()
@@ -156,14 +171,17 @@ def extractive_summary(
             content = {t for t in tokens(sentence) if t not in STOPWORDS}
             if content:
                 candidates.append((sentence, sentence.split(), content))
+    return candidates
 
-    max_idf = max(idf.values()) if idf else 1.0
 
-    def weight(t: str) -> float:
-        return idf.get(t, max_idf) if idf is not None else 1.0
-
-    covered = {t for t in tokens(title) if t not in STOPWORDS}
-    budget = max_words - len(title_words)
+def _pick(
+    candidates: list[tuple[str, list[str], set[str]]],
+    covered: set[str],
+    budget: int,
+    weight: Callable[[str], float],
+) -> list[str]:
+    """The greedy choice of `extractive_summary`'s doc: best novelty per word first, within `budget` words."""
+    covered = set(covered)
     chosen: list[str] = []
     remaining = list(range(len(candidates)))
     while remaining and budget > 0:
@@ -189,9 +207,4 @@ def extractive_summary(
         else:
             chosen.append(" ".join(words[:budget]))
             budget = 0
-
-    if not chosen:
-        return title
-    parts = [_terminated(title)] if title else []
-    text = " ".join(parts + chosen)
-    return " ".join(text.split()[:max_words])
+    return chosen

@@ -8,17 +8,17 @@ DVCLive and checkpoints. The adapter of the best candidate (by val Recall@5, tie
 gets written, and zero-shot is a candidate: if no epoch beats the untouched model on val, the saved
 adapter is the identity (B = 0) and summary.json says `adapter_is_identity: true`.
 
-Resume: each epoch's end writes `state.pt` to the checkpoint dir (LoRA weights, optimizer, scheduler,
-scaler, every rank's RNG states, history, best so far); a rerun continues after the last finished epoch
-and reaches the same adapter as an uninterrupted run. The state carries a fingerprint of the config, the
-model, the data, the code (the import closure of this module) and the library versions; a state that
-does not match (e.g. after `-S amp=true`, an edit of cliprec/loss.py or a peft upgrade) is deleted and
-the run starts over, and so is the state of a FINISHED run (`dvc repro -f` retrains). summary.json says
-the code/library identity; whether the run was resumed (and how long it took) is no property of the
-adapter, so it goes to the log and to the run log (`run_log`, outside the DVC outputs), and a killed and
-resumed run writes the same bytes as an uninterrupted one. DVCLive's files are rebuilt from the state's
-history on every start, because `dvc repro` deletes a stage's metrics before running it; its summary
-(metrics.json, a DVC metrics file) holds the headline only (`LIVE_SUMMARY`), the curves are its plots.
+Resume: each epoch's end writes `state.pt` to the checkpoint dir (`cliprec.train_state`: LoRA weights,
+optimizer, scheduler, scaler, every rank's RNG states, history, best so far); a rerun continues after the last
+finished epoch and reaches the same adapter as an uninterrupted run. The state carries a fingerprint of the
+config, the model, the data, the code (the import closure of this module) and the library versions; a state
+that does not match (e.g. after `-S amp=true`, an edit of cliprec/loss.py or a peft upgrade) is deleted and
+the run starts over, and so is the state of a FINISHED run (`dvc repro -f` retrains). summary.json says the
+code/library identity; whether the run was resumed (and how long it took) is no property of the adapter, so it
+goes to the log and to the run log (`run_log`, outside the DVC outputs), and a killed and resumed run writes
+the same bytes as an uninterrupted one. DVCLive's files are rebuilt from the state's history on every start,
+because `dvc repro` deletes a stage's metrics before running it; its summary (metrics.json, a DVC metrics
+file) holds the headline only (`LIVE_SUMMARY`), the curves are its plots.
 
 Small splits: val Recall@5 is what picks the best epoch and stops early. With fewer than
 `MIN_VAL_PAIRS` val pairs one query moves it by more than 0.01 and its standard error is 0.05 or more (at
@@ -38,14 +38,8 @@ loss, and DDP averages over the N ranks: the update equals one process with the 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
-import math
-import os
-import random
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -58,7 +52,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from cliprec.artifacts import write_json, write_manifest
+from cliprec import provenance
+from cliprec.artifacts import model_identity, write_json, write_manifest
 from cliprec.errors import CliprecError
 from cliprec.loss import clip_loss
 from cliprec.metrics import retrieval_metrics
@@ -75,13 +70,21 @@ from cliprec.model import (
 )
 from cliprec.pairs import PairData, load_pairs, prefetch
 from cliprec.params import Params
-from cliprec.paths import ADAPTER_DIR, model_identity
+from cliprec.paths import ADAPTER_DIR
 from cliprec.precision import amp_dtype, autocast, grad_scaler
-from cliprec.provenance import append_run_log, code_identity, library_versions
+from cliprec.provenance import append_run_log
+from cliprec.schedule import warmup_cosine
+from cliprec.train_state import (
+    load_checkpoint,
+    load_trainable_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    trainable_state,
+)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 TRAIN_LIBRARIES = (
     "torch",
     "transformers",
@@ -159,59 +162,6 @@ class _Towers(torch.nn.Module):
         return image, text, clip_module(self.model).logit_scale
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int):
-    """LambdaLR factor: linear warm-up to 1 over `warmup_steps`, then cosine decay towards 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the trainable tensors (LoRA A/B, and logit_scale when trained), on the CPU."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Put `trainable_state` tensors back into `model`."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states, in types torch.load(weights_only=True) reads back."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of `rng_state`."""
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # --- validation -----------------------------------------------------------------------------------------
 
 
@@ -267,69 +217,22 @@ def _better(metrics: Mapping[str, float], best: Mapping[str, float]) -> bool:
 
 def run_identity() -> dict[str, Any]:
     """The code (this module's import closure) and library versions a run uses."""
-    return {"code": code_identity(__name__), "versions": library_versions(*TRAIN_LIBRARIES)}
+    return provenance.run_identity(__name__, TRAIN_LIBRARIES)
 
 
 def fingerprint(
     cfg: TrainConfig, data: Mapping[str, PairData], world_size: int, identity: Mapping[str, Any]
 ) -> str:
-    """sha256 of what decides the result: config, model files, data, world size (it shards the data),
+    """Digest of what decides the result: config, model files, data, world size (it shards the data),
     code and library versions."""
-    ident = {
-        "config": json.loads(json.dumps(asdict(cfg), sort_keys=True, default=list)),
+    inputs = {
+        "config": asdict(cfg),
         "model": model_identity(cfg.model),
         "data": {split: d.digest for split, d in sorted(data.items())},
         "world_size": world_size,
         "alt_view_prob": ALT_VIEW_PROB,
-        "run": dict(identity),
     }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-
-
-def load_checkpoint(checkpoint_dir: Path, fp: str) -> dict[str, Any] | None:
-    """The state of an unfinished run with fingerprint `fp`, else None (the reason is logged).
-
-    A finished run is never resumed: DVC reruns the stage only when something changed or it was
-    forced, and either way the run must happen, not be re-exported from the old state.
-    """
-    path = checkpoint_dir / STATE_FILE
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or foreign file: start over rather than crash
-        log.warning("checkpoint %s unreadable (%s: %s); starting over", path, type(e).__name__, e)
-        return None
-    if state.get("fingerprint") != fp:
-        log.warning(
-            "checkpoint %s is from another config/model/data/code/library version; starting over", path
-        )
-        return None
-    if state.get("done"):
-        log.info("checkpoint %s is of a finished run; training again from scratch", path)
-        return None
-    return _interned(state)
-
-
-def _interned(obj: Any) -> Any:
-    """`obj` with every dict key interned, as the code's own literal keys are.
-
-    Pickle writes a string once per object: the loaded keys ("epoch", "val_loss", ...) are objects of
-    their own, so without this a resumed run's state.pt pickles them again and differs from an
-    uninterrupted run's, byte for byte, and with it the checkpoint dir's hash in dvc.lock.
-    """
-    if isinstance(obj, dict):
-        return {(sys.intern(k) if isinstance(k, str) else k): _interned(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_interned(v) for v in obj]
-    return obj
-
-
-def _save_checkpoint(checkpoint_dir: Path, state: Mapping[str, Any]) -> None:
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint_dir / (STATE_FILE + ".tmp")
-    torch.save(dict(state), tmp)
-    os.replace(tmp, checkpoint_dir / STATE_FILE)  # atomic: a kill leaves the old state or the new one
+    return provenance.fingerprint_digest(provenance.resume_fingerprint(inputs, identity))
 
 
 def _open_live(live_dir: Path, params: Mapping[str, Any], history: Sequence[Mapping[str, float]]):
@@ -374,204 +277,242 @@ def _all_gather(x: torch.Tensor) -> torch.Tensor:
 # --- training -------------------------------------------------------------------------------------------
 
 
-def train(
-    cfg: TrainConfig,
-    products_path: str | Path,
-    summaries_path: str | Path,
-    images_dir: str | Path,
-    out_dir: str | Path,
-    checkpoint_dir: str | Path,
-    live_dir: str | Path,
-    *,
-    run_log: str | Path | None = None,
-    lineage: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """One training run's fixed pieces: what the loop, its steps and its epochs share."""
+
+    cfg: TrainConfig
+    acc: Any  # accelerate.Accelerator
+    model: torch.nn.Module  # with LoRA
+    processor: Any
+    max_length: int
+    train_data: PairData
+    val_data: PairData
+    batch: int  # global batch (a tiny split gets a smaller one)
+    steps_per_epoch: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    trainable: list[torch.nn.Parameter]  # what the gradient clip sees
+    towers: torch.nn.Module | None = None  # set by `acc.prepare`, after the state is restored
+
+    @property
+    def local(self) -> int:
+        """This rank's share of the global batch."""
+        return self.batch // self.acc.num_processes
+
+    def validate(self) -> dict[str, float]:
+        """The val metrics of the model as it is now (see `evaluate`)."""
+        return evaluate(self.model, self.processor, self.val_data, self.batch, self.acc.device, self.cfg.amp,
+                        self.max_length)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainPaths:
+    """What a run reads (catalog, summaries, photos) and where it writes (outputs, checkpoint, DVCLive)."""
+
+    products_path: str | Path
+    summaries_path: str | Path
+    images_dir: str | Path
+    out_dir: str | Path  # adapter/ + summary.json + manifest.json
+    checkpoint_dir: str | Path  # state.pt between runs (cliprec.train_state)
+    live_dir: str | Path  # DVCLive
+    run_log: str | Path | None = None  # how the run went (cliprec.provenance.append_run_log)
+
+
+def train(cfg: TrainConfig, where: TrainPaths, *, lineage: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune, resumably; write out_dir/adapter/ (best epoch) + out_dir/summary.json; return the latter.
 
-    `run_log`, if given, gets a line saying how the run went (`cliprec.provenance.append_run_log`).
     `lineage` (category, catalog_sha256: what the adapter was trained on) goes into manifest.json.
     """
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
 
     started = time.time()
-    out_dir, checkpoint_dir, live_dir = Path(out_dir), Path(checkpoint_dir), Path(live_dir)
+    out_dir, checkpoint_dir, live_dir = Path(where.out_dir), Path(where.checkpoint_dir), Path(where.live_dir)
     # cpu=True without CUDA: `accelerate launch --multi_gpu` then gives real gloo DDP (see stack notes).
     # Mixed precision is ours (cliprec.precision), so accelerate's stays off.
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
-    rank, world, device, is_main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
-    if cfg.batch_size % world:
+    if cfg.batch_size % acc.num_processes:
+        world = acc.num_processes
         raise CliprecError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
-
-    if not is_main:
-        _quiet_other_rank(rank)
-    seed_everything(cfg.seed)
-    model, processor = load_clip(cfg.model, device=device)
-    max_length = text_max_length(model, processor)
-    data = load_pairs(products_path, summaries_path, images_dir)
+    if not acc.is_main_process:
+        _quiet_other_rank(acc.process_index)
+    set_seed(cfg.seed % 2**32)  # numpy takes 32-bit seeds only; params allow any seed >= 0
+    model, processor = load_clip(cfg.model, device=acc.device)
+    data = load_pairs(where.products_path, where.summaries_path, where.images_dir)
     try:
-        summary, resumed_from = _train(
-            cfg, acc, model, processor, max_length, data, out_dir, checkpoint_dir, live_dir, started,
-            lineage=lineage or {},
-        )  # fmt: skip
-        if is_main and run_log is not None:
-            run = {"stage": "train", "out": out_dir.as_posix(), "resumed_from_epoch": resumed_from,
-                   "epochs_run": summary["epochs_run"], "best_epoch": summary["best_epoch"],
-                   "world_size": world, "seconds": round(time.time() - started, 1)}  # fmt: skip
-            append_run_log(run_log, run)
-        return summary
+        run = _setup(cfg, acc, model, processor, data)
+        fp = fingerprint(cfg, data, acc.num_processes, identity := run_identity())
+        state, resumed_from = _start_or_resume(run, checkpoint_dir, fp)
+        _loop(run, state, checkpoint_dir, live_dir)
+        summary = None
+        if acc.is_main_process:
+            summary = _write_adapter(run, state, out_dir, {**identity, "lineage": lineage or {}})
+            log.info("best epoch %d: %s -> %s (%s, %.0f s)", state["best"]["epoch"], _fmt(state["best"]),
+                     out_dir / ADAPTER_DIR, "from scratch" if resumed_from is None else
+                     f"resumed after epoch {resumed_from}", time.time() - started)  # fmt: skip
+            if where.run_log is not None:
+                append_run_log(where.run_log, {"stage": "train", "out": out_dir.as_posix(),
+                               "resumed_from_epoch": resumed_from, "epochs_run": summary["epochs_run"],
+                               "best_epoch": summary["best_epoch"], "world_size": acc.num_processes,
+                               "seconds": round(time.time() - started, 1)})  # fmt: skip
+        acc.wait_for_everyone()
+        return summary if summary is not None else {"rank": acc.process_index, "epochs_run": state["epoch"]}
     finally:
         for split in data.values():
             split.close()
 
 
-def _train(
-    cfg: TrainConfig,
-    acc: Any,
-    model: torch.nn.Module,
-    processor: Any,
-    max_length: int,
-    data: Mapping[str, PairData],
-    out_dir: Path,
-    checkpoint_dir: Path,
-    live_dir: Path,
-    started: float,
-    lineage: Mapping[str, Any],
-) -> tuple[dict[str, Any], int | None]:
-    # (summary, the epoch the run resumed after: None from scratch)
-    rank, world, device, is_main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
+def _setup(
+    cfg: TrainConfig, acc: Any, model: torch.nn.Module, processor: Any, data: Mapping[str, PairData]
+) -> _Run:
+    """Batch sizes, the LoRA-wrapped model (the same init on every rank), optimizer, scheduler, scaler."""
+    world = acc.num_processes
     train_data, val_data = data["train"], data["val"]
     if len(train_data) < 2 * world or len(val_data) == 0:
         raise CliprecError(f"too little data to train: {len(train_data)} train / {len(val_data)} val pairs")
     batch = min(cfg.batch_size, len(train_data) // world * world)  # a tiny split still gets one step
-    local = batch // world
     steps_per_epoch = len(train_data) // batch  # drop_last: equal, full batches on every rank
-    total_steps = steps_per_epoch * cfg.epochs
-    identity = run_identity()
-    fp = fingerprint(cfg, data, world, identity)
-    if is_main:
+    if acc.is_main_process:
         for warning in split_warnings(len(val_data)):  # said before training, and again in summary.json
             log.warning("train: %s", warning)
-
+    max_length = text_max_length(model, processor)
     torch.manual_seed(cfg.seed)  # the same LoRA init on every rank
     model = add_lora(model, cfg.lora, cfg.train_logit_scale)
+    optimizer, scheduler = _optimizer(model, cfg, steps_per_epoch * cfg.epochs)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = _optimizer(model, cfg, total_steps)
-    scaler = grad_scaler(device, cfg.amp)
+    return _Run(cfg, acc, model, processor, max_length, train_data, val_data, batch, steps_per_epoch,
+                optimizer, scheduler, grad_scaler(acc.device, cfg.amp), trainable)  # fmt: skip
 
+
+def _start_or_resume(run: _Run, checkpoint_dir: Path, fp: str) -> tuple[dict[str, Any], int | None]:
+    """(the run's state, the epoch it resumes after: None from scratch); wraps the model for DDP."""
+    acc = run.acc
     state = load_checkpoint(checkpoint_dir, fp)
     acc.wait_for_everyone()  # every rank has read it before rank 0 may delete it
     if state is None:
-        if is_main and checkpoint_dir.exists():
+        if acc.is_main_process and checkpoint_dir.exists():
             shutil.rmtree(checkpoint_dir)
         # rank 0 evaluates and decides; the others take its answer (no rank can leave the loop alone)
-        zeroshot = _from_rank0(
-            lambda: evaluate(model, processor, val_data, batch, device, cfg.amp, max_length), world
-        )
+        zeroshot = _from_rank0(run.validate, acc.num_processes)
         log.info("zero-shot val: %s", _fmt(zeroshot))
         # the untrained adapter (B = 0: the identity) is the first candidate: an epoch must beat it
         state = {"fingerprint": fp, "epoch": 0, "done": False, "history": [], "zeroshot": zeroshot,
-                 "best": {"epoch": 0, **zeroshot}, "best_weights": trainable_state(model), "bad_epochs": 0,
-                 "live_step": 0}  # fmt: skip
-        torch.manual_seed(cfg.seed + 1 + rank)  # dropout masks differ across ranks
+                 "best": {"epoch": 0, **zeroshot}, "best_weights": trainable_state(run.model),
+                 "bad_epochs": 0, "live_step": 0}  # fmt: skip
+        torch.manual_seed(run.cfg.seed + 1 + acc.process_index)  # dropout masks differ across ranks
         resumed_from = None
     else:
         resumed_from = state["epoch"]
-        log.info("resuming after epoch %d of %d from %s", state["epoch"], cfg.epochs, checkpoint_dir)
-        load_trainable_state(model, state["weights"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][rank])
-    towers = acc.prepare(_Towers(model))  # DDP-wrapped when world > 1
+        log.info("resuming after epoch %d of %d from %s", state["epoch"], run.cfg.epochs, checkpoint_dir)
+        load_trainable_state(run.model, state["weights"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+        run.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"][acc.process_index])
+    run.towers = acc.prepare(_Towers(run.model))  # DDP-wrapped when world > 1
+    return state, resumed_from
 
-    params_log = {**asdict(cfg), "lora": dict(cfg.lora), "world_size": world, "device": device.type}
-    live = _open_live(live_dir, params_log, state["history"]) if is_main else None
+
+def _loop(run: _Run, state: dict[str, Any], checkpoint_dir: Path, live_dir: Path) -> None:
+    """The epochs from the state's on: train, validate, keep the best, stop early, checkpoint."""
+    acc, cfg = run.acc, run.cfg
+    params_log = {**asdict(cfg), "lora": dict(cfg.lora), "world_size": acc.num_processes,
+                  "device": acc.device.type}  # fmt: skip
+    live = _open_live(live_dir, params_log, state["history"]) if acc.is_main_process else None
     for epoch in range(state["epoch"], cfg.epochs):
         if state["done"]:
             break
-        towers.train()
-        order, rows = epoch_plan(train_data, cfg.seed, epoch)
-
-        # this rank's slice of each step's global batch; its photos are decoded a few steps ahead
-        slices = [
-            order[s * batch + rank * local : s * batch + (rank + 1) * local] for s in range(steps_per_epoch)
-        ]
-        photos = functools.partial(_photos, train_data, rows, processor)
-        losses, lr = [], 0.0
-        desc = f"epoch {epoch + 1}/{cfg.epochs}"
-        bar = tqdm(total=steps_per_epoch, desc=desc, disable=not is_main, leave=False)
-        for idx, pixels in prefetch(photos, slices):
-            input_ids, mask = train_data.tokens(idx, processor, max_length)
-            lr = optimizer.param_groups[0]["lr"]
-            loss = _train_step(towers, optimizer, scheduler, scaler, input_ids, mask, pixels, processor,
-                               cfg, device, rank, world, trainable)  # fmt: skip
-            losses.append(loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-        bar.close()
-        train_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(train_loss)
-            train_loss /= world
+        train_loss, lr = _train_epoch(run, epoch)
 
         def decide() -> dict[str, Any]:
-            metrics = evaluate(model, processor, val_data, batch, device, cfg.amp, max_length)
+            metrics = run.validate()
             return {"metrics": metrics, "better": _better(metrics, state["best"])}
 
-        decision = _from_rank0(decide, world)
-        metrics = decision["metrics"]
-        if decision["better"]:
-            state.update(
-                best={"epoch": epoch + 1, **metrics}, best_weights=trainable_state(model), bad_epochs=0
-            )
-        else:
-            state["bad_epochs"] += 1
-        record = {"epoch": epoch + 1, "train_loss": float(train_loss), **metrics, "lr": lr,
-                  "best_val_recall_at_5": state["best"]["val_recall_at_5"]}  # fmt: skip
-        log.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, _fmt(record))
-        state["history"].append(record)
-        stop = state["bad_epochs"] >= cfg.patience
-        if stop:
-            log.info("early stop: val Recall@5 has not improved for %d epochs", cfg.patience)
-        state.update(epoch=epoch + 1, done=stop or epoch + 1 == cfg.epochs, live_step=epoch + 1)
-        rngs = _all_ranks(rng_state(), world)  # each rank has its own dropout stream
-        if is_main:
+        decision = _from_rank0(decide, acc.num_processes)
+        record = _record_epoch(run, state, epoch, decision, {"train_loss": train_loss, "lr": lr})
+        rngs = _all_ranks(rng_state(), acc.num_processes)  # each rank has its own dropout stream
+        if acc.is_main_process:
             _log_epoch(live, record)
-            _save_checkpoint(checkpoint_dir, {**state, "weights": trainable_state(model),
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict(), "rng": rngs})  # fmt: skip
+            save_checkpoint(checkpoint_dir, {**state, "weights": trainable_state(run.model),
+                            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                            "scaler": run.scaler.state_dict(), "rng": rngs})  # fmt: skip
         acc.wait_for_everyone()
-
-    summary = None
-    if is_main:
+    if live is not None:
         live.end()
-        load_trainable_state(model, state["best_weights"])
-        adapter_dir = out_dir / ADAPTER_DIR
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_adapter(model, adapter_dir)
-        summary = _summary(cfg, state, train_data, val_data, batch, steps_per_epoch, device, world)
-        # neither wall-clock time nor the resume in it: the directory is a DVC output, its hash must follow
-        # from the inputs alone (how the run went goes to the log and the run log)
-        summary.update(warnings=split_warnings(len(val_data)), **identity)
-        write_json(summary, out_dir / SUMMARY_FILE)
-        files = [p.relative_to(out_dir).as_posix() for p in adapter_dir.rglob("*") if p.is_file()]
-        write_manifest(out_dir, [*files, SUMMARY_FILE], {"model": cfg.model, **lineage})
-        if summary["adapter_is_identity"]:
-            why = "; the val split is too small to tell them apart (summary.json warnings)"
-            log.warning(
-                "no epoch beat zero-shot on val: the saved adapter is the identity (B = 0)%s",
-                why if summary["warnings"] else "",
-            )
-        log.info(
-            "best epoch %d: %s -> %s (%s, %.0f s)",
-            state["best"]["epoch"], _fmt(state["best"]), adapter_dir,
-            f"resumed after epoch {resumed_from}" if resumed_from is not None else "from scratch",
-            time.time() - started,
-        )  # fmt: skip
-    acc.wait_for_everyone()
-    return (summary if summary is not None else {"rank": rank, "epochs_run": state["epoch"]}), resumed_from
+
+
+def _train_epoch(run: _Run, epoch: int) -> tuple[float, float]:
+    """One epoch's optimizer steps; (train loss, mean over the ranks and steps; the last step's lr)."""
+    acc, rank = run.acc, run.acc.process_index
+    run.towers.train()
+    order, rows = epoch_plan(run.train_data, run.cfg.seed, epoch)
+    # this rank's slice of each step's global batch; its photos are decoded a few steps ahead
+    b, local = run.batch, run.local
+    slices = [order[s * b + rank * local : s * b + (rank + 1) * local] for s in range(run.steps_per_epoch)]
+    photos = functools.partial(_photos, run.train_data, rows, run.processor)
+    losses, lr = [], 0.0
+    desc = f"epoch {epoch + 1}/{run.cfg.epochs}"
+    bar = tqdm(total=run.steps_per_epoch, desc=desc, disable=not acc.is_main_process, leave=False)
+    for idx, pixels in prefetch(photos, slices):
+        input_ids, mask = run.train_data.tokens(idx, run.processor, run.max_length)
+        lr = run.optimizer.param_groups[0]["lr"]
+        loss = _train_step(run, input_ids, mask, pixels)
+        losses.append(loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+    bar.close()
+    train_loss = torch.tensor(sum(losses) / len(losses), dtype=torch.float64, device=acc.device)
+    return float(acc.reduce(train_loss, reduction="mean")), lr
+
+
+def _record_epoch(
+    run: _Run, state: dict[str, Any], epoch: int, decision: Mapping[str, Any], train: Mapping[str, float]
+) -> dict[str, Any]:
+    """Update the state with rank 0's decision (best so far, bad epochs, early stop); the epoch's record."""
+    metrics = decision["metrics"]
+    if decision["better"]:
+        best = {"epoch": epoch + 1, **metrics}
+        state.update(best=best, best_weights=trainable_state(run.model), bad_epochs=0)
+    else:
+        state["bad_epochs"] += 1
+    record = {"epoch": epoch + 1, "train_loss": train["train_loss"], **metrics, "lr": train["lr"],
+              "best_val_recall_at_5": state["best"]["val_recall_at_5"]}  # fmt: skip
+    log.info("epoch %d/%d: %s", epoch + 1, run.cfg.epochs, _fmt(record))
+    state["history"].append(record)
+    stop = state["bad_epochs"] >= run.cfg.patience
+    if stop:
+        log.info("early stop: val Recall@5 has not improved for %d epochs", run.cfg.patience)
+    state.update(epoch=epoch + 1, done=stop or epoch + 1 == run.cfg.epochs, live_step=epoch + 1)
+    return record
+
+
+def _write_adapter(
+    run: _Run, state: Mapping[str, Any], out_dir: Path, provenance_: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Rank 0: the best candidate's adapter, summary.json and manifest.json into out_dir; the summary."""
+    load_trainable_state(run.model, state["best_weights"])
+    adapter_dir = out_dir / ADAPTER_DIR
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_adapter(run.model, adapter_dir)
+    lineage = provenance_["lineage"]
+    identity = {k: v for k, v in provenance_.items() if k != "lineage"}
+    # neither wall-clock time nor the resume in it: the directory is a DVC output, its hash must follow
+    # from the inputs alone (how the run went goes to the log and the run log)
+    summary = {**_summary(run, state), "warnings": split_warnings(len(run.val_data)), **identity}
+    write_json(summary, out_dir / SUMMARY_FILE)
+    files = [p.relative_to(out_dir).as_posix() for p in adapter_dir.rglob("*") if p.is_file()]
+    write_manifest(out_dir, [*files, SUMMARY_FILE], {"model": run.cfg.model, **lineage})
+    if summary["adapter_is_identity"]:
+        why = "; the val split is too small to tell them apart (summary.json warnings)"
+        log.warning(
+            "no epoch beat zero-shot on val: the saved adapter is the identity (B = 0)%s",
+            why if summary["warnings"] else "",
+        )
+    return summary
 
 
 def split_warnings(n_val: int) -> list[str]:
@@ -625,9 +566,9 @@ def _from_rank0(fn: Callable[[], Any], world: int) -> Any:
     """fn() on rank 0, its result broadcast to every rank: one decision for all, never a hang."""
     if world == 1:
         return fn()
-    box = [fn() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([fn() if dist.get_rank() == 0 else None], from_process=0)[0]
 
 
 class _RankTag(logging.Filter):
@@ -649,62 +590,41 @@ def _quiet_other_rank(rank: int) -> None:
 
 
 def _all_ranks(obj: Any, world: int) -> list[Any]:
+    """`obj` of every rank, in rank order, on every rank."""
     if world == 1:
         return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
 
 
-def _train_step(
-    towers: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler,
-    input_ids: torch.Tensor,
-    mask: torch.Tensor,
-    pixels: torch.Tensor,
-    processor: Any,
-    cfg: TrainConfig,
-    device: torch.device,
-    rank: int,
-    world: int,
-    trainable: list[torch.nn.Parameter],
-) -> float:
+def _train_step(run: _Run, input_ids: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor) -> float:
     """One optimizer step on this rank's slice of the global batch (uint8 pixels); returns the local loss."""
-    pixels = normalize_pixels(pixels.to(device), processor)
+    device, cfg = run.acc.device, run.cfg
+    pixels = normalize_pixels(pixels.to(device), run.processor)
     with autocast(device, cfg.amp):
-        image, text, logit_scale = towers(input_ids.to(device), mask.to(device), pixels)
+        image, text, logit_scale = run.towers(input_ids.to(device), mask.to(device), pixels)
     image, text = image.float(), text.float()
-    if world > 1:
-        loss = clip_loss(
-            image, text, logit_scale, _all_gather(image), _all_gather(text), offset=rank * len(pixels)
-        )
+    if run.acc.num_processes > 1:
+        offset = run.acc.process_index * len(pixels)
+        loss = clip_loss(image, text, logit_scale, _all_gather(image), _all_gather(text), offset=offset)
     else:
         loss = clip_loss(image, text, logit_scale)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)  # clip the true gradient, not the fp16-scaled one
-    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)  # clip the true gradient, not the fp16-scaled one
+    torch.nn.utils.clip_grad_norm_(run.trainable, cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
     if cfg.train_logit_scale:
         with torch.no_grad():
             logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     return float(loss.detach())
 
 
-def _summary(
-    cfg: TrainConfig,
-    state: Mapping[str, Any],
-    train_data: PairData,
-    val_data: PairData,
-    batch: int,
-    steps_per_epoch: int,
-    device: torch.device,
-    world: int,
-) -> dict[str, Any]:
+def _summary(run: _Run, state: Mapping[str, Any]) -> dict[str, Any]:
+    cfg, device = run.cfg, run.acc.device
     best = dict(state["best"])
     return {
         "model": cfg.model,
@@ -716,14 +636,14 @@ def _summary(
         "epochs": cfg.epochs,
         "stopped_early": state["epoch"] < cfg.epochs,
         "lr": cfg.lr,
-        "batch_size": batch,
-        "steps_per_epoch": steps_per_epoch,
-        "n_train": len(train_data),
-        "n_val": len(val_data),
+        "batch_size": run.batch,
+        "steps_per_epoch": run.steps_per_epoch,
+        "n_train": len(run.train_data),
+        "n_val": len(run.val_data),
         "device": device.type,
         "amp": cfg.amp,
         "dtype": str(amp_dtype(device)).removeprefix("torch.") if cfg.amp else "float32",
-        "world_size": world,
+        "world_size": run.acc.num_processes,
     }
 
 

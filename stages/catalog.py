@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 
 from cliprec import paths
-from cliprec.errors import run_stage
 from cliprec.params import stage_params
+from cliprec.runtime import run_stage
 from cliprec.sources import write_fingerprint
 
 log = logging.getLogger("cliprec.catalog_stage")

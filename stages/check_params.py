@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from cliprec.errors import CliprecError, run_stage
+from cliprec.errors import CliprecError
 from cliprec.params import load_params
+from cliprec.runtime import run_stage
 
 log = logging.getLogger("cliprec.check_params")
 

@@ -7,8 +7,8 @@ Usage: python stages/compare.py <category>
 
 from __future__ import annotations
 
-from cliprec.errors import run_stage
 from cliprec.params import stage_params
+from cliprec.runtime import run_stage
 
 
 def main(argv: list[str]) -> None:

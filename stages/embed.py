@@ -9,8 +9,8 @@ Usage: python stages/embed.py <category> <zeroshot|lora>
 from __future__ import annotations
 
 from cliprec import paths
-from cliprec.errors import run_stage
 from cliprec.params import stage_params
+from cliprec.runtime import run_stage
 
 
 def main(argv: list[str]) -> None:
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> None:
     from accelerate import Accelerator
 
     from cliprec.artifacts import catalog_identity, manifest_sha256, verify_artifact
-    from cliprec.embed import embed_catalog
+    from cliprec.embed import EmbedOptions, embed_catalog
     from cliprec.model import load_clip
 
     name = p.active.model.name
@@ -41,9 +41,14 @@ def main(argv: list[str]) -> None:
         paths.images_dir(category),
         paths.summaries_dir(category) / "summaries.parquet",
         paths.embed_dir(category, variant),
-        batch_size=p.embed.batch_size,
-        text_weight=p.embed.text_weight,
-        amp=p.amp,
+        options=EmbedOptions(
+            batch_size=p.embed.batch_size,
+            text_weight=p.embed.text_weight,
+            amp=p.amp,
+            rank=acc.process_index,
+            world=acc.num_processes,
+            barrier=acc.wait_for_everyone,
+        ),
         info={
             "model": name,
             "variant": variant,
@@ -51,9 +56,6 @@ def main(argv: list[str]) -> None:
             **lineage,
             "adapter_sha256": adapter_sha256,
         },
-        rank=acc.process_index,
-        world=acc.num_processes,
-        barrier=acc.wait_for_everyone,
     )
 
 

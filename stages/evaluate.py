@@ -6,28 +6,21 @@ Usage: python stages/evaluate.py <category> <zeroshot|lora>
 from __future__ import annotations
 
 from cliprec import paths
-from cliprec.errors import run_stage
 from cliprec.params import stage_params
+from cliprec.runtime import run_stage
 
 
 def main(argv: list[str]) -> None:
     """Validate params, then evaluate the category and variant given on the command line."""
     usage = f"python stages/evaluate.py <category> <{'|'.join(paths.VARIANTS)}>"
     p, (category, variant) = stage_params(argv, usage, paths.VARIANTS)
-    from cliprec.evaluate import evaluate, write_outputs
+    from cliprec.evaluate import EvalSettings, evaluate, write_outputs
 
     metrics, curve, ranks = evaluate(
         paths.products_path(category),
         paths.embed_dir(category, variant),
         paths.index_dir(category, variant),
-        ks=tuple(p.evaluate.ks),
-        text_weight=p.embed.text_weight,
-        nprobe=p.index.nprobe,
-        ef_search=p.index.ef_search,
-        k_factor=p.index.k_factor,
-        resamples=p.evaluate.resamples,
-        confidence=p.evaluate.confidence,
-        seed=p.seed,
+        EvalSettings.from_params(p),
         category=category,
         variant=variant,
     )

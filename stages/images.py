@@ -6,8 +6,8 @@ Usage: python stages/images.py <category>
 from __future__ import annotations
 
 from cliprec import paths
-from cliprec.errors import run_stage
 from cliprec.params import stage_params
+from cliprec.runtime import run_stage
 
 
 def main(argv: list[str]) -> None:

@@ -6,8 +6,8 @@ Usage: python stages/ingest.py <category>
 from __future__ import annotations
 
 from cliprec import paths
-from cliprec.errors import run_stage
 from cliprec.params import stage_params
+from cliprec.runtime import run_stage
 from cliprec.sources import check_fingerprint
 
 
@@ -16,18 +16,10 @@ def main(argv: list[str]) -> None:
     p, (category,) = stage_params(argv, "python stages/ingest.py <category>")
     ingest = p.active.ingest
     check_fingerprint(category, ingest, paths.catalog_source_path(category))
-    from cliprec.catalog import build_catalog  # after validation: `datasets` takes seconds to import
+    from cliprec.catalog import CatalogSource, build_catalog  # after validation: `datasets` imports slowly
 
-    build_catalog(
-        category,
-        ingest.source,
-        paths.ingest_dir(category),
-        path=ingest.path,
-        n_products=ingest.n_products,
-        seed=p.seed,
-        split=p.active.split.model_dump(),
-        hub_root=ingest.hub_root,
-    )
+    src = CatalogSource(ingest.source, ingest.path, ingest.n_products, ingest.hub_root)
+    build_catalog(category, src, paths.ingest_dir(category), seed=p.seed, split=p.active.split.model_dump())
 
 
 if __name__ == "__main__":

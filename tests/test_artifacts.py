@@ -16,7 +16,7 @@ from cliprec.artifacts import (
     verify_artifact,
     write_manifest,
 )
-from cliprec.catalog import build_catalog
+from cliprec.catalog import CatalogSource, build_catalog
 
 FIXTURE = "tests/fixtures/meta_{category}.jsonl"
 
@@ -26,7 +26,10 @@ def ingested(tmp_path_factory):
     """data/ingest/Amazon_Fashion as the ingest stage writes it (from the jsonl fixture)."""
     root = tmp_path_factory.mktemp("ingest")
     build_catalog(
-        "Amazon_Fashion", "jsonl", root / "data" / "ingest" / "Amazon_Fashion", path=FIXTURE, seed=0
+        "Amazon_Fashion",
+        CatalogSource("jsonl", path=FIXTURE),
+        root / "data" / "ingest" / "Amazon_Fashion",
+        seed=0,
     )
     return root / "data" / "ingest" / "Amazon_Fashion"
 

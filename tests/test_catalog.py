@@ -17,6 +17,7 @@ from cliprec import catalog
 from cliprec.catalog import (
     FEATURES,
     PRODUCTS_SCHEMA,
+    CatalogSource,
     amazon_data_files,
     assign_split,
     build_catalog,
@@ -60,7 +61,10 @@ def _valid_lines() -> list[str]:
 def jsonl_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ingest")
     report = build_catalog(
-        "Amazon_Fashion", "jsonl", out, path="tests/fixtures/meta_{category}.jsonl", n_products=None, seed=0
+        "Amazon_Fashion",
+        CatalogSource("jsonl", path="tests/fixtures/meta_{category}.jsonl", n_products=None),
+        out,
+        seed=0,
     )
     return report, pd.read_parquet(out / "products.parquet"), out
 
@@ -189,7 +193,7 @@ def test_amazon_source_same_call_offline(tmp_path, monkeypatch, jsonl_run):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     out = tmp_path / "out"
-    report = build_catalog("Amazon_Fashion", "amazon", out, n_products=None, seed=0)
+    report = build_catalog("Amazon_Fashion", CatalogSource("amazon", n_products=None), out, seed=0)
 
     assert len(calls) == 1
     path, kwargs = calls[0]
@@ -227,7 +231,7 @@ def test_jsonl_schema_problems_are_malformed(tmp_path):
     ]
     src = tmp_path / "meta_X.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    report = build_catalog("X", CatalogSource("jsonl", path=str(src)), tmp_path / "out", seed=0)
     assert report["rows_read"] == 6  # the blank line is not a record
     assert report["dropped"]["malformed_line"] == 5
     assert report["kept"] == 1
@@ -237,18 +241,18 @@ def test_no_usable_product_writes_report_then_fails(tmp_path):
     src = tmp_path / "meta_X.jsonl"
     src.write_text("{broken\n")
     with pytest.raises(CliprecError, match="no usable product"):
-        build_catalog("X", "jsonl", tmp_path / "out", path=str(src))
+        build_catalog("X", CatalogSource("jsonl", path=str(src)), tmp_path / "out")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["rows_read"] == 1 and report["dropped"]["malformed_line"] == 1 and report["kept"] == 0
 
 
 def test_bad_configuration_errors(tmp_path):
     with pytest.raises(ValueError, match="ingest.source"):
-        build_catalog("X", "csv", tmp_path)
+        build_catalog("X", CatalogSource("csv"), tmp_path)
     with pytest.raises(ValueError, match="ingest.path"):
-        build_catalog("X", "jsonl", tmp_path)
+        build_catalog("X", CatalogSource("jsonl"), tmp_path)
     with pytest.raises(CliprecError, match="does not exist"):
-        build_catalog("X", "jsonl", tmp_path, path=str(tmp_path / "missing_{category}.jsonl"))
+        build_catalog("X", CatalogSource("jsonl", path=str(tmp_path / "missing_{category}.jsonl")), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -309,7 +313,7 @@ def test_unread_prices_are_null_and_counted(tmp_path):
     lines = [{**good, "parent_asin": f"P{i}", "price": v} for i, v in enumerate(prices)]
     src = tmp_path / "meta_X.jsonl"
     src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
-    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    report = build_catalog("X", CatalogSource("jsonl", path=str(src)), tmp_path / "out", seed=0)
     assert report["prices_unread"] == {"negative": 1, "ambiguous": 1, "not_a_price": 1}
     df = pd.read_parquet(tmp_path / "out" / "products.parquet")
     read = {pid: None if pd.isna(v) else v for pid, v in zip(df["id"], df["price"])}
@@ -335,7 +339,7 @@ def test_deeply_nested_records_are_malformed_lines_not_a_crash(tmp_path):
             f.write(f'{{"parent_asin": "D{depth}", "details": {opened}1{closed}}}\n')
         lists = "[" * 5000 + "]" * 5000
         f.write(f'{{"parent_asin": "L", "features": [{lists}]}}\n')
-    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    report = build_catalog("X", CatalogSource("jsonl", path=str(src)), tmp_path / "out", seed=0)
     assert report["rows_read"] == 5 and report["kept"] == 1
     assert report["dropped"]["malformed_line"] == 4
     assert [s["line"] for s in report["malformed_lines"]] == [2, 3, 4, 5]
@@ -351,7 +355,9 @@ def test_deeply_nested_details_from_the_amazon_source_are_malformed_lines(tmp_pa
     opened, closed = '{"a":' * 1_000, "}" * 1_000
     deep = shallow[:-1] + f', "details": {opened}1{closed}}}'  # datasets reads it, json.dumps would recurse
     raw.write_text(json.dumps(good) + "\n" + deep + "\n")
-    report = build_catalog("X", "amazon", tmp_path / "out", hub_root=str(tmp_path / "catalog" / "hub"))
+    report = build_catalog(
+        "X", CatalogSource("amazon", hub_root=str(tmp_path / "catalog" / "hub")), tmp_path / "out"
+    )
     assert report["rows_read"] == 2 and report["kept"] == 1 and report["dropped"]["malformed_line"] == 1
 
 
@@ -376,7 +382,7 @@ def test_invalid_utf8_drops_ids_keeps_decodable_text_and_is_counted(tmp_path):
         )
         + b"\n"
     )
-    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    report = build_catalog("X", CatalogSource("jsonl", path=str(src)), tmp_path / "out", seed=0)
     assert report["dropped"]["invalid_id"] == 2 and report["kept"] == 3
     assert report["invalid_text"] == {
         "lines": 2,
@@ -394,7 +400,7 @@ def test_one_warning_per_stage_details_in_the_report_and_the_debug_log(tmp_path,
     src = tmp_path / "meta_X.jsonl"
     src.write_text("\n".join([_valid_lines()[0], "{broken", "[1]", "{also broken"]) + "\n")
     with caplog.at_level(logging.DEBUG, logger="cliprec.catalog"):
-        report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+        report = build_catalog("X", CatalogSource("jsonl", path=str(src)), tmp_path / "out", seed=0)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [f"ingest X: skipped 3 malformed lines: see {tmp_path / 'out' / 'report.json'}"]
     debug = [
@@ -464,7 +470,7 @@ def test_product_whose_only_image_is_a_video_is_dropped_as_no_image(tmp_path):
     ]
     src = tmp_path / "meta_X.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    report = build_catalog("X", CatalogSource("jsonl", path=str(src)), tmp_path / "out", seed=0)
     assert report["dropped"]["no_image"] == 2 and report["kept"] == 1
     df = pd.read_parquet(tmp_path / "out" / "products.parquet")
     assert list(df["id"]) == ["V3"]
@@ -489,7 +495,7 @@ def test_relisted_copies_share_a_group_and_a_split(tmp_path):
               "large": IMG + f"own{i}._AC_.jpg"}]} for i, pid in enumerate(ids)]  # fmt: skip
     src = tmp_path / "meta_X.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    report = build_catalog("X", "jsonl", tmp_path / "out", path=str(src), seed=0)
+    report = build_catalog("X", CatalogSource("jsonl", path=str(src)), tmp_path / "out", seed=0)
     df = pd.read_parquet(tmp_path / "out" / "products.parquet").set_index("id")
     copies = [pid for i, pid in enumerate(ids) if i % 8 == 0]
     assert set(df.loc[copies, "group"]) == {"R00"} and df.loc[copies, "split"].nunique() == 1
@@ -507,9 +513,9 @@ def test_rows_stream_to_parquet_in_chunks_with_the_same_content(tmp_path, monkey
              for i in range(23)]  # fmt: skip
     src = tmp_path / "meta_X.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    whole = build_catalog("X", "jsonl", tmp_path / "whole", path=str(src), seed=0)
+    whole = build_catalog("X", CatalogSource("jsonl", path=str(src)), tmp_path / "whole", seed=0)
     monkeypatch.setattr(catalog, "ROWS_PER_CHUNK", 4)
-    chunked = build_catalog("X", "jsonl", tmp_path / "chunked", path=str(src), seed=0)
+    chunked = build_catalog("X", CatalogSource("jsonl", path=str(src)), tmp_path / "chunked", seed=0)
     assert chunked == whole and whole["photo_groups"] == {"groups_with_copies": 1, "products_in_them": 5}
     assert pq.ParquetFile(tmp_path / "chunked" / "products.parquet").metadata.num_row_groups == 6
     one, many = (pd.read_parquet(tmp_path / d / "products.parquet") for d in ("whole", "chunked"))
@@ -558,9 +564,9 @@ def test_sampled_catalog_is_byte_identical_and_input_order_free(tmp_path):
     fwd, rev = tmp_path / "fwd.jsonl", tmp_path / "rev.jsonl"
     fwd.write_text("\n".join(lines) + "\n", encoding="utf-8")
     rev.write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")
-    r1 = build_catalog("C", "jsonl", tmp_path / "a", path=str(fwd), n_products=3, seed=7)
-    build_catalog("C", "jsonl", tmp_path / "b", path=str(fwd), n_products=3, seed=7)
-    r3 = build_catalog("C", "jsonl", tmp_path / "c", path=str(rev), n_products=3, seed=7)
+    r1 = build_catalog("C", CatalogSource("jsonl", path=str(fwd), n_products=3), tmp_path / "a", seed=7)
+    build_catalog("C", CatalogSource("jsonl", path=str(fwd), n_products=3), tmp_path / "b", seed=7)
+    r3 = build_catalog("C", CatalogSource("jsonl", path=str(rev), n_products=3), tmp_path / "c", seed=7)
     a = (tmp_path / "a" / "products.parquet").read_bytes()
     assert a == (tmp_path / "b" / "products.parquet").read_bytes()
     assert a == (tmp_path / "c" / "products.parquet").read_bytes()
@@ -591,11 +597,11 @@ def test_synthetic_source_parses_generated_jsonl(tmp_path, monkeypatch):
         types.SimpleNamespace(generate_catalog=fake_generate),
     )
     out = tmp_path / "ingest" / "Amazon_Fashion"
-    report = build_catalog("Amazon_Fashion", "synthetic", out, n_products=4, seed=3)
+    report = build_catalog("Amazon_Fashion", CatalogSource("synthetic", n_products=4), out, seed=3)
     assert seen == {"category": "Amazon_Fashion", "n_products": 4, "seed": 3, "raw_dir": out / "raw"}
     assert report["source"] == "synthetic"
     assert report["dropped"]["malformed_line"] == 2 and report["n_products"] == 4
-    assert catalog.read_products(out / "products.parquet")["id"].tolist() == sample_ids(KEPT, 4, seed=3)
+    assert pd.read_parquet(out / "products.parquet")["id"].tolist() == sample_ids(KEPT, 4, seed=3)
 
 
 def test_amazon_schema_mismatch_is_a_clear_error(tmp_path, monkeypatch):
@@ -609,7 +615,7 @@ def test_amazon_schema_mismatch_is_a_clear_error(tmp_path, monkeypatch):
         lambda path, **kw: real_load(path, **{**kw, "data_files": str(raw), "cache_dir": str(tmp_path)}),
     )
     with pytest.raises(CliprecError, match="does not fit cliprec.catalog.FEATURES"):
-        build_catalog("Amazon_Fashion", "amazon", tmp_path / "out")
+        build_catalog("Amazon_Fashion", CatalogSource("amazon"), tmp_path / "out")
 
 
 def test_catalog_and_ingest_stage_wiring(tmp_path, monkeypatch):

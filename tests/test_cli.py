@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import CAT, photo_file, shared_project
 from PIL import Image
-from test_recommend import CAT, photo_file, shared_project
 
 from cliprec import paths
 from cliprec.cli import main

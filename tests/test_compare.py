@@ -6,23 +6,11 @@ import copy
 import json
 
 import pytest
+from helpers import ranks_doc
 
 from cliprec import paths
 from cliprec.compare import UnpairedTestSets, compare_ranks, unpaired_reason, write_comparison
-from cliprec.evaluate import gallery_digest
 from cliprec.metrics import metrics_from_ranks
-
-
-def ranks_doc(t2i: list[int], alt: list[int | None] | None = None, ids: list[str] | None = None) -> dict:
-    """A ranks file as the evaluate stage writes it (two modes are enough here)."""
-    ids = ids or [f"P{i:03d}" for i in range(len(t2i))]
-    alt = alt if alt is not None else [None] * len(t2i)
-    return {
-        "test_set": {"ids_sha256": gallery_digest(ids), "gallery_size": len(ids)},
-        "ks": [1, 5, 10],
-        "ids": ids,
-        "ranks": {"text_to_image": t2i, "image_to_image": alt},
-    }
 
 
 def test_same_test_set():

@@ -12,13 +12,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import make_catalog, make_clip
 from PIL import Image
-from tiny import make_catalog, make_clip
 
 from cliprec import paths
-from cliprec.embed import FILES, embed_catalog, encode_images, encode_texts, fuse
-from cliprec.images import decode_jpeg, read_image_table
+from cliprec.codec import decode_jpeg
+from cliprec.embed import FILES, EmbedOptions, embed_catalog, encode_images, encode_texts
 from cliprec.model import decode_side, load_clip
+from cliprec.shards import read_image_table
+from cliprec.vectors import fuse
 
 REPO = Path(__file__).resolve().parents[1]
 CAT = "Tiny"
@@ -105,7 +107,7 @@ def test_embed_catalog_rows_line_up_with_the_catalog(project, model, tmp_path):
     data = project / "data"
     manifest = embed_catalog(
         model, processor, data / "images" / CAT, data / "summaries" / CAT / "summaries.parquet", tmp_path,
-        batch_size=8, text_weight=0.3,
+        options=EmbedOptions(batch_size=8, text_weight=0.3),
         info={"model": "tiny", "variant": "zeroshot", "adapter": None},
     )  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FILES)

@@ -13,11 +13,19 @@ import pytest
 
 from cliprec import paths
 from cliprec.artifacts import ArtifactError, catalog_identity, write_manifest
-from cliprec.embed import fuse
 from cliprec.errors import CliprecError
-from cliprec.evaluate import MODES, evaluate, exact_topk, gallery_digest, headline, write_outputs
+from cliprec.evaluate import (
+    MODES,
+    EvalSettings,
+    evaluate,
+    exact_topk,
+    gallery_digest,
+    headline,
+    write_outputs,
+)
 from cliprec.index import IndexIntegrityError, build_from_embeddings
 from cliprec.metrics import metrics_from_ranks
+from cliprec.vectors import fuse
 
 REPO = Path(__file__).resolve().parents[1]
 D = 16
@@ -72,8 +80,10 @@ def make_fixture(
     return {"products": root / "products.parquet", "embed": e, "index": root / "index", "ids": emb_ids}
 
 
-def run(fx, **kw):
-    return evaluate(fx["products"], fx["embed"], fx["index"], ks=(1, 5, 10), text_weight=0.5, **kw)
+def run(fx, category=None, variant=None, **settings):
+    return evaluate(
+        fx["products"], fx["embed"], fx["index"], EvalSettings(**settings), category=category, variant=variant
+    )
 
 
 def test_identical_queries_and_gallery_are_perfect(tmp_path):
@@ -294,7 +304,7 @@ def test_a_swapped_embedding_file_is_refused(tmp_path):
 
 def test_other_ks(tmp_path):
     fx = make_fixture(tmp_path)
-    metrics, curve, _ = evaluate(fx["products"], fx["embed"], fx["index"], ks=(1, 3))
+    metrics, curve, _ = evaluate(fx["products"], fx["embed"], fx["index"], EvalSettings(ks=(1, 3)))
     assert {k for k in metrics["image_to_text"] if k.startswith("recall")} == {"recall_at_1", "recall_at_3"}
     assert headline(metrics, "Appliances", "zeroshot") == {}  # no R@5 to show
     assert len(curve) == 10  # the plot always covers k = 1..10

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_compare import ranks_doc
+from helpers import ranks_doc
 
 from cliprec.cli import main
 from cliprec.gate import decide, markdown

@@ -1,4 +1,5 @@
-"""Tests for cliprec/images.py: a loopback HTTP server plays every way an image URL can go wrong."""
+"""Tests for the images stage (cliprec.images, fetch, codec, shards): a loopback HTTP server plays every way
+an image URL can go wrong."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import gzip
 import importlib.util
 import io
 import json
-import random
 import struct
 import threading
 import time
@@ -21,26 +21,27 @@ from urllib.parse import urlsplit
 import numpy as np
 import pandas as pd
 import pytest
+import urllib3
 import yaml
 from PIL import Image, features
 
-import cliprec.images as ci
+import cliprec.codec as codec
+import cliprec.fetch as fetch
 from cliprec.artifacts import ArtifactError, sha256_file, write_manifest
-from cliprec.errors import CliprecError, run_stage
-from cliprec.images import (
-    build_image_shards,
-    decode_jpeg,
-    fetch_image,
-    iter_image_batches,
-    iter_shard_rows,
-    list_shards,
-    process_image,
-    read_image_table,
-    read_status,
-)
+from cliprec.codec import decode_jpeg, process_image
+from cliprec.errors import CliprecError
+from cliprec.fetch import fetch_image
+from cliprec.images import build_image_shards
 from cliprec.params import Images, load_params
+from cliprec.runtime import run_stage
+from cliprec.shards import STATUS_FILE, iter_image_batches, list_shards, read_image_table
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def read_status(images_dir: str | Path) -> pd.DataFrame:
+    """status.parquet of an images directory, as pandas reads it."""
+    return pd.read_parquet(Path(images_dir) / STATUS_FILE)
 
 
 def encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
@@ -176,6 +177,16 @@ def _handler(state: LoopbackImages):
                     )
                 else:
                     self.send_body(GOOD_JPEG)
+            elif path.startswith("/cut/"):  # /cut/<once|always>: the body breaks off mid-way
+                if hits == 1 or path == "/cut/always":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(GOOD_JPEG)))
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(GOOD_JPEG[: len(GOOD_JPEG) // 2])
+                    self.close_connection = True
+                else:
+                    self.send_body(GOOD_JPEG)
             elif path == "/gzip-bomb.jpg":
                 self.send_body(state.gzip_bomb, headers={"Content-Encoding": "gzip"})
             elif path == "/big-nolen.jpg":  # no Content-Length: the streamed count must stop it
@@ -277,13 +288,12 @@ def matrix_run(image_server, tmp_path_factory):
     rows = {
         pid: [p if "://" in p else image_server.url(p) for p, _ in items] for pid, items in EXPECTED.items()
     }
-    t0 = time.perf_counter()
     report = build_image_shards(products_frame(rows), out, images_cfg(**TEST_CFG), progress=False)
-    return out, report, rows, time.perf_counter() - t0
+    return out, report, rows
 
 
 def test_every_failure_ends_in_its_own_status(matrix_run):
-    out, report, rows, _ = matrix_run
+    out, report, rows = matrix_run
     status = read_status(out)
     got = {(r.id, r.url): r.status for r in status.itertuples()}
     want = {
@@ -304,7 +314,7 @@ def test_every_failure_ends_in_its_own_status(matrix_run):
 
 
 def test_retries_5xx_and_429_but_not_4xx(matrix_run, image_server):
-    out, _, rows, _ = matrix_run
+    out, _, rows = matrix_run
     attempts = dict(zip(read_status(out).url, read_status(out).attempts, strict=True))
     path = lambda url: url.split(str(image_server.port), 1)[1]  # noqa: E731
     assert image_server.hits[path(rows["P_500"][0])] == 3 == attempts[rows["P_500"][0]]  # 1 + retries
@@ -319,7 +329,7 @@ def test_user_agent_sent(matrix_run, image_server):
 
 
 def test_failed_products_absent_and_counted(matrix_run):
-    out, report, _, _ = matrix_run
+    out, report, _ = matrix_run
     table = read_image_table(out)
     stored = set(table.id)
     assert stored == {"P_good", "P_altonly", "P_429"}
@@ -331,7 +341,7 @@ def test_failed_products_absent_and_counted(matrix_run):
 
 
 def test_views_main_then_alt(matrix_run):
-    out, _, rows, _ = matrix_run
+    out, _, rows = matrix_run
     table = read_image_table(out)
     good = table[table.id == "P_good"]
     assert list(good.view) == ["main", "alt"]
@@ -344,7 +354,7 @@ def test_views_main_then_alt(matrix_run):
 
 
 def test_outputs_are_224_rgb_jpegs(matrix_run):
-    out, _, _, _ = matrix_run
+    out, _, _ = matrix_run
     for data in read_image_table(out).jpeg:
         assert data[:2] == b"\xff\xd8"
         im = decode_jpeg(data)
@@ -359,9 +369,13 @@ def test_alpha_flattened_on_white(matrix_run):
     assert r > 230 and g < 30 and b < 30
 
 
-def test_matrix_runs_fast(matrix_run):
-    # the slow URL costs 3 x 0.3 s; nothing may wait on the 2 s server sleep
-    assert matrix_run[3] < 8
+def test_a_slow_server_costs_its_read_timeout_not_its_delay(matrix_run, image_server):
+    # /slow.jpg answers after 2 s: each of its 3 attempts must end at the 0.3 s read timeout, so none
+    # waited for the answer (which would have come back "ok")
+    out, _, rows = matrix_run
+    status = read_status(out).set_index("url").loc[rows["P_slow"][0]]
+    assert status.status == "timeout" and status.attempts == 3 == image_server.hits["/slow.jpg"]
+    assert "0.3" in status.error, status.error
 
 
 # --- one image, several candidate URLs ------------------------------------------------------------------
@@ -418,10 +432,12 @@ def test_a_single_url_per_image_still_reads(image_server, tmp_path):
 
 
 def test_trickling_body_times_out(image_server):
-    t0 = time.perf_counter()
+    # every 100 B chunk comes within the 0.3 s read timeout, the whole body in about 4 s: only the
+    # body deadline (3 x timeout_s) can end it, and it ends as a timeout, not as "ok"
     res = fetch_image(image_server.url("/trickle.jpg"), images_cfg(**{**TEST_CFG, "retries": 0}))
-    assert res.status == "timeout" and "body" in res.error
-    assert time.perf_counter() - t0 < 2.5
+    assert res.status == "timeout" and res.error.startswith(
+        f"body not done within {fetch.BODY_DEADLINE_FACTOR * TEST_CFG['timeout_s']:g} s"
+    ), res.error
 
 
 def test_bomb_over_pillows_default_limit_is_a_status_not_a_warning(image_server):
@@ -429,8 +445,8 @@ def test_bomb_over_pillows_default_limit_is_a_status_not_a_warning(image_server)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = fetch_image(image_server.url("/hb.png"), images_cfg(**TEST_CFG))
-        local = ci.process_image  # same bytes, straight through the decoder under the stage's limits
-        with ci.pillow_limits(TEST_CFG["max_pixels"]), pytest.raises(ci.ImageFailure) as failure:
+        local = codec.process_image  # same bytes, straight through the decoder under the stage's limits
+        with codec.pillow_limits(TEST_CFG["max_pixels"]), pytest.raises(codec.ImageFailure) as failure:
             local(header_bomb(12_000, 10_000), images_cfg(**TEST_CFG))
     assert res.status == "too_large" and "bomb" in res.error
     assert failure.value.status == "too_large"
@@ -445,7 +461,7 @@ def test_bomb_over_pillows_default_limit_is_a_status_not_a_warning(image_server)
 def test_bomb_error_quotes_the_configured_max_pixels(width, height):
     # Pillow's own error quotes 2 x MAX_IMAGE_PIXELS (80,000,000 here): the message must quote params
     cfg = images_cfg(max_pixels=40_000_000)
-    with ci.pillow_limits(cfg.max_pixels), pytest.raises(ci.ImageFailure) as failure:
+    with codec.pillow_limits(cfg.max_pixels), pytest.raises(codec.ImageFailure) as failure:
         process_image(header_bomb(width, height), cfg)
     message = str(failure.value)
     assert failure.value.status == "too_large"
@@ -454,7 +470,7 @@ def test_bomb_error_quotes_the_configured_max_pixels(width, height):
 
 
 def test_max_bytes_errors_quote_the_configured_limit(matrix_run, image_server, tmp_path):
-    out, _, rows, _ = matrix_run
+    out, _, rows = matrix_run
     errors = dict(zip(read_status(out).url, read_status(out).error, strict=True))
     assert "max_bytes 200,000" in errors[rows["P_big"][0]]  # Content-Length
     assert "max_bytes 200,000" in errors[rows["P_bignolen"][0]]  # streamed body
@@ -470,20 +486,20 @@ def test_max_pixels_above_pillows_default_is_honoured():
     # max_pixels 200 Mpx lets the 120 Mpx header past the size check; its 16-byte body then fails to
     # decode. Under Pillow's default limit it would have been refused as a bomb instead.
     cfg = images_cfg(**{**TEST_CFG, "max_pixels": 200_000_000})
-    with ci.pillow_limits(cfg.max_pixels), pytest.raises(ci.ImageFailure) as failure:
+    with codec.pillow_limits(cfg.max_pixels), pytest.raises(codec.ImageFailure) as failure:
         process_image(header_bomb(12_000, 10_000), cfg)
     assert failure.value.status == "decode_error"
 
 
 def test_unexpected_exception_is_a_status(image_server, tmp_path, monkeypatch, caplog):
-    real = ci.process_image
+    real = fetch.process_image
 
     def flaky(data, cfg):
         if len(data) == len(GOOD2_JPEG):
             raise RuntimeError("boom")
         return real(data, cfg)
 
-    monkeypatch.setattr(ci, "process_image", flaky)
+    monkeypatch.setattr(fetch, "process_image", flaky)
     rows = {"A": [image_server.url("/good2.jpg")], "B": [image_server.url("/good.jpg")]}
     report = build_image_shards(products_frame(rows), tmp_path, images_cfg(**TEST_CFG), progress=False)
     status = read_status(tmp_path)
@@ -601,33 +617,42 @@ class Delays:
 
 
 def test_backoff_is_exponential_with_jitter(image_server):
+    # urllib3's schedule: the first retry at once, then backoff_s x 2^(n-1) plus up to backoff_s of jitter
     cfg = images_cfg(**{**TEST_CFG, "retries": 4, "backoff_s": 1.0})
     runs = []
-    for seed in (1, 2):
+    for n in (1, 2):
         sleep = Delays()
-        with ci.Fetcher(cfg, sleep=sleep, rng=random.Random(seed)) as fetcher:
-            res = fetcher.fetch(image_server.url(f"/err500?jitter={seed}"))
+        with fetch.Fetcher(cfg, sleep=sleep) as fetcher:
+            res = fetcher.fetch(image_server.url(f"/err500?jitter={n}"))
         assert res.status == "http_500" and res.attempts == 5
         runs.append(sleep.seconds)
     for delays in runs:
-        assert len(delays) == 4
-        assert all(0.5 * 2**k <= d <= 1.5 * 2**k for k, d in enumerate(delays))  # doubling, +-50 %
-    assert runs[0] != runs[1]  # two threads failing together come back at different times
-    assert len({round(d / 2**k, 6) for k, d in enumerate(runs[0])}) == 4  # a fresh draw per retry
+        assert len(delays) == 4 and delays[0] == 0
+        assert all(2**k <= d <= 2**k + 1.0 for k, d in enumerate(delays) if k)  # doubling, plus jitter
+    assert runs[0][1:] != runs[1][1:]  # two threads failing together come back at different times
+    assert len({round(d - 2**k, 6) for k, d in enumerate(runs[0]) if k}) == 3  # a fresh draw per retry
 
 
-def test_retry_delay_bounds():
-    class Fixed(random.Random):
-        def __init__(self, u: float) -> None:
-            super().__init__(0)
-            self.u = u
+def test_retry_policy_is_urllib3s_retry_built_from_params():
+    cfg = images_cfg(**{**TEST_CFG, "retries": 3, "backoff_s": 0.5})
+    retry = fetch.retry_policy(cfg)
+    assert isinstance(retry, urllib3.util.Retry) and retry.total == 3
+    assert retry.backoff_factor == 0.5 == retry.backoff_jitter and retry.respect_retry_after_header
+    assert {429, 500, 503, 599} <= retry.status_forcelist and not {404, 413} & retry.status_forcelist
+    assert retry.retry_after_max == fetch.MAX_RETRY_AFTER_S and not retry.raise_on_status
 
-        def uniform(self, a: float, b: float) -> float:
-            return a + (b - a) * self.u
 
-    assert ci.retry_delay(1, 0.5, Fixed(0.0)) == 0.25 and ci.retry_delay(3, 0.5, Fixed(1.0)) == 3.0
-    assert ci.retry_delay(2, 0.5, Fixed(0.0), retry_after=7.0) == 7.0  # never earlier than asked
-    assert ci.retry_delay(2, 0.5, Fixed(1.0), retry_after=7.0) == 7.5
+def test_a_body_that_breaks_off_is_retried_on_the_same_budget(image_server, caplog):
+    sleep = Delays()
+    with fetch.Fetcher(images_cfg(**TEST_CFG), sleep=sleep) as fetcher:
+        once = fetcher.fetch(image_server.url("/cut/once"))
+        always = fetcher.fetch(image_server.url("/cut/always"))
+        slow = fetcher.fetch(image_server.url("/slow.jpg?quiet"))  # retried by urllib3 itself
+    assert slow.status == "timeout" and slow.attempts == 3
+    assert "Retrying" not in caplog.text  # urllib3's warning per retry: routine here, not logged
+    assert (once.status, once.attempts, image_server.hits["/cut/once"]) == ("ok", 2, 2)
+    assert always.status == "connection_error" and always.attempts == 3 == image_server.hits["/cut/always"]
+    assert len(sleep.seconds) == 1 + 2 + 2  # one retry for the first, all there are for the others
 
 
 @pytest.mark.parametrize(
@@ -637,34 +662,43 @@ def test_retry_delay_bounds():
         ("/ra/503/secs7", 7.0, 7.01),
         ("/ra/429/date20", 18.0, 20.01),  # HTTP-date: whole seconds, so up to one less
         ("/ra/503/date20", 18.0, 20.01),
-        ("/ra/500/secs7", 0.005, 0.015),  # Retry-After on a 500 means nothing: plain backoff
+        ("/ra/503/secs1.5", 1.5, 1.5),  # a decimal is read the obvious way
+        ("/ra/500/secs7", 0.0, 0.0),  # Retry-After on a 500 means nothing: plain backoff (none at first)
+        ("/ra/503/secssoon", 0.0, 0.0),  # an invalid one is plain backoff too, not an error
     ],
 )
 def test_retry_after_is_honoured_on_429_and_503(image_server, path, low, high):
     sleep = Delays()
-    with ci.Fetcher(images_cfg(**TEST_CFG), sleep=sleep) as fetcher:
+    with fetch.Fetcher(images_cfg(**TEST_CFG), sleep=sleep) as fetcher:
         res = fetcher.fetch(image_server.url(path))
     assert res.status == "ok" and res.attempts == 2
     assert len(sleep.seconds) == 1 and low <= sleep.seconds[0] <= high
 
 
+def test_retry_after_on_a_413_is_not_a_retry(image_server):
+    sleep = Delays()
+    with fetch.Fetcher(images_cfg(**TEST_CFG), sleep=sleep) as fetcher:
+        res = fetcher.fetch(image_server.url("/ra/413/secs1"))
+    assert res.status == "http_413" and res.attempts == 1 and sleep.seconds == []
+
+
 def test_retry_after_over_the_cap_is_not_waited_for(image_server):
     sleep = Delays()
-    with ci.Fetcher(images_cfg(**TEST_CFG), sleep=sleep) as fetcher:
+    with fetch.Fetcher(images_cfg(**TEST_CFG), sleep=sleep) as fetcher:
         res = fetcher.fetch(image_server.url("/ra/429/always"))  # Retry-After: 3600
     assert res.status == "http_429" and res.attempts == 1 and sleep.seconds == []
-    assert f"over the {ci.MAX_RETRY_AFTER_S:g} s cap" in res.error
+    assert f"over the {fetch.MAX_RETRY_AFTER_S:g} s cap" in res.error
     assert image_server.hits["/ra/429/always"] == 1
 
 
 def test_parse_retry_after():
     now = 1_700_000_000.0
-    assert ci.parse_retry_after("120") == 120.0 and ci.parse_retry_after(" 1.5 ") == 1.5
-    assert ci.parse_retry_after(email.utils.formatdate(now + 42, usegmt=True), now=now) == 42.0
-    assert ci.parse_retry_after("Tue, 14 Nov 2023 22:13:20 GMT", now=now) == 0.0  # exactly now
-    assert ci.parse_retry_after(email.utils.formatdate(now - 60, usegmt=True), now=now) == 0.0  # past
+    assert fetch.parse_retry_after("120") == 120.0 and fetch.parse_retry_after(" 1.5 ") == 1.5
+    assert fetch.parse_retry_after(email.utils.formatdate(now + 42, usegmt=True), now=now) == 42.0
+    assert fetch.parse_retry_after("Tue, 14 Nov 2023 22:13:20 GMT", now=now) == 0.0  # exactly now
+    assert fetch.parse_retry_after(email.utils.formatdate(now - 60, usegmt=True), now=now) == 0.0  # past
     for bad in (None, "", "soon", "-5", "inf", "nan"):
-        assert ci.parse_retry_after(bad) is None
+        assert fetch.parse_retry_after(bad) is None
 
 
 # --- determinism, order, shards -------------------------------------------------------------------------
@@ -736,7 +770,6 @@ def test_streaming_readers_cross_shard_boundaries(sharded):
     assert [i for b in batches for i in b.id] == [f"S{i}" for i in range(7)]
     assert list(batches[0].columns) == ["id", "jpeg"]
     assert [len(b) for b in iter_image_batches(out, 10)] == [7]
-    assert [r["id"] for r in iter_shard_rows(out, columns=["id"])] == [f"S{i}" for i in range(7)]
 
 
 def test_readers_refuse_a_dir_without_manifest(tmp_path):
@@ -865,14 +898,14 @@ def test_jpeg_scans_counts_what_libjpeg_decodes():
     from bench.hostile import progressive_jpeg_bomb
 
     noise = Image.effect_noise((64, 48), 40).convert("RGB")
-    assert ci.jpeg_scans(encode(noise, "JPEG"), 100) == 1  # baseline
-    assert ci.jpeg_scans(encode(noise, "JPEG", progressive=True), 100) == 10  # libjpeg's YCbCr progression
-    assert ci.jpeg_scans(encode(noise.convert("L"), "JPEG", progressive=True), 100) == 6
+    assert codec.jpeg_scans(encode(noise, "JPEG"), 100) == 1  # baseline
+    assert codec.jpeg_scans(encode(noise, "JPEG", progressive=True), 100) == 10  # libjpeg's YCbCr progression
+    assert codec.jpeg_scans(encode(noise.convert("L"), "JPEG", progressive=True), 100) == 6
     # FF DA bytes inside an APP1 segment are data, not scans: the walk jumps over segments
-    assert ci.jpeg_scans(encode(noise, "JPEG", exif=b"Exif\0\0" + b"\xff\xda" * 5000), 100) == 1
-    assert ci.jpeg_scans(progressive_jpeg_bomb(side=64, scans=250), 1000) == 250
+    assert codec.jpeg_scans(encode(noise, "JPEG", exif=b"Exif\0\0" + b"\xff\xda" * 5000), 100) == 1
+    assert codec.jpeg_scans(progressive_jpeg_bomb(side=64, scans=250), 1000) == 250
     # the walk stops one past the limit: a 23,000-scan bomb costs 101 steps
-    assert ci.jpeg_scans(progressive_jpeg_bomb(side=64, scans=23_000), 100) == 101
+    assert codec.jpeg_scans(progressive_jpeg_bomb(side=64, scans=23_000), 100) == 101
 
 
 def test_scan_bomb_is_too_large_before_decoding(monkeypatch):
@@ -882,8 +915,8 @@ def test_scan_bomb_is_too_large_before_decoding(monkeypatch):
     bomb = progressive_jpeg_bomb()  # 6000 x 6000, 23,000 scans: minutes of libjpeg work without the cap
     big = images_cfg(**{**TEST_CFG, "max_pixels": 40_000_000})
     loads = []
-    monkeypatch.setattr(ci.ImageFile.ImageFile, "load", lambda self: loads.append(self))
-    with ci.pillow_limits(big.max_pixels), pytest.raises(ci.ImageFailure) as failure:
+    monkeypatch.setattr(codec.ImageFile.ImageFile, "load", lambda self: loads.append(self))
+    with codec.pillow_limits(big.max_pixels), pytest.raises(codec.ImageFailure) as failure:
         process_image(bomb, big)
     assert failure.value.status == "too_large" and "max_jpeg_scans 100" in str(failure.value)
     assert loads == []  # refused from its markers: not one pixel decoded
@@ -895,7 +928,7 @@ def test_jpeg_at_the_scan_cap_decodes():
     cfg = images_cfg(**{**TEST_CFG, "max_jpeg_scans": 40})
     out = process_image(progressive_jpeg_bomb(side=300, scans=40), cfg)
     assert Image.open(io.BytesIO(out)).size == (cfg.side, cfg.side)
-    with pytest.raises(ci.ImageFailure, match="max_jpeg_scans 40"):
+    with pytest.raises(codec.ImageFailure, match="max_jpeg_scans 40"):
         process_image(progressive_jpeg_bomb(side=300, scans=41), cfg)
 
 
@@ -908,7 +941,7 @@ def test_max_jpeg_scans_is_validated():
 def test_truncated_file_of_every_format_is_a_decode_error(fmt):
     from bench.hostile import truncated_image
 
-    with ci.pillow_limits(TEST_CFG["max_pixels"]), pytest.raises(ci.ImageFailure) as failure:
+    with codec.pillow_limits(TEST_CFG["max_pixels"]), pytest.raises(codec.ImageFailure) as failure:
         process_image(truncated_image(fmt), images_cfg(**TEST_CFG))
     assert failure.value.status == "decode_error" and "\n" not in str(failure.value)
 
@@ -917,7 +950,7 @@ def test_truncated_file_of_every_format_is_a_decode_error(fmt):
 def test_truncated_avif_is_a_decode_error_not_a_runtime_error(tmp_path):
     from bench.hostile import truncated_avif
 
-    with ci.pillow_limits(TEST_CFG["max_pixels"]), pytest.raises(ci.ImageFailure) as failure:
+    with codec.pillow_limits(TEST_CFG["max_pixels"]), pytest.raises(codec.ImageFailure) as failure:
         process_image(truncated_avif(), images_cfg(**TEST_CFG))
     assert failure.value.status == "decode_error" and "RuntimeError" in str(failure.value)
     (tmp_path / "bad.avif").write_bytes(truncated_avif())
@@ -933,7 +966,7 @@ def test_any_decoder_exception_is_this_images_decode_error(monkeypatch, error):
     def broken(self):
         raise error("decoder says no")
 
-    monkeypatch.setattr(ci.ImageFile.ImageFile, "load", broken)
-    with pytest.raises(ci.ImageFailure) as failure:
+    monkeypatch.setattr(codec.ImageFile.ImageFile, "load", broken)
+    with pytest.raises(codec.ImageFailure) as failure:
         process_image(GOOD_JPEG, images_cfg(**TEST_CFG))
     assert failure.value.status == "decode_error" and error.__name__ in str(failure.value)

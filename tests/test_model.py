@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import make_clip
 from PIL import Image
-from tiny import make_clip
 from transformers import CLIPModel
 from transformers.models.clip import CLIPImageProcessorPil
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from tiny import make_catalog, make_clip
+from helpers import make_catalog, make_clip
 
 from cliprec.errors import CliprecError
-from cliprec.images import read_image_table
 from cliprec.model import decode_pixels, load_clip
 from cliprec.pairs import load_pairs, prefetch
+from cliprec.shards import read_image_table
 
 
 @pytest.fixture(scope="module")

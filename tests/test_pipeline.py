@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from cliprec import paths
-from cliprec.images import read_image_table
+from cliprec.shards import read_image_table
 
 REPO = Path(__file__).resolve().parents[1]
 CAT = "Amazon_Fashion"

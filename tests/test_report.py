@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_compare import ranks_doc
+from helpers import ranks_doc
 
 from cliprec import paths, report
 from cliprec.cli import main

@@ -6,13 +6,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -20,8 +18,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+from helpers import CAT, photo_file, serve_process, shared_project, wait_healthy
 from PIL import Image
-from test_recommend import CAT, photo_file, shared_project
 
 from cliprec import paths
 from cliprec.artifacts import ArtifactError
@@ -408,16 +406,17 @@ def test_queued_searches_are_answered_in_one_batch(root, client):
 
 
 def test_search_many_keeps_each_answer_in_its_place(root, client):
+    from cliprec.query import Query
     from cliprec.service import SearchRequest, ServiceError
 
     service = client.app.state.service
     reqs = [
-        SearchRequest(CAT, text="a red shirt", k=3),
-        SearchRequest(CAT, product="NOPE"),
-        SearchRequest(CAT, product="P0001", k=3),
-        SearchRequest(CAT, text="a blue hat", variant="lora", k=4),
-        SearchRequest(CAT, image=b"not an image"),
-        SearchRequest(CAT, text="a blue hat", variant="lora", k=2),
+        SearchRequest(CAT, Query(text="a red shirt", k=3)),
+        SearchRequest(CAT, Query(product="NOPE")),
+        SearchRequest(CAT, Query(product="P0001", k=3)),
+        SearchRequest(CAT, Query(text="a blue hat", k=4), "lora"),
+        SearchRequest(CAT, Query(image="upload"), upload=b"not an image"),
+        SearchRequest(CAT, Query(text="a blue hat", k=2), "lora"),
     ]
     out = service.search_many(reqs)
     assert isinstance(out[1], ServiceError) and out[1].status == 404
@@ -446,7 +445,7 @@ def test_product_detail(client):
 
 
 def test_photos_and_thumbnails(root, client):
-    from cliprec.images import read_image_table
+    from cliprec.shards import read_image_table
 
     table = read_image_table(root / paths.images_dir(CAT))
     stored = {(r.id, r.view): r.jpeg for r in table.itertuples()}
@@ -575,56 +574,19 @@ def test_plots(client):
 # --- the `cliprec serve` process ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout_s: float, poll_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll url/healthz until 200; fail when timeout_s passes or proc (the server process, if any) exits."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc is None or proc.poll() is None, proc.stdout.read()
-        time.sleep(poll_s)
-    raise AssertionError(f"the server at {url} did not get ready in {timeout_s:.0f} s")
-
-
-def serve_process(root, port, *args) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "cliprec.cli", "--root", str(root), "serve", "--port", str(port), *args]
-    # a terminal's Ctrl-C: the default SIGINT action, also when pytest itself runs in the background
-    # (a non-interactive shell starts background jobs with SIGINT ignored, and the child would inherit it)
-    return subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-
-
+@pytest.mark.slow  # each case a fresh `cliprec serve` process: over 10 s here
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_command_stops_gracefully(root, sig):
     import httpx
 
-    port = free_port()
-    proc = serve_process(root, port, "--category", CAT)
+    proc, url, head = serve_process(root, "--category", CAT)
     try:
-        url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 90, 0.2, proc)
         response = httpx.post(f"{url}/api/search", data={"text": "a red shirt", "k": "3"}, timeout=30)
         assert response.status_code == 200 and len(response.json()["results"]["lora"]) == 3
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=30)
+        out = head + out
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -633,7 +595,7 @@ def test_serve_command_stops_gracefully(root, sig):
     # does (-15), Ctrl-C becomes exit status 130
     assert proc.returncode == (-signal.SIGTERM if sig == signal.SIGTERM else 130), out
     assert "Application shutdown complete" in out and "serve: stopped" in out and "Traceback" not in out
-    assert f"serve: listening on http://127.0.0.1:{port}" in out
+    assert re.search(r"serve: listening on http://127\.0\.0\.1:[1-9][0-9]* \(", head), head  # the bound port
 
 
 def test_serve_command_exits_3_when_its_port_is_taken(root, capsys):
@@ -648,9 +610,9 @@ def test_serve_command_exits_3_when_its_port_is_taken(root, capsys):
 
 
 def test_serve_command_exits_2_when_nothing_can_load(root, capsys):
-    code = main(["--root", str(root), "serve", "--port", str(free_port()), "--category", "Nope"])
+    code = main(["--root", str(root), "serve", "--port", "0", "--category", "Nope"])
     assert code == 2
-    for bad in (["--port", "0"], ["--max-inflight", "0"], ["--max-upload-mb", "-1"], ["--threads", "x"]):
+    for bad in (["--port", "65536"], ["--max-inflight", "0"], ["--max-upload-mb", "-1"], ["--threads", "x"]):
         with pytest.raises(SystemExit) as stop:  # argparse: usage and one line, no server started
             main(["--root", str(root), "serve", *bad])
         assert stop.value.code == 2
@@ -664,7 +626,7 @@ def test_serve_command_on_a_corrupt_index_exits_2_with_one_line(root, tmp_path, 
     index_file = broken / paths.index_dir(CAT, "zeroshot") / "index.faiss"
     index_file.write_bytes(index_file.read_bytes()[:-8] + b"garbage!")
     with caplog.at_level("ERROR", logger="cliprec.serve"):
-        assert main(["--root", str(broken), "serve", "--port", str(free_port()), "--category", CAT]) == 2
+        assert main(["--root", str(broken), "serve", "--port", "0", "--category", CAT]) == 2
     failed = [r for r in caplog.records if r.name == "cliprec.serve" and "cannot load" in r.getMessage()]
     assert len(failed) == 1 and not failed[0].exc_info  # no traceback
     assert failed[0].getMessage() == (

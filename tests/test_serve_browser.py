@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import CAT, build_category, listening_socket, shared_project, wait_healthy
 from PIL import Image
-from test_recommend import CAT, build_category, shared_project
-from test_serve import free_port, wait_healthy
 
 from cliprec.serve import ServeSettings, create_app
 
@@ -59,7 +58,8 @@ def _skip_reason() -> str | None:
 
 
 SKIP = _skip_reason()
-pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+# slow: the fixtures build a second category and start Chromium (~20 s here), the module takes a minute
+pytestmark = [pytest.mark.skipif(SKIP is not None, reason=SKIP or ""), pytest.mark.slow]
 webdriver = pytest.importorskip(
     "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
 )
@@ -80,7 +80,7 @@ FLAGS = (
     "--window-size=1400,1000",
 )
 WAIT_S = 60
-OTHER = "Appliances"  # the fixture's second category, built like the first
+OTHER = "Appliances"  # the fixture's second category: built like CAT (the same product ids)
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +100,8 @@ def project(tmp_path_factory) -> tuple[Path, list[str]]:
         return root, configured_categories(root)
     root = tmp_path_factory.mktemp("browser") / "project"
     shutil.copytree(shared_project(tmp_path_factory), root)
-    # a real second category (its own products and manifests: a copy of CAT's files is refused)
-    build_category(root, OTHER, n=16, seed=1)
+    # built, not copied: the service refuses artefacts whose manifests name another category
+    build_category(root, OTHER, n=32)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "metrics", root / "metrics", dirs_exist_ok=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
@@ -114,16 +114,17 @@ def server(project):
 
     root, categories = project
     app = create_app(root, categories=categories, settings=ServeSettings(max_upload_bytes=2_000_000))
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    sock = listening_socket()  # bound here and handed over: no window in which another process takes it
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
     srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     wait_healthy(url, WAIT_S, 0.1)
     yield url
     srv.should_exit = True
     thread.join(30)
+    sock.close()
 
 
 @pytest.fixture(scope="module")

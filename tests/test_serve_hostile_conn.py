@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import resource
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,8 +19,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from test_recommend import CAT, shared_project
-from test_serve import REPO, free_port, wait_healthy
+from helpers import CAT, serve_command, shared_project, wait_healthy, wait_listening
 
 LIMITS = ["--header-timeout", "2", "--body-timeout", "2", "--idle-timeout", "1", "--max-connections", "200"]
 INFLIGHT = 8
@@ -32,19 +29,17 @@ TEXT_PART = b'--b\r\nContent-Disposition: form-data; name="text"\r\n\r\n'  # the
 def start_server(
     root: Path, log: Path, *args: str, nofile: int | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """`cliprec serve` on a free loopback port, its output to `log`; (process, base url) once healthy."""
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "cliprec.cli", "--root", str(root), "serve", "--port", str(port), *args]
+    """`cliprec serve` on port 0, its output to `log`; (process, base url) once healthy."""
 
     def limit_files() -> None:
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit_files)
-    url = f"http://127.0.0.1:{port}"
+        cmd = serve_command(root, *args)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit_files)
     try:
+        url = wait_listening(proc, log)
         wait_healthy(url, 90, 0.2)
     except AssertionError:
         proc.kill()
@@ -61,6 +56,7 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+# the tests on this shared server are marked slow: starting it takes over 10 s here, whichever runs first
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("hostile") / "serve.log"
@@ -117,6 +113,7 @@ def trickle(port: int, stop_at: float, answers: list[bytes]) -> None:
                 answers.append(read_all(sock, 5))
 
 
+@pytest.mark.slow  # the shared `server` process
 def test_slow_bodies_do_not_hold_the_search_slots(server):
     proc, url, _ = server
     before = metric(url, "body_timeout")
@@ -144,6 +141,7 @@ def test_slow_bodies_do_not_hold_the_search_slots(server):
     assert proc.poll() is None
 
 
+@pytest.mark.slow  # the shared `server` process
 def test_a_body_nobody_reads_is_cut_at_the_deadline_too(server):
     _, url, _ = server
     with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
@@ -158,7 +156,8 @@ def test_a_body_nobody_reads_is_cut_at_the_deadline_too(server):
                 break
             time.sleep(0.3)
         assert closed or read_all(sock, 5).startswith(b"HTTP/1.1 404 ")
-        assert time.monotonic() - t0 < 6  # 2 s body deadline + 1 s backstop, generously
+        # the behaviour is this time bound: the 2 s body deadline + 1 s backstop, with 2 x room
+        assert time.monotonic() - t0 < 6
 
 
 # --- case 4: never-ending headers -------------------------------------------------------------------
@@ -167,6 +166,7 @@ def test_a_body_nobody_reads_is_cut_at_the_deadline_too(server):
 @pytest.mark.parametrize(
     "line", [b"a" * 65536, b"X-Filler: " + b"v" * 50 + b"\r\n"], ids=["one-header", "many"]
 )
+@pytest.mark.slow  # the shared `server` process
 def test_never_ending_headers_are_cut_at_the_cap(server, line):
     proc, url, _ = server
     rss = psutil.Process(proc.pid)
@@ -189,6 +189,7 @@ def test_never_ending_headers_are_cut_at_the_cap(server, line):
     assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
 
 
+@pytest.mark.slow  # the shared `server` process
 def test_slow_head_gets_408_and_idle_connections_close(server):
     _, url, _ = server
     with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
@@ -196,13 +197,14 @@ def test_slow_head_gets_408_and_idle_connections_close(server):
         t0 = time.monotonic()
         answer = read_all(sock, 10)
     assert answer.startswith(b"HTTP/1.1 408 ") and b"request head not complete within 2 s" in answer
-    assert time.monotonic() - t0 < 6
+    assert time.monotonic() - t0 < 6  # the behaviour is this time bound: the 2 s head deadline, 3 x
     with socket.create_connection(("127.0.0.1", port_of(url))) as sock:  # never sends a byte
         t0 = time.monotonic()
         assert read_all(sock, 10) == b""  # closed by the server (1 s idle timeout)
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 5  # the behaviour is this time bound: the 1 s idle timeout, 5 x
 
 
+@pytest.mark.slow  # the shared `server` process
 def test_malformed_http_gets_one_line_of_json(server):
     _, url, _ = server
     with socket.create_connection(("127.0.0.1", port_of(url))) as sock:
@@ -215,6 +217,7 @@ def test_malformed_http_gets_one_line_of_json(server):
 # --- case 5: more connections than the cap ---------------------------------------------------------
 
 
+@pytest.mark.slow  # the shared `server` process
 def test_connections_past_the_cap_are_refused_logged_and_idle_ones_time_out(server):
     _, url, log = server
     port = port_of(url)
@@ -249,6 +252,7 @@ def test_connections_past_the_cap_are_refused_logged_and_idle_ones_time_out(serv
             sock.close()
 
 
+@pytest.mark.slow  # its own `cliprec serve` process: over 15 s here
 def test_connection_cap_follows_the_open_file_limit(tmp_path_factory):
     log = tmp_path_factory.mktemp("fdlimit") / "serve.log"
     proc, url = start_server(shared_project(tmp_path_factory), log, "--category", CAT, nofile=600)
@@ -260,6 +264,7 @@ def test_connection_cap_follows_the_open_file_limit(tmp_path_factory):
         stop(proc)
 
 
+@pytest.mark.slow  # its own `cliprec serve` process: over 15 s here
 def test_sigterm_does_not_wait_for_slow_clients(tmp_path_factory):
     log = tmp_path_factory.mktemp("sigterm") / "serve.log"
     root = shared_project(tmp_path_factory)
@@ -273,7 +278,9 @@ def test_sigterm_does_not_wait_for_slow_clients(tmp_path_factory):
         t0 = time.monotonic()
         proc.terminate()
         proc.wait(30)
-        assert time.monotonic() - t0 < 5  # not the 10 s graceful limit, nor the 60 s deadlines
+        # the behaviour is this time bound: the stop does not wait out the 10 s graceful limit (nor the
+        # 60 s deadlines); 8 s stays below that limit and leaves room for a busy machine
+        assert time.monotonic() - t0 < 8
         assert "Traceback" not in log.read_text()
     finally:
         for sock in slow:

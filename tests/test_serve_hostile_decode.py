@@ -18,13 +18,13 @@ from contextlib import contextmanager
 
 import pytest
 import yaml
+from helpers import CAT, serve_process, shared_project, wait_healthy
 from PIL import Image, features
-from test_recommend import CAT, shared_project
-from test_serve import free_port, serve_process, wait_healthy
 
 from bench.hostile import progressive_jpeg_bomb, truncated_avif
 from cliprec.decode_pool import DecodePool
 from cliprec.params import Images
+from cliprec.query import Query
 from cliprec.serve import ServeSettings, create_app
 from cliprec.serve.cancel import CancelledInOneLine
 from cliprec.serve.worker import SearchWorker
@@ -33,6 +33,11 @@ from cliprec.service import SearchRequest, Service, ServiceError
 httpx = pytest.importorskip("httpx")
 TestClient = pytest.importorskip("fastapi.testclient", reason="the serve extra is not installed").TestClient
 
+# Time bounds that ARE the behaviour under test (issue 16's acceptance), kept as it states them. Each is
+# generous against what it guards: a text search alone is answered in tens of milliseconds
+# (bench/results/serve_load.json), so 2 s catches one stuck behind a decode, not a loaded machine; the
+# upload's 4xx comes from the scan cap (at once) or from the decode time limit, 2 s in those tests (5 s is
+# 2.5 x); the exit follows the default 4 s decode limit (10 s is 2.5 x).
 SEARCH_BOUND_S = 2.0  # acceptance: a text search sent during an attack is answered within 2 s
 UPLOAD_BOUND_S = 5.0  # acceptance: the hostile upload gets its 4xx within 5 s
 EXIT_BOUND_S = 10.0  # acceptance: SIGTERM during a slow decode, exit within 10 s
@@ -65,12 +70,10 @@ def uncapped_root(tmp_path_factory, root):
 
 @contextmanager
 def server(root, *args) -> Iterator[tuple[str, object, list[str]]]:
-    """A `cliprec serve` process on a free loopback port: (url, process, its log once stopped)."""
-    port = free_port()
-    proc = serve_process(root, port, "--category", CAT, *args)
-    log: list[str] = []
+    """A `cliprec serve` process on port 0: (url, process, its log once stopped)."""
+    proc, url, head = serve_process(root, "--category", CAT, *args)
+    log: list[str] = head.splitlines()
     try:
-        url = f"http://127.0.0.1:{port}"
         wait_healthy(url, 90, 0.2, proc)
         yield url, proc, log
     finally:
@@ -124,6 +127,7 @@ def assert_quiet(log: list[str]) -> None:
 # --- acceptance, on a real server process -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # its own `cliprec serve` process and an attack: over 10 s here
 def test_scan_bomb_is_refused_while_searches_go_on(root):
     bomb = progressive_jpeg_bomb()  # 6000 x 6000, 23,000 scans (~1.3 MB)
     with server(root) as (url, _, log):
@@ -135,6 +139,7 @@ def test_scan_bomb_is_refused_while_searches_go_on(root):
     assert_quiet(log)
 
 
+@pytest.mark.slow  # its own `cliprec serve` process and an attack: over 10 s here
 def test_slow_decode_is_cut_off_while_searches_go_on(uncapped_root):
     # no scan cap here: the bomb decodes until the decoders' time limit kills it
     bombs = [progressive_jpeg_bomb(), progressive_jpeg_bomb(scans=20_000)]
@@ -153,6 +158,7 @@ def test_slow_decode_is_cut_off_while_searches_go_on(uncapped_root):
     assert_quiet(log)
 
 
+@pytest.mark.slow  # its own `cliprec serve` process and an attack: over 10 s here
 @pytest.mark.skipif(not features.check("avif"), reason="Pillow built without AVIF")
 def test_truncated_avif_is_422_and_no_one_else_sees_an_error(root):
     bad = truncated_avif()  # Pillow's AVIF plugin raises RuntimeError on it
@@ -169,6 +175,7 @@ def test_truncated_avif_is_422_and_no_one_else_sees_an_error(root):
     assert_quiet(log)
 
 
+@pytest.mark.slow  # its own `cliprec serve` process and an attack: over 10 s here
 def test_sigterm_during_a_slow_decode_exits_in_time_without_tracebacks(uncapped_root):
     with server(uncapped_root) as (url, proc, log), ThreadPoolExecutor(2) as pool:
         bombs = [pool.submit(upload, url, progressive_jpeg_bomb()) for _ in range(2)]
@@ -207,6 +214,7 @@ def service(root):
     return Service(root, [CAT])
 
 
+@pytest.mark.slow  # decodes until the time limit kills them, twice: over 10 s here
 def test_decoder_pool_bounds_each_decode_and_replaces_what_it_kills(service):
     cfg = Images(**{**service.image_config.model_dump(), "max_jpeg_scans": 10_000_000})
     pool = DecodePool(cfg, processes=1, timeout_s=1.0)
@@ -251,11 +259,11 @@ def test_search_many_keeps_each_failure_to_its_request(service, monkeypatch, cap
     monkeypatch.setattr(rec, "text_vectors", text_vectors)
     monkeypatch.setattr(rec, "text_vector", lambda t: text_vectors([t])[0] if t == "boom" else real_vector(t))
     reqs = [
-        SearchRequest(CAT, text="a red shirt"),
-        SearchRequest(CAT, text="boom"),
-        SearchRequest(CAT, image=truncated_avif(), image_name="bad.avif"),
-        SearchRequest(CAT, text="blue jeans"),
-        SearchRequest("nope", text="x"),
+        SearchRequest(CAT, Query(text="a red shirt")),
+        SearchRequest(CAT, Query(text="boom")),
+        SearchRequest(CAT, Query(image="bad.avif"), upload=truncated_avif()),
+        SearchRequest(CAT, Query(text="blue jeans")),
+        SearchRequest("nope", Query(text="x")),
     ]
     with caplog.at_level(logging.WARNING, logger="cliprec"):
         out = service.search_many(reqs)
@@ -276,18 +284,18 @@ class _GatedService:
         self.calls.append(len(reqs))
         if len(self.calls) == 1:
             self.gate.wait(10)
-        if any(r.text == "bug" for r in reqs):
+        if any(r.query.text == "bug" for r in reqs):
             raise RuntimeError("search_many itself broke")
-        return [{"text": r.text} for r in reqs]
+        return [{"text": r.query.text} for r in reqs]
 
 
 def test_worker_answers_each_request_when_a_batch_breaks():
     service, worker = _GatedService(), SearchWorker(max_batch=8)
 
     async def run() -> list:
-        first = worker.submit(service, SearchRequest(CAT, text="first"))
+        first = worker.submit(service, SearchRequest(CAT, Query(text="first")))
         await asyncio.sleep(0.2)  # the worker is inside the first call: the next three queue up
-        rest = [worker.submit(service, SearchRequest(CAT, text=t)) for t in ("a", "bug", "b")]
+        rest = [worker.submit(service, SearchRequest(CAT, Query(text=t))) for t in ("a", "bug", "b")]
         service.gate.set()
         return await asyncio.gather(first, *rest, return_exceptions=True)
 

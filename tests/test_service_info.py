@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from test_recommend import CAT, shared_project
+from helpers import CAT, shared_project
 
 from cliprec import paths
 from cliprec.evaluate import headline

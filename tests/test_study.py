@@ -103,12 +103,14 @@ def test_amazon_source_reads_a_local_hub_copy_through_the_same_call(small, tmp_p
         return real(data_files, cache_dir=cache_dir)
 
     monkeypatch.setattr(catalog, "load_meta", spy)
-    report = catalog.build_catalog(CATEGORY, "amazon", tmp_path / "out", n_products=12, hub_root=small["hub"])
+    report = catalog.build_catalog(
+        CATEGORY, catalog.CatalogSource("amazon", n_products=12, hub_root=small["hub"]), tmp_path / "out"
+    )
     assert calls == [catalog.amazon_data_files(CATEGORY, small["hub"])]
     assert calls[0].endswith("raw/meta_categories/meta_Appliances.jsonl")
     assert report["source"] == "amazon" and report["n_products"] == 12
     assert report["dropped"]["no_title"] >= 1 and report["dropped"]["duplicate_id"] >= 1
-    products = catalog.read_products(tmp_path / "out" / "products.parquet")
+    products = pd.read_parquet(tmp_path / "out" / "products.parquet")
     # per product, per photo: its URLs hi_res -> large -> thumb
     assert all(u.startswith("file:///") for photos in products["image_urls"] for urls in photos for u in urls)
 
@@ -120,13 +122,15 @@ def test_the_study_path_at_small_shapes(small, tmp_path, monkeypatch):
     """amazon source (local hub copy) -> photos over file:// -> BART at 1,024 tokens -> embeddings."""
     from transformers import BartForConditionalGeneration
 
-    from cliprec.embed import embed_catalog
+    from cliprec.embed import EmbedOptions, embed_catalog
     from cliprec.images import build_image_shards
     from cliprec.model import load_clip
     from cliprec.summarize import summarize_catalog
 
-    catalog.build_catalog(CATEGORY, "amazon", tmp_path / "ingest", n_products=16, hub_root=small["hub"])
-    products = catalog.read_products(tmp_path / "ingest" / "products.parquet")
+    catalog.build_catalog(
+        CATEGORY, catalog.CatalogSource("amazon", n_products=16, hub_root=small["hub"]), tmp_path / "ingest"
+    )
+    products = pd.read_parquet(tmp_path / "ingest" / "products.parquet")
     images = Images(**{**RAW["images"], "side": 32, "workers": 2})
     report = build_image_shards(products[["id", "image_urls", "image_variants"]], tmp_path / "images", images,
                                 progress=False)  # fmt: skip
@@ -150,7 +154,12 @@ def test_the_study_path_at_small_shapes(small, tmp_path, monkeypatch):
     model, processor = load_clip(small["clip"])
     summaries_path = tmp_path / "summaries" / "summaries.parquet"
     manifest = embed_catalog(
-        model, processor, tmp_path / "images", summaries_path, tmp_path / "embed", batch_size=8
+        model,
+        processor,
+        tmp_path / "images",
+        summaries_path,
+        tmp_path / "embed",
+        options=EmbedOptions(batch_size=8),
     )
     assert manifest["n"] == 16 and manifest["d"] == 16
 
@@ -162,6 +171,7 @@ def test_beam_search_skips_reordering_the_cross_attention_cache_and_changes_noth
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.cache_utils import DynamicCache
 
+    from cliprec.params import Bart
     from cliprec.summarize import beam_search_cache, generate_summaries
 
     model = AutoModelForSeq2SeqLM.from_pretrained(small["bart"]).eval()
@@ -190,6 +200,7 @@ def test_beam_search_skips_reordering_the_cross_attention_cache_and_changes_noth
     monkeypatch.setattr(
         type(model), "generate", lambda self, **kw: seen.append(kw) or real_generate(self, **kw)
     )
-    out = generate_summaries(model, tokenizer, texts, device="cpu", batch_size=2, num_beams=4, max_length=10,
-                             min_length=2, max_input_tokens=1024)  # fmt: skip
+    bart = Bart(method="bart", model="x", max_input_tokens=1024, max_length=10, min_length=2, num_beams=4,
+                batch_size=2, max_words=10, chunk_size=2)  # fmt: skip
+    out = generate_summaries(model, tokenizer, texts, params=bart, device="cpu")
     assert len(out) == 3 and all(type(kw["cache"]).__name__ == "BeamSearchCache" for kw in seen)

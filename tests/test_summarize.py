@@ -331,7 +331,7 @@ def test_summarize_stage_wiring(tmp_path, monkeypatch):
 
     import yaml
 
-    from cliprec.catalog import build_catalog
+    from cliprec.catalog import CatalogSource, build_catalog
 
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["setup"] = "demo"
@@ -340,7 +340,7 @@ def test_summarize_stage_wiring(tmp_path, monkeypatch):
     stage = Path("stages/summarize.py").resolve()
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    build_catalog("Amazon_Fashion", "jsonl", "data/ingest/Amazon_Fashion", path=str(fixture))
+    build_catalog("Amazon_Fashion", CatalogSource("jsonl", path=str(fixture)), "data/ingest/Amazon_Fashion")
     runpy.run_path(str(stage), run_name="stage")["main"](["Amazon_Fashion"])
     products = pd.read_parquet("data/ingest/Amazon_Fashion/products.parquet")
     out = pd.read_parquet("data/summaries/Amazon_Fashion/summaries.parquet")

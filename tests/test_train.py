@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import make_catalog, make_clip
 from safetensors.torch import load_file
-from tiny import make_catalog, make_clip
 
 import cliprec.train as tr
 from cliprec import precision
 from cliprec.artifacts import verify_files
 from cliprec.loss import clip_loss
 from cliprec.params import load_params
+from cliprec.schedule import warmup_cosine
+from cliprec.train_state import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
@@ -37,10 +39,9 @@ def _cfg(tiny, **kw):
 
 
 def _run(tiny, root: Path, cfg):
-    return tr.train(
-        cfg, tiny["products"], tiny["summaries"], tiny["images"], root / "out", root / "ckpt", root / "live",
-        run_log=root / "runs.jsonl",
-    )  # fmt: skip
+    where = tr.TrainPaths(tiny["products"], tiny["summaries"], tiny["images"], root / "out", root / "ckpt",
+                          root / "live", run_log=root / "runs.jsonl")  # fmt: skip
+    return tr.train(cfg, where)
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -95,7 +96,7 @@ def test_ddp_local_loss_equals_the_global_loss_and_its_gradient():
 
 
 def test_warmup_cosine_schedule():
-    f = tr.warmup_cosine(warmup_steps=4, total_steps=20)
+    f = warmup_cosine(warmup_steps=4, total_steps=20)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and f(12) == pytest.approx(0.5) and 0 <= f(19) < 0.02
     assert all(f(s) >= f(s + 1) for s in range(4, 19))
@@ -115,6 +116,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow  # three training runs and a killed one: ~10 s here
 def test_training_learns_and_resumes_after_a_kill_to_the_same_adapter(tiny, tmp_path, monkeypatch):
     cfg = _cfg(tiny)
     whole = _run(tiny, tmp_path / "whole", cfg)
@@ -157,7 +159,7 @@ def test_training_learns_and_resumes_after_a_kill_to_the_same_adapter(tiny, tmp_
     with pytest.raises(Killed):
         _run(tiny, tmp_path / "killed", cfg)
     monkeypatch.setattr(tr, "_train_step", step)
-    assert torch.load(tmp_path / "killed" / "ckpt" / tr.STATE_FILE, weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "killed" / "ckpt" / STATE_FILE, weights_only=True)["epoch"] == 1
     resumed = _run(tiny, tmp_path / "killed", cfg)
     assert _last_run(tmp_path / "killed")["resumed_from_epoch"] == 1
     want, got = _adapter(tmp_path / "whole"), _adapter(tmp_path / "killed")
@@ -206,14 +208,14 @@ def test_changed_config_discards_the_checkpoint_and_amp_runs_on_cpu(tiny, tmp_pa
     monkeypatch.setattr(precision, "_warned_slow_bf16", False)
     cfg = _cfg(tiny, epochs=1)
     _run(tiny, tmp_path, cfg)
-    old = torch.load(tmp_path / "ckpt" / tr.STATE_FILE, weights_only=True)["fingerprint"]
+    old = torch.load(tmp_path / "ckpt" / STATE_FILE, weights_only=True)["fingerprint"]
     with caplog.at_level(logging.INFO):
         summary = _run(tiny, tmp_path, dataclasses.replace(cfg, amp=True))  # `dvc exp run -S amp=true`
     messages = [r.getMessage() for r in caplog.records]
     assert any("another config" in m and "starting over" in m for m in messages)
     assert not any(m.startswith("resuming") for m in messages)
     assert sum("no native bf16" in m for m in messages) == 1  # warned once, though autocast ran per step
-    assert torch.load(tmp_path / "ckpt" / tr.STATE_FILE, weights_only=True)["fingerprint"] != old
+    assert torch.load(tmp_path / "ckpt" / STATE_FILE, weights_only=True)["fingerprint"] != old
     assert summary["amp"] and summary["dtype"] == "bfloat16" and summary["epochs_run"] == 1
 
 
@@ -240,9 +242,9 @@ def test_two_process_ddp_matches_one_process(tiny, tmp_path):
     script.write_text(
         "import json, sys\n"
         "import torch.distributed as dist\n"
-        "from cliprec.train import TrainConfig, train\n"
+        "from cliprec.train import TrainConfig, TrainPaths, train\n"
         "cfg, paths, ranks = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]\n"
-        "train(TrainConfig(**cfg), **paths)\n"
+        "train(TrainConfig(**cfg), TrainPaths(**paths))\n"
         "rank, world = dist.get_rank(), dist.get_world_size()\n"
         "open(f'{ranks}/rank{rank}.json', 'w').write(json.dumps({'rank': rank, 'world_size': world}))\n"
     )
@@ -315,7 +317,7 @@ def test_ddp_decisions_are_rank_zeros(tiny, tmp_path):
         "    return {**real(*args, **kwargs), 'val_recall_at_5': score}\n"
         "tr.evaluate = rigged\n"
         "logging.basicConfig(level=logging.INFO, format='%(name)s: %(message)s')\n"
-        "got = tr.train(tr.TrainConfig(**cfg), **paths)\n"
+        "got = tr.train(tr.TrainConfig(**cfg), tr.TrainPaths(**paths))\n"
         "rank = dist.get_rank()\n"
         "open(f'{out}/rank{rank}.json', 'w').write(json.dumps({'epochs_run': got['epochs_run'],\n"
         "                                                      'evaluations': calls['n']}))\n"

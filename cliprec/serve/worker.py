@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cliprec.service import SearchRequest, Service, one_line, request_error
+from cliprec.errors import one_line
+from cliprec.service import SearchRequest, Service, request_error
 
 log = logging.getLogger("cliprec.serve")
 
