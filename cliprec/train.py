@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import shutil
 import time
 import warnings
@@ -73,7 +74,6 @@ from cliprec.params import Params
 from cliprec.paths import ADAPTER_DIR
 from cliprec.precision import amp_dtype, autocast, grad_scaler
 from cliprec.provenance import append_run_log
-from cliprec.schedule import warmup_cosine
 from cliprec.train_state import (
     load_checkpoint,
     load_trainable_state,
@@ -100,9 +100,28 @@ SUMMARY_FILE = "summary.json"
 ALT_VIEW_PROB = 0.5  # an example shows its "alt" photo instead of MAIN this often: cheap augmentation
 MIN_VAL_PAIRS = 100  # below this, val Recall@5 is too coarse to choose an epoch or stop on (module doc)
 RECALL_K = 5  # val Recall@5 decides: a val set of 5 pairs or fewer scores 1.0 whatever the model
-# DVCLive's metrics.json, which `dvc exp show` shows, holds only this (and DVCLive's step): the
+# DVCLive's metrics.json, which `dvc exp show` shows, holds only this: the
 # per-epoch curves are its plots, the rest of the run is in summary.json
 LIVE_SUMMARY = "best_val_recall_at_5"
+
+
+# The learning-rate schedule of LoRA fine-tuning: linear warm-up, then cosine decay.
+#
+# Not transformers' `get_cosine_schedule_with_warmup`: its warm-up factor is step / warmup (0 at the first
+# step), this one's (step + 1) / warmup, so the numbers differ and swapping it in would change the adapter.
+# The demo CLIP's builder (cliprec_worlds/demo_clip.py `_lr_at`) keeps its own copy: it computes the cosine's
+# argument as pi * (step - warmup) / n where this takes pi * ((step - warmup) / n), which rounds differently
+# in the last bit at some steps, so sharing one would change either the adapter or a rebuilt demo CLIP.
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up to 1 over `warmup_steps`, then cosine decay towards 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
 
 
 @dataclass(frozen=True)
@@ -441,6 +460,9 @@ def _loop(run: _Run, state: dict[str, Any], checkpoint_dir: Path, live_dir: Path
         acc.wait_for_everyone()
     if live is not None:
         live.end()
+        # DVCLive adds its `step` to the summary: one more `dvc exp show` column per category, and the
+        # best epoch is in summary.json already
+        write_json({LIVE_SUMMARY: live.summary[LIVE_SUMMARY]}, live_dir / "metrics.json")
 
 
 def _train_epoch(run: _Run, epoch: int) -> tuple[float, float]:

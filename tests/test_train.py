@@ -20,7 +20,7 @@ from cliprec import precision
 from cliprec.artifacts import verify_files
 from cliprec.loss import clip_loss
 from cliprec.params import load_params
-from cliprec.schedule import warmup_cosine
+from cliprec.train import warmup_cosine
 from cliprec.train_state import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,8 +125,8 @@ def test_training_learns_and_resumes_after_a_kill_to_the_same_adapter(tiny, tmp_
     assert whole["n_val"] == 15  # P0005 (a val product) has no photo and is skipped
     live = tmp_path / "whole" / "live"
     metrics = json.loads((live / "metrics.json").read_text())
-    # a DVC metrics file: `dvc exp show` gets the headline and the step, the curves are DVCLive's plots
-    assert metrics == {"best_val_recall_at_5": tr.logged(whole["best"]["val_recall_at_5"]), "step": 1}
+    # a DVC metrics file: `dvc exp show` gets the headline (not DVCLive's step), the curves are its plots
+    assert metrics == {"best_val_recall_at_5": tr.logged(whole["best"]["val_recall_at_5"])}
     # committed to git: 4 significant digits, so other CPU kernels' ~1e-7 differences don't show
     train_loss = (live / "plots" / "metrics" / "train_loss.tsv").read_text().split()
     assert all(float(f"{float(v):.4g}") == float(v) for v in train_loss[3::2]) and float(train_loss[3]) != 0
