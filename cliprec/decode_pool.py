@@ -85,7 +85,7 @@ def decoder_main(fd: int) -> None:
     conn = Connection(fd)
     cfg = Images.model_validate_json(conn.recv_bytes())
     with pillow_limits(cfg.max_pixels):
-        _reply(_blank_png(), cfg)  # the first decode loads Pillow's plugins (~0.5 s): not on a request
+        _reply(_blank_png(), cfg)  # the first decode loads Pillow's plugins (slow): not on a request
         conn.send_bytes(b"ready")
         while True:
             try:

@@ -221,8 +221,8 @@ def beam_search_cache() -> Any:
     After every step, beam search reorders each cached key/value tensor (index_select). The cross-attention
     keys and values come from the encoder output, which `generate` repeats for each beam, so the rows of one
     input's beams are identical; a reorder only moves rows among the beams of one input, so reordering them
-    changes no value, but copies them all: at BART's 1,024 input tokens, 16 inputs x 4 beams, that is 6.4 GB
-    per decoding step. Profiled on a CPU, the copies were 46 % of beam search's time over 1,024-token inputs.
+    changes no value, but copies them all, every step: with BART's long inputs and several beams that copy
+    is a large share of beam search's time (docs/study.md, the rehearsal's BART cache fix).
     """
     from transformers.cache_utils import DynamicCache
 

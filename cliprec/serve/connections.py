@@ -7,8 +7,8 @@ sends a byte stays open for ever), there is no deadline for a request head or bo
 `limit_concurrency` answers 503 per request but still accepts every connection until the process runs
 out of file descriptors. uvicorn's h11 parser caps the head size (`h11_max_incomplete_event_size`),
 but it has none of the deadlines either, and measured here it answered fewer text searches than
-httptools (interleaved A/B, 16 clients: 4-12 % fewer; README, Serve). So this class keeps httptools
-(measured within 2 % of plain httptools) and adds, per connection:
+httptools (interleaved A/B runs: docs/serving.md, Connection limits). So this class keeps httptools
+(its own cost measured there too) and adds, per connection:
 
 - a cap on open connections, set below the file-descriptor limit: past it a connection gets 503 and is
   closed at once, counted and logged (at most one line per 10 s);
