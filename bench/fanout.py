@@ -1,7 +1,7 @@
 """The fan-out of a one-line edit: for each library module, which stages `dvc status` then reports stale.
 
 Measured: `git clone` of this repository at --rev into a temporary folder, the demo's outputs copied in
-from --data (a checkout whose `dvc repro` is done, default /work/main: data/ only; metrics/ and models/
+from --data (a checkout whose `dvc repro` is done, default this one: data/ only; metrics/ and models/
 are in git), `dvc commit -f` there (so dvc.lock records that clone's code, params and outputs: the
 pipeline is up to date and `dvc status` is empty), then for each setup (`setup:` set in the clone's
 params.yaml, `dvc commit -f` again) and each module: append one line (a comment to a .py, a newline to a
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, then print the static table, rewrite the docs, or measure."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rev", default="HEAD", help="commit to measure (committed files only)")
-    ap.add_argument("--data", default="/work/main", help="checkout whose data/ holds the demo's outputs")
+    ap.add_argument("--data", default=str(REPO_ROOT), help="checkout whose data/ holds the demo's outputs")
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=SETUPS)
     ap.add_argument("--name", default="fanout", help="results file: bench/results/<name>.json")
     ap.add_argument("--static", action="store_true", help="print the table from dvc.yaml and stop")
