@@ -126,7 +126,11 @@ def test_slow_bodies_do_not_hold_the_search_slots(server):
     time.sleep(0.5)  # every slow connection has sent its head: with admission before the body, all 8 slots
     with httpx.Client(timeout=10) as client:
         while time.monotonic() < stop_at:
-            response = client.post(f"{url}/api/search", data={"text": "a red shirt", "k": "3"})
+            try:
+                response = client.post(f"{url}/api/search", data={"text": "a red shirt", "k": "3"})
+            except httpx.TransportError as e:  # a keep-alive race on a loaded machine: counted, not fatal
+                statuses.append(type(e).__name__)
+                continue
             statuses.append(response.status_code)
             time.sleep(0.05)
     for t in threads:
