@@ -285,7 +285,9 @@ def validate_jsonl(src: str | Path, dst: str | Path) -> LineScan:
     """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
-        raise CliprecError(f"ingest: catalog file {src} does not exist (see README 'Your own catalog')")
+        raise CliprecError(
+            f"ingest: catalog file {src} does not exist (see docs/pipeline.md 'Your own catalog')"
+        )
     scan, unknown_keys = LineScan(), 0
     with open(src, "rb") as fin, open(dst, "w", encoding="utf-8") as fout:
         for lineno, raw in enumerate(fin, 1):

@@ -107,7 +107,10 @@ def _parser() -> argparse.ArgumentParser:
         "--decode-timeout", type=_seconds, default=4.0, help="longest decode of an upload, s (4)"
     )
     srv.add_argument(
-        "--threads", type=_positive, default=1, help="torch/FAISS threads per query (default 1; README: Load)"
+        "--threads",
+        type=_positive,
+        default=1,
+        help="torch/FAISS threads per query (default 1; docs/serving.md, Load)",
     )
     srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     _serve_connection_options(srv)
@@ -127,7 +130,7 @@ def _recommend_options(rec: argparse.ArgumentParser) -> None:
 
 
 def _serve_connection_options(srv: argparse.ArgumentParser) -> None:
-    """The connection limits of `cliprec serve` (README: Serve, the limits table)."""
+    """The connection limits of `cliprec serve` (docs/serving.md, Connection limits)."""
     srv.add_argument(
         "--max-connections",
         type=_positive,

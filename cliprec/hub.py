@@ -12,7 +12,7 @@ Here:
   or transformers' OSError for a name that is not a local directory) into a `HubError`.
 
 A `HubError` is one line: what could not be reached, why, and which param points it at a local copy (the
-overrides the study rehearsal uses: README "Study rehearsal"). Local paths are never touched: their
+overrides the study rehearsal uses: docs/study.md "Study rehearsal"). Local paths are never touched: their
 errors stay what they are.
 """
 
@@ -35,7 +35,7 @@ PROBE_TIMEOUT_S = 5.0
 NETWORK_LIBRARIES = frozenset(
     {"httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3", "aiohttp", "huggingface_hub"}
 )
-STANDINS_HINT = "stand-ins: python scripts/build_study_standins.py, README 'Study rehearsal'"
+STANDINS_HINT = "stand-ins: python scripts/build_study_standins.py, docs/study.md 'Study rehearsal'"
 # The param of each hub resource (only the study setup reads from the hub).
 CATALOG_SETTING = "setups.study.ingest.hub_root"
 CLIP_SETTING = "setups.study.model.name"

@@ -168,7 +168,7 @@ class Ingest(_Block):
             if not _under_catalog(self.path):
                 raise ValueError(
                     f"path {self.path!r} must be a file under {CATALOG_DIR}/ (the ingest stage's "
-                    "dependency, so DVC sees the catalog change; see README 'Your own catalog')"
+                    "dependency, so DVC sees the catalog change; see docs/pipeline.md 'Your own catalog')"
                 )
         elif self.path is not None:
             raise ValueError(f"path is only read by source 'jsonl', not {self.source!r}: set it to null")

@@ -49,7 +49,7 @@ def fingerprint(category: str, ingest: IngestSettings) -> dict[str, Any]:
         if not file.is_file():
             raise CliprecError(
                 f"ingest {category}: catalog file {file} does not exist (source {ingest.source!r}; "
-                "see README 'Your own catalog')"
+                "see docs/pipeline.md 'Your own catalog')"
             )
         digest = sha256_file(file)
     return {"source": ingest.source, "file": file.as_posix() if file else None, "sha256": digest}

@@ -5,7 +5,7 @@ made a DVC project holding this repository's committed metrics, so that the plot
 with a copy of its category under a second name, so that the page has a category to switch to.
 Chromium's network log must show no request outside the server (nothing from a CDN).
 
-Screenshots go to $CLIPREC_SCREENSHOTS (default: a temp dir). The README's screenshot comes from the demo
+Screenshots go to $CLIPREC_SCREENSHOTS (default: a temp dir). docs/serving.md's screenshot comes from the demo
 project itself: after `dvc repro`,
 
     CLIPREC_BROWSER_ROOT=. CLIPREC_SCREENSHOTS=docs pytest tests/test_serve_browser.py

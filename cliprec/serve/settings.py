@@ -15,7 +15,7 @@ class ServeSettings:
     thumb_side: int = 128
     graceful_s: int = 10
     # torch/FAISS threads per query; None keeps their defaults (every core). 1 is the default of the
-    # command: on 2 busy cores a second thread's spin-waits cost more than it computes (README, Load)
+    # command: on 2 busy cores a second thread's spin-waits cost more than it computes (docs/serving.md, Load)
     threads: int | None = None
     max_batch: int = 32  # searches answered by one Service.search_many call
     decode_workers: int = 2  # decoder processes for image uploads (cliprec.decode_pool)
