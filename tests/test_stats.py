@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cliprec import stats
-from cliprec.stats import bootstrap_ci, bootstrap_counts, paired_comparisons, sign_flips
+from cliprec.stats import bootstrap_ci, bootstrap_counts, holm, paired_comparisons, sign_flips
 
 
 def test_bootstrap_ci_is_the_percentile_interval_of_resampled_means():
@@ -100,3 +100,20 @@ def test_draws_in_blocks_equal_one_draw_so_memory_stays_flat(n, monkeypatch):
     blocked = paired_comparisons(a, b, 1000, seed=5)
     for one, other in zip(blocked, whole, strict=True):  # BLAS may sum a block's products in another order
         assert one.__dict__ == pytest.approx(other.__dict__, rel=1e-12, abs=1e-15)
+
+
+def test_holm_matches_a_hand_computed_example():
+    # sorted 0.01, 0.02, 0.03, 0.04 times 4, 3, 2, 1 = 0.04, 0.06, 0.06, 0.04, then the running maximum
+    adjusted = holm([0.03, 0.01, 0.04, 0.02])
+    assert np.allclose(adjusted, [0.06, 0.04, 0.06, 0.06])
+    assert holm([]).shape == (0,)
+    assert np.all(holm([0.5, 0.9]) <= 1.0)
+
+
+def test_holm_is_monotone_and_never_below_raw():
+    rng = np.random.default_rng(3)
+    p = rng.uniform(size=50) ** 3
+    adjusted = holm(p)
+    assert np.all(adjusted >= p - 1e-15)
+    order = np.argsort(p)
+    assert np.all(np.diff(adjusted[order]) >= -1e-15)
