@@ -59,7 +59,7 @@ def make_project(root: Path, n: int, args: argparse.Namespace) -> None:
     params.update(categories=[CATEGORY], epochs=args.epochs, seed=args.seed)
     params["images"]["side"] = args.image_side
     params["setups"]["demo"]["ingest"].update(
-        source="jsonl", path="catalog/meta_{category}.jsonl", n_products=None
+        source="jsonl", path="catalog/meta_{category}.jsonl", n_products=None, data_seed=args.seed
     )
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

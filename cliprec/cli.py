@@ -89,6 +89,16 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: require every per-query rank and metric to equal the revision's (CI's repro check)",
     )
 
+    noise = sub.add_parser(
+        "noise", help="retrain with other training seeds; write each metric's seed spread (noise files)"
+    )
+    how = noise.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--seeds", type=int, nargs="+", metavar="S", help="retrain with these seeds (dvc exp run)"
+    )
+    how.add_argument("--exps", nargs="+", metavar="NAME", help="collect these finished experiments instead")
+    noise.add_argument("--category", action="append", help="only these categories (repeatable)")
+
     srv = sub.add_parser("serve", help="HTTP API and web page (FastAPI + uvicorn); Ctrl-C stops it")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     srv.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free one, logged)")
@@ -183,24 +193,39 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _gate(args: argparse.Namespace) -> int:
-    from cliprec.gate import reproduce, run_gate
+    from cliprec.gate import GateRule, reproduce, run_gate
     from cliprec.params import load_params
 
     if args.reproduce:
         passed, table = reproduce(args.rev, root=args.root)
     else:
         p = load_params(Path(args.root) / "params.yaml")
-        passed, table = run_gate(
-            args.rev,
-            p.gate.tolerance if args.tolerance is None else args.tolerance,
-            p.gate.alpha if args.alpha is None else args.alpha,
-            root=args.root,
-            allow_new_test_set=args.allow_new_test_set,
+        rule = GateRule(
+            tolerance=p.gate.tolerance if args.tolerance is None else args.tolerance,
+            alpha=p.gate.alpha if args.alpha is None else args.alpha,
             resamples=p.evaluate.resamples,
-            seed=p.seed,
+            seed=p.evaluate.seed,
+            allow_new_test_set=args.allow_new_test_set,
         )
+        passed, table = run_gate(args.rev, rule, root=args.root)
     print(table, end="")
     return 0 if passed else 1
+
+
+def _noise(args: argparse.Namespace) -> int:
+    from cliprec.noise import collect, retrain, write_noise
+    from cliprec.params import load_params
+
+    p = load_params(Path(args.root) / "params.yaml")
+    runs = retrain(args.root, args.seeds, p.seed) if args.seeds else collect(args.root, args.exps, p.seed)
+    docs = write_noise(args.root, args.category or p.categories, runs)
+    for cat, doc in docs.items():
+        r5 = doc["variants"]["lora"].get("text_to_image", {}).get("recall_at_5")
+        if r5:
+            print(f"{cat}: LoRA T→I R@5 over seeds {doc['seeds']}: {r5['mean']:.3f} ± {r5['sd']:.3f} "
+                  f"(range {r5['min']:.3f}–{r5['max']:.3f}); seed-to-seed differences "
+                  f"{r5['diff']['q025']:+.3f} to {r5['diff']['q975']:+.3f}")  # fmt: skip
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -246,7 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.root).is_dir():
         print(f"cliprec: error: --root {args.root} is not a directory", file=sys.stderr)
         return 2
-    handlers = {"recommend": _recommend, "report": _report, "gate": _gate, "serve": _serve}
+    handlers = {"recommend": _recommend, "report": _report, "gate": _gate, "noise": _noise, "serve": _serve}
     try:
         return handlers[args.command](args)
     except CliprecError as e:

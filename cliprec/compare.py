@@ -58,6 +58,12 @@ def unpaired_reason(new: dict[str, Any], old: dict[str, Any]) -> str | None:
     return None
 
 
+def mode_values(doc: dict[str, Any], mode: str) -> dict[str, np.ndarray]:
+    """{metric: per-query values} of one mode of a ranks file, over the queries it ranked."""
+    ranks = np.array([r for r in doc["ranks"][mode] if r is not None], dtype=np.int64)
+    return per_query(ranks, tuple(doc["ks"]))
+
+
 def compare_ranks(
     new: dict[str, Any], old: dict[str, Any], resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
 ) -> dict[str, dict[str, Comparison]]:

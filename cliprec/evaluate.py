@@ -205,7 +205,7 @@ class EvalSettings:
             k_factor=p.index.k_factor,
             resamples=p.evaluate.resamples,
             confidence=p.evaluate.confidence,
-            seed=p.seed,
+            seed=p.evaluate.seed,
         )
 
 

@@ -129,6 +129,7 @@ class Evaluate(_Block):
     ks: list[int] = Field(min_length=1)
     resamples: int = Field(ge=1000)
     confidence: float = Field(gt=0, lt=1)
+    seed: int = Field(ge=0)  # bootstrap and sign-flip draws
 
     @field_validator("ks")
     @classmethod
@@ -154,6 +155,7 @@ class Ingest(_Block):
     source: Literal["synthetic", "jsonl", "amazon"]
     path: str | None
     n_products: int | None = Field(ge=1)
+    data_seed: int = Field(ge=0)  # catalog generation, sampling, index training sample (not training)
     # amazon only: null reads the hub; a directory under catalog/ laid out like the hub repo
     # (<hub_root>/raw/meta_categories/meta_<Category>.jsonl) is read through the same `datasets` call
     hub_root: str | None
@@ -250,7 +252,7 @@ class Params(_Block):
 
     setup: str
     categories: list[str] = Field(min_length=1)
-    seed: int = Field(ge=0)
+    seed: int = Field(ge=0)  # the training seed only: data has setups.<s>.ingest.data_seed
     batch_size: int = Field(ge=2)
     lr: float = Field(gt=0)
     epochs: int = Field(ge=1)

@@ -99,6 +99,16 @@ def compare_detail_path(category: str) -> Path:
     return METRICS / category / "compare.detail.json"
 
 
+def noise_path(category: str) -> Path:
+    """The headline of the training-seed noise (`cliprec noise`): a DVC metrics file (committed to git)."""
+    return METRICS / category / "noise.json"
+
+
+def noise_detail_path(category: str) -> Path:
+    """Every metric's spread over training seeds and between pairs of seeds (committed; `cliprec noise`)."""
+    return METRICS / category / "noise.detail.json"
+
+
 def recall_plot_path(category: str, variant: str) -> Path:
     """Recall@K for K=1..10 per query mode, for `dvc plots show` (committed to git)."""
     return METRICS / category / "plots" / f"recall_at_k_{variant}.json"

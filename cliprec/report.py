@@ -244,7 +244,7 @@ def report_data(
     unpaired: dict[tuple[str, str], str] = {}
     sources = {cat: _sources(root, cat, exp) for cat in categories}
     for cat, src in sources.items():
-        diffs = _differences(src, p.evaluate.resamples, p.seed)
+        diffs = _differences(src, p.evaluate.resamples, p.evaluate.seed)
         per_mode: dict[str, Any] = {}
         for mode in MODES:
             per_metric: dict[str, Any] = {}

@@ -16,7 +16,9 @@ def main(argv: list[str]) -> None:
     p, (category,) = stage_params(argv, "python stages/compare.py <category>")
     from cliprec.compare import write_comparison
 
-    write_comparison(category, resamples=p.evaluate.resamples, confidence=p.evaluate.confidence, seed=p.seed)
+    write_comparison(
+        category, resamples=p.evaluate.resamples, confidence=p.evaluate.confidence, seed=p.evaluate.seed
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def main(argv: list[str]) -> None:
         paths.index_dir(category, variant),
         factory=p.index.factory,
         memory_budget_mb=p.index.memory_budget_mb,
-        seed=p.seed,
+        seed=p.active.ingest.data_seed,
         variant=variant,
         category=category,
     )

@@ -19,7 +19,7 @@ def main(argv: list[str]) -> None:
     from cliprec.catalog import CatalogSource, build_catalog  # after validation: `datasets` imports slowly
 
     src = CatalogSource(ingest.source, ingest.path, ingest.n_products, ingest.hub_root)
-    build_catalog(category, src, paths.ingest_dir(category), seed=p.seed, split=p.active.split.model_dump())
+    build_catalog(category, src, paths.ingest_dir(category), seed=ingest.data_seed, split=p.active.split.model_dump())
 
 
 if __name__ == "__main__":

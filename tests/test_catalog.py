@@ -630,6 +630,7 @@ def test_catalog_and_ingest_stage_wiring(tmp_path, monkeypatch):
         "source": "jsonl",
         "path": "catalog/meta_{category}.jsonl",
         "n_products": 5,
+        "data_seed": 0,
         "hub_root": None,
     }
     catalog_stage, ingest_stage = (Path(f"stages/{s}.py").resolve() for s in ("catalog", "ingest"))

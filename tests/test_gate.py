@@ -12,7 +12,7 @@ import pytest
 from helpers import ranks_doc
 
 from cliprec.cli import main
-from cliprec.gate import decide, markdown
+from cliprec.gate import GateRule, decide, markdown, seed_bound
 
 REPO = Path(__file__).resolve().parents[1]
 LORA = "metrics/Amazon_Fashion/lora.ranks.json"
@@ -33,15 +33,17 @@ def with_t2i(doc: dict, changes: dict[int, int]) -> dict:
     return out
 
 
-def verdicts(new, old=None, **kw) -> dict[tuple[str, str], str]:
-    kw = {"tolerance": 0.01, "alpha": 0.05, "resamples": 2000} | kw
-    got = decide({LORA: new}, {LORA: old or baseline()}, **kw)
+def rule(**kw) -> GateRule:
+    return GateRule(**({"tolerance": 0.01, "alpha": 0.05, "resamples": 2000} | kw))
+
+
+def verdicts(new, old=None, noise=None, **kw) -> dict[tuple[str, str], str]:
+    got = decide({LORA: new}, {LORA: old or baseline()}, rule(**kw), noise)
     return {(v.mode, v.metric): v.status for v in got}
 
 
-def failed(new, old=None, **kw) -> bool:
-    kw = {"tolerance": 0.01, "alpha": 0.05, "resamples": 2000} | kw
-    return any(v.failed for v in decide({LORA: new}, {LORA: old or baseline()}, **kw))
+def failed(new, old=None, noise=None, **kw) -> bool:
+    return any(v.failed for v in decide({LORA: new}, {LORA: old or baseline()}, rule(**kw), noise))
 
 
 def test_unchanged_ranks_pass():
@@ -69,17 +71,15 @@ def test_a_significant_drop_fails_and_a_significant_gain_is_reported():
 def test_a_shrunk_test_set_fails_unless_allowed_and_then_says_so_loudly():
     shrunk = ranks_doc([1] * 10)  # 10 products, every one found: R@5 1.0
     assert verdicts(shrunk) == {("—", "—"): "new_test_set"} and failed(shrunk)
-    kw = {"tolerance": 0.01, "alpha": 0.05, "resamples": 2000}
-    allowed = decide({LORA: shrunk}, {LORA: baseline()}, allow_new_test_set=True, **kw)
+    allowed = decide({LORA: shrunk}, {LORA: baseline()}, rule(allow_new_test_set=True))
     assert [v.status for v in allowed] == ["new_test_set_allowed"] and not any(v.failed for v in allowed)
-    report = markdown(allowed, "HEAD", 0.01, 0.05)
+    report = markdown(allowed, "HEAD", rule())
     assert "PASS" in report and "NEW TEST SET" in report and "NOT compared" in report
     assert "improved" not in report
 
 
 def test_a_missing_evaluation_mode_or_metric_fails():
-    kw = {"tolerance": 0.01, "alpha": 0.05, "resamples": 2000}
-    gone = decide({}, {LORA: baseline()}, **kw)
+    gone = decide({}, {LORA: baseline()}, rule())
     assert [(v.status, v.failed) for v in gone] == [("missing", True)]
     no_alt = copy.deepcopy(baseline())
     del no_alt["ranks"]["image_to_image"]
@@ -92,12 +92,57 @@ def test_a_missing_evaluation_mode_or_metric_fails():
 
 def test_markdown_lists_changes_with_ci_and_p():
     dropped = with_t2i(baseline(), {i: 20 for i in range(30, 60)})
-    kw = {"tolerance": 0.01, "alpha": 0.05, "resamples": 2000}
-    report = markdown(decide({LORA: dropped}, {LORA: baseline()}, **kw), "main", 0.01, 0.05)
+    report = markdown(decide({LORA: dropped}, {LORA: baseline()}, rule()), "main", rule())
     assert report.startswith("**cliprec gate: FAIL**")
+    assert "uncorrected" in report  # no noise file: the stricter rule, and the report says which rule
     row = next(line for line in report.splitlines() if "| text_to_image | recall_at_5 |" in line)
     assert "| 0.3000 | 0.1500 | -0.1500 [" in row and "(0 better, 30 worse of 200)" in row
-    assert "❌ regression" in row
+    assert "❌ regression" in row and "no noise file" in row
+
+
+# --- training-seed noise and the corrected family -----------------------------------------------------------
+
+
+def noise_doc(sd: float = 0.0, pair_min: float = 0.0, test_set: dict | None = None) -> dict:
+    """A noise file (cliprec.noise) for LORA's category whose every LoRA metric has this seed-pair spread."""
+    doc = baseline()
+    entry = {"diff": {"pairs": 20, "sd": sd, "q025": pair_min, "q975": -pair_min, "min": pair_min,
+                      "max": -pair_min}}  # fmt: skip
+    modes = {m: {k: entry for k in ("recall_at_1", "recall_at_5", "recall_at_10", "mrr", "ndcg_at_10")}
+             for m in doc["ranks"]}  # fmt: skip
+    return {"Amazon_Fashion": {"test_set": test_set or doc["test_set"], "variants": {"lora": modes}}}
+
+
+def test_seed_bound_is_bonferroni_normal_and_never_inside_the_seen_range():
+    entry = {"diff": {"pairs": 20, "sd": 0.04, "min": -0.2, "max": 0.05}}
+    assert seed_bound(entry, 0.05, 1) == pytest.approx(0.2)  # the seen range is wider than 1.645 sd
+    assert seed_bound({"diff": {"pairs": 20, "sd": 0.04, "min": -0.01, "max": 0.01}}, 0.05, 40) == (
+        pytest.approx(0.04 * 3.0233, rel=1e-3)  # z at 1 - 0.05 / 40
+    )
+    assert seed_bound(None, 0.05, 40) == 0.0 and seed_bound({"diff": {"pairs": 0}}, 0.05, 40) == 0.0
+
+
+def test_a_drop_within_what_retraining_moves_passes_and_a_larger_one_fails():
+    dropped = with_t2i(baseline(), {i: 20 for i in range(30, 60)})  # R@5 -0.15, very significant
+    assert failed(dropped)  # no noise file: the strict rule
+    assert not failed(dropped, noise=noise_doc(sd=0.08, pair_min=-0.16))  # retraining alone moves 0.16
+    assert verdicts(dropped, noise=noise_doc(sd=0.08, pair_min=-0.16))[("text_to_image", "recall_at_5")] == (
+        "within_noise"
+    )
+    assert failed(dropped, noise=noise_doc(sd=0.01, pair_min=-0.03))  # far beyond the seed range
+    other = noise_doc(sd=0.08, pair_min=-0.16, test_set={"ids_sha256": "0" * 64, "gallery_size": N})
+    assert failed(dropped, noise=other)  # a noise file for another test set does not apply
+
+
+def test_holm_corrects_the_family_where_noise_applies():
+    # 6 queries lose their top-1 hit: R@1 drops 0.03, uncorrected p ~ 0.016 passes the strict rule's 0.05
+    # threshold, but not after Holm over the 20 gated metrics
+    small = with_t2i(baseline(), {i: 3 for i in range(6)})
+    assert verdicts(small)[("text_to_image", "recall_at_1")] == "regression"
+    assert verdicts(small, noise=noise_doc())[("text_to_image", "recall_at_1")] == "within_noise"
+    got = decide({LORA: small}, {LORA: baseline()}, rule(), noise_doc())
+    r1 = next(v for v in got if v.metric == "recall_at_1" and v.mode == "text_to_image")
+    assert r1.p_corrected > r1.comparison.p_drop
 
 
 # --- end to end: a git repository with committed ranks ----------------------------------------------------
@@ -128,7 +173,11 @@ needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 @needs_git
 def test_gate_end_to_end(repo, capsys):
     assert main(["--root", str(repo), "gate", "--rev", "HEAD"]) == 0
-    assert "Every per-query rank is unchanged" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (
+        "Every per-query rank is unchanged" in out
+        and "has no metrics/Amazon_Fashion/noise.detail.json" in out
+    )
 
     (repo / LORA).write_text(json.dumps(with_t2i(baseline(), {i: 20 for i in range(30, 60)})))
     assert main(["--root", str(repo), "gate"]) == 1
