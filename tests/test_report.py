@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -108,6 +109,7 @@ EXP_SHOW_JSON = (
 
 REPO = Path(__file__).resolve().parents[1]
 AMP_REV = "f4d9d7bc7e3d5565a9f5afc246897d672964587d"  # experiment `amp-lr` in EXP_SHOW_JSON
+BASE_REV = "27abee77bc446f229a96d5be11ea35611b58c0e0"  # the commit the experiments derive from
 N = 100
 
 
@@ -154,20 +156,38 @@ def write_metrics(root: Path, cat: str, variant: str, detail: dict) -> None:
     (root / paths.metrics_path(cat, variant)).write_text(json.dumps(headline(detail, cat, variant)))
 
 
-def commit_amp_ranks(project: Path, top5: int = 52) -> str:
-    """Commit ranks and metrics as an AMP experiment would have them; returns the commit (for AMP_REV)."""
+def git_commit(project: Path, message: str) -> str:
+    """Commit everything in `project` (a git repo is made on first use); returns the commit."""
     git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], check=True)
+    if not (project / ".git").exists():
+        subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", message], check=True)
+    return subprocess.run(
+        [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def set_lora(project: Path, top5: int, amp: bool, extra: float = 0.2) -> None:
+    """The workspace's LoRA ranks and metrics as a run with `top5` hits, and params.yaml's `amp`."""
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace(f"amp: {str(not amp).lower()}", f"amp: {str(amp).lower()}"))
     for cat, base in (("Amazon_Fashion", 0.1), ("Appliances", 0.15)):
         (project / "metrics" / cat / "lora.ranks.json").write_text(json.dumps(ranks(top5)))
-        write_metrics(project, cat, "lora", metrics_file(base + 0.22, 0.8))
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-qm", "amp"], check=True)
-    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-    for cat, base in (("Amazon_Fashion", 0.1), ("Appliances", 0.15)):  # the workspace's own LoRA again
-        (project / "metrics" / cat / "lora.ranks.json").write_text(json.dumps(ranks(50)))
-        write_metrics(project, cat, "lora", metrics_file(base + 0.2, 0.81))
-    return head.stdout.strip()
+        write_metrics(project, cat, "lora", metrics_file(base + extra, 0.8))
+
+
+def commit_runs(project: Path, amp_top5: int = 52) -> tuple[str, str]:
+    """(fp32 baseline commit, AMP experiment commit): the workspace left as the AMP run, as `dvc exp run`
+    leaves it; the baseline's LoRA has the fixture's 50 top-5 hits."""
+    base = git_commit(project, "fp32")
+    set_lora(project, amp_top5, amp=True, extra=0.22)
+    return base, git_commit(project, "amp")
+
+
+def exp_show_of(base: str, amp: str) -> str:
+    """The captured `dvc exp show --json`, its baseline and `amp-lr` experiment made these two commits."""
+    return EXP_SHOW_JSON.replace(BASE_REV, base).replace(AMP_REV, amp)
 
 
 def stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON, returncode=0, stderr=""):
@@ -216,39 +236,98 @@ def test_parse_captured_exp_show():
 
 
 def test_report_json_has_values_cis_and_paired_differences(project, monkeypatch):
-    amp_rev = commit_amp_ranks(project)
-    stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON.replace(AMP_REV, amp_rev))
+    base, amp = commit_runs(project)
+    stub_dvc(monkeypatch, stdout=exp_show_of(base, amp))
     data = json.loads(report.build_report_json(project))
     r5 = data["Appliances"]["text_to_image"]["recall_at_5"]
     assert r5["zeroshot"] == {"value": 0.35, "ci_low": 0.3, "ci_high": 0.4}
-    assert r5["lora"]["value"] == 0.55
-    # the experiment's detail file, read from its commit: DVC shows only the headline, without CIs
+    assert r5["lora"]["value"] == pytest.approx(0.57)  # the workspace: `dvc exp run` applied the AMP run
+    # the experiment's and its baseline's detail files, read from their commits: DVC shows only headlines
     assert r5["lora_amp"] == pytest.approx({"value": 0.57, "ci_low": 0.52, "ci_high": 0.62})
+    assert r5["lora_base"] == pytest.approx({"value": 0.55, "ci_low": 0.5, "ci_high": 0.6})
     d = r5["lora_minus_zeroshot"]
-    assert d["value"] == pytest.approx(0.3) and d["ci_low"] > 0 and d["p_value"] < 0.001 and d["significant"]
-    amp = r5["lora_amp_minus_lora"]  # 2 more queries in the top 5: not significant
-    assert amp["value"] == pytest.approx(0.02) and amp["p_value"] > 0.05 and not amp["significant"]
+    assert d["value"] == pytest.approx(0.32) and d["ci_low"] > 0 and d["p_value"] < 0.001 and d["significant"]
+    assert d["between"] == {"new": {"run": "workspace", "rev": "workspace"}, "old": d["between"]["new"]}
+    amp_d = r5["lora_amp_minus_lora"]  # 2 more queries in the top 5 than its fp32 baseline: not significant
+    assert amp_d["value"] == pytest.approx(0.02) and amp_d["p_value"] > 0.05 and not amp_d["significant"]
+    assert amp_d["between"] == {
+        "new": {"run": f"exp `amp-lr`, {amp[:7]}", "rev": amp},
+        "old": {"run": f"commit {base[:7]}", "rev": base},
+    }
     assert set(data) == {"Amazon_Fashion", "Appliances"}
     assert set(data["Appliances"]) == set(report.MODES)
 
 
-def test_report_markdown(project, monkeypatch):
-    calls = stub_dvc(monkeypatch, stdout="[]")
+def test_amp_is_compared_with_its_baseline_commit_not_the_workspace(project, monkeypatch):
+    base, amp = commit_runs(project, amp_top5=60)
+    stub_dvc(monkeypatch, stdout=exp_show_of(base, amp))
     text = report.build_report(project)
-    assert calls == [(["dvc", "exp", "show", "--json"], project)]
-    rows = table_rows(text)
-    assert rows[("Appliances", "LoRA")][:2] == ["0.350 [0.300, 0.400]", "0.550 [0.500, 0.600]"]
-    assert rows[("Appliances", "LoRA+AMP")][0] == "—, run `dvc exp run -S amp=true`"
-    diffs = diff_rows(text)
-    r5 = diffs[("Appliances", "LoRA − zero-shot", "T→I")][1]
-    assert r5.startswith("+0.300 [") and r5.endswith("▲")
-    assert diffs[("Appliances", "LoRA − zero-shot", "T→I")][0].startswith("+0.000")  # R@1: nobody ranks 1
+    label = f"LoRA+AMP (exp `amp-lr`, {amp[:7]}) − LoRA (commit {base[:7]})"
+    r5 = diff_rows(text)[("Appliances", label, "T→I")][1]
+    assert r5.startswith("+0.100 [")  # the workspace is the AMP run: against it, this would be +0.000, p=1
+    assert table_rows(text)[("Appliances", f"LoRA (commit {base[:7]})")][1] == "0.550 [0.500, 0.600]"
+    assert f"LoRA+AMP − LoRA is between exp `amp-lr`, {amp[:7]} (AMP) and commit {base[:7]}." in text
+    assert "the workspace LoRA row is itself an AMP run" in text
+
+
+def test_against_names_the_run_to_compare_with(project, monkeypatch):
+    base, amp = commit_runs(project, amp_top5=60)
+    stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON.replace(AMP_REV, amp))  # its baseline is not in this repo
+    text = report.build_report(project)
+    assert f"per-query ranks missing in commit {BASE_REV[:7]}" in text
+    data = json.loads(report.build_report_json(project, against="HEAD~1"))
+    amp_d = data["Amazon_Fashion"]["image_to_text"]["mrr"]["lora_amp_minus_lora"]
+    assert amp_d["value"] > 0 and amp_d["between"]["old"] == {"run": f"commit {base[:7]}", "rev": base}
+    with pytest.raises(report.ReportError, match="names the AMP run itself"):
+        report.build_report(project, against="HEAD")
+    with pytest.raises(report.ReportError, match="'nope' names no finished experiment and no git revision"):
+        report.build_report(project, against="nope")
+    # an experiment as the other run: its params have amp: true, so the report says it is no fp32 run
+    set_lora(project, 55, amp=True)
+    other = git_commit(project, "another amp run")
+    stub_dvc(
+        monkeypatch, stdout=exp_show_of(base, amp).replace("19f57df9ad4d54660363e9a7a2273933a82490b5", other)
+    )
+    text = report.build_report(project, from_exp="amp-lr", against="amp-on")
+    assert f"LoRA+AMP (exp `amp-lr`, {amp[:7]}) − LoRA (exp `amp-on`, {other[:7]})" in text
+    assert "does not have `amp: false` in its params: that difference is not AMP against fp32" in text
+
+
+def test_workspace_with_amp_and_no_experiment(project, monkeypatch):
+    base, _ = commit_runs(project, amp_top5=60)
+    stub_dvc(monkeypatch, stdout="[]")
+    text = report.build_report(project)
+    assert "no AMP experiment was found: there is no fp32 run to compare with" in text
+    assert not any("LoRA+AMP (" in label for _, label, _ in diff_rows(text))
+    assert "LoRA+AMP − LoRA is between" not in text
+    text = report.build_report(project, against="HEAD~1")  # the workspace is the AMP run: compare it
+    label = f"LoRA+AMP (workspace) − LoRA (commit {base[:7]})"
+    assert diff_rows(text)[("Appliances", label, "T→I")][1].startswith("+0.100 [")
+
+
+def test_significance_survives_holms_correction_only(project, monkeypatch):
+    # 6 of 100 queries move into the top 5: raw p = 2/64 on each of 32 tests of the family, Holm 1
+    base, amp = commit_runs(project, amp_top5=56)
+    stub_dvc(monkeypatch, stdout=exp_show_of(base, amp))
+    report_json, notes = report.report_data(project)
+    amp_d = report_json["Appliances"]["text_to_image"]["recall_at_5"]["lora_amp_minus_lora"]
+    assert amp_d["p_value"] < 0.05 < amp_d["p_holm"] and not amp_d["significant"]
+    gain = report_json["Appliances"]["text_to_image"]["recall_at_5"]["lora_minus_zeroshot"]
+    assert gain["p_holm"] < 0.05 and gain["significant"]  # 36 more queries: survives a family of 40
+    assert notes["family"] == {"lora_minus_zeroshot": 40, "lora_amp_minus_lora": 40}
+    text = report.build_report(project)
+    label = f"LoRA+AMP (exp `amp-lr`, {amp[:7]}) − LoRA (commit {base[:7]})"
+    cell = diff_rows(text)[("Appliances", label, "T→I")][1]
+    assert re.fullmatch(r"\+0\.060 \[.*\] p=0\.0[23]\d* \(Holm 1\)", cell)  # no ▲: raw p alone would mark it
+    assert "LoRA − zero-shot over its 40 differences" in text and "Holm's correction" in text
 
 
 def test_unpaired_experiment_is_said_not_compared(project, monkeypatch):
-    amp_rev = commit_amp_ranks(project)
     (project / "metrics" / "Appliances" / "lora.ranks.json").write_text(json.dumps(ranks_doc([2] * 50)))
-    stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON.replace(AMP_REV, amp_rev))
+    base = git_commit(project, "fp32 on another test set")
+    set_lora(project, 52, amp=True)
+    amp = git_commit(project, "amp")
+    stub_dvc(monkeypatch, stdout=exp_show_of(base, amp))
     text = report.build_report(project)
     assert "not the same test set: gallery of 100 products, was 50" in text
 
@@ -274,7 +353,8 @@ def test_from_exp_of_an_earlier_commit(project, monkeypatch):
     monkeypatch.setattr(report.subprocess, "run", fake_run)
     assert table_rows(report.build_report(project))[("Appliances", "LoRA+AMP")][0].startswith("—, run")
     text = report.build_report(project, from_exp="amp-on")
-    assert table_rows(text)[("Amazon_Fashion", "LoRA+AMP (exp `amp-on`)")][0] == "0.310"  # a file without CIs
+    row = table_rows(text)[("Amazon_Fashion", "LoRA+AMP (exp `amp-on`, 19f57df)")]
+    assert row[0] == "0.310"  # a file without CIs: DVC's headline
     assert "derives from commit 0f1e2d3, not the checked-out one" in text
     assert "per-query ranks missing" in text  # its ranks could not be read: no paired difference
     with pytest.raises(report.ReportError, match="nope"):
