@@ -544,6 +544,20 @@ def _comparison_label(src: Sources, key: str) -> str:
     return f"{LABELS[new]} ({src.runs[new].describe()}) − {LABELS[old]} ({src.runs[old].describe()})"
 
 
+def _noise_row(
+    cat: str, key: str, short: str, diffs: list[dict[str, Any] | None], noise: dict[str, Any]
+) -> str:
+    """The row under a difference: the seeds' mean ± sd of the LoRA gain, or retraining's range for AMP."""
+    if key == "lora_minus_zeroshot":
+        label, cells = (
+            f"↳ {_seeds_label(noise)}, mean ± sd",
+            [_seed_cell((d or {}).get("seeds"), "+") for d in diffs],
+        )
+    else:
+        label, cells = "↳ retraining alone, 95 % range", [_range_cell(d) for d in diffs]
+    return f"| {cat} | {label} | {short} | " + " | ".join(cells) + " |"
+
+
 def _diff_rows(cat: str, modes: dict[str, Any], notes: dict[str, Any]) -> list[str]:
     """One category's rows of the difference table, each followed by what retraining alone does."""
     src, noise = notes["sources"][cat], notes["noise"][cat][0]
@@ -561,16 +575,8 @@ def _diff_rows(cat: str, modes: dict[str, Any], notes: dict[str, Any]) -> list[s
             if all(d is None for d in diffs):
                 continue
             lines.append(f"| {cat} | {label} | {short} | " + " | ".join(_diff_cell(d) for d in diffs) + " |")
-            if key == "lora_minus_zeroshot":
-                cells = [_seed_cell((d or {}).get("seeds"), "+") for d in diffs]
-                lines.append(
-                    f"| {cat} | ↳ {_seeds_label(noise)}, mean ± sd | {short} | " + " | ".join(cells) + " |"
-                )
-            else:
-                cells = [_range_cell(d) for d in diffs]
-                lines.append(
-                    f"| {cat} | ↳ retraining alone, 95 % range | {short} | " + " | ".join(cells) + " |"
-                )
+            if noise is not None:  # else the value table's seed row says "—", and a note how to measure it
+                lines.append(_noise_row(cat, key, short, diffs, noise))
     return lines
 
 

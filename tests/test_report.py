@@ -389,3 +389,61 @@ def test_cli_report(project, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["Amazon_Fashion"]["multimodal"]["mrr"]["lora"]["value"] == 0.4
     assert main(["--root", str(project), "report", "--from-exp", "nope"]) == 2
     assert "no finished experiment named 'nope'" in capsys.readouterr().err
+
+
+def noise_doc(digest: str, gallery: int = N) -> dict:
+    """A metrics/<cat>/noise.json as `cliprec noise` writes it: LoRA R@5 over 5 seeds, zero-shot fixed."""
+    diff = {"pairs": 20, "sd": 0.04, "q025": -0.07, "q975": 0.07, "min": -0.07, "max": 0.07}
+    lora = {"values": [0.55, 0.5, 0.52, 0.48, 0.55], "mean": 0.52, "sd": 0.03, "min": 0.48, "max": 0.55}
+    lora["diff"] = diff
+    zeroshot = {"values": [0.35] * 5, "mean": 0.35, "sd": 0.0, "min": 0.35, "max": 0.35}
+    zeroshot["diff"] = {k: 0 if k != "pairs" else 20 for k in diff}
+    gain = {"values": [0.2, 0.15, 0.17, 0.13, 0.2], "mean": 0.17, "sd": 0.03, "min": 0.13, "max": 0.2}
+    return {
+        "category": "Appliances", "seeds": [0, 1, 2, 3, 4], "runs": {"0": "workspace"}, "base": "abcdef0123",
+        "test_set": {"ids_sha256": digest, "gallery_size": gallery},
+        "variants": {"lora": {"text_to_image": {"recall_at_5": lora}},
+                     "zeroshot": {"text_to_image": {"recall_at_5": zeroshot}}},
+        "lora_minus_zeroshot": {"text_to_image": {"recall_at_5": gain}},
+        "resamples": 10000, "seconds": 512.3,
+    }  # fmt: skip
+
+
+def test_seed_spread_from_the_noise_file(project, monkeypatch):
+    base, amp = commit_runs(project, amp_top5=60)
+    stub_dvc(monkeypatch, stdout=exp_show_of(base, amp))
+    digest = ranks(50)["test_set"]["ids_sha256"]
+    (project / report.noise_path("Appliances")).write_text(json.dumps(noise_doc(digest)))
+    data = json.loads(report.build_report_json(project))
+    r5 = data["Appliances"]["text_to_image"]["recall_at_5"]
+    assert r5["lora"]["seeds"] == {"n": 5, "mean": 0.52, "sd": 0.03, "min": 0.48, "max": 0.55}
+    assert r5["zeroshot"]["seeds"]["sd"] == 0.0
+    assert r5["lora_minus_zeroshot"]["seeds"]["mean"] == 0.17
+    amp_d = r5["lora_amp_minus_lora"]  # +0.10: outside what retraining alone moves R@5 by
+    assert amp_d["retrain"] == {"pairs": 20, "sd": 0.04, "q025": -0.07, "q975": 0.07}
+    assert amp_d["inside_retrain_range"] is False
+    assert "seeds" not in data["Amazon_Fashion"]["text_to_image"]["recall_at_5"]["lora"]
+    text = report.build_report(project)
+    rows = table_rows(text)
+    assert rows[("Appliances", "LoRA, 5 training seeds")][1] == "0.520 ± 0.030"
+    assert rows[("Appliances", "LoRA, 5 training seeds")][0] == "—"  # R@1 not in this noise file
+    assert rows[("Amazon_Fashion", "LoRA, training seeds")][1] == "—"
+    diffs = diff_rows(text)
+    assert diffs[("Appliances", "↳ 5 training seeds, mean ± sd", "T→I")][1] == "+0.170 ± 0.030"
+    assert diffs[("Appliances", "↳ retraining alone, 95 % range", "T→I")][1] == "-0.070..+0.070"
+    assert (
+        "no metrics/<cat>/noise.json for Amazon_Fashion (—): make it with `cliprec noise --seeds 1 2 3 4`"
+        in text
+    )
+    assert (
+        "Seed spread (Appliances): mean ± sd over training seeds [0, 1, 2, 3, 4], retrained from "
+        "commit abcdef0" in text
+    )
+
+
+def test_a_noise_file_of_another_test_set_is_not_used(project, monkeypatch):
+    stub_dvc(monkeypatch, stdout="[]")
+    (project / report.noise_path("Appliances")).write_text(json.dumps(noise_doc("0" * 64)))
+    text = report.build_report(project)
+    assert table_rows(text)[("Appliances", "LoRA, training seeds")][1] == "—"
+    assert "metrics/Appliances/noise.json was measured on another test set: rerun `cliprec noise" in text
