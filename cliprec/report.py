@@ -540,7 +540,7 @@ def _value_rows(cat: str, src: Sources, noise: dict[str, Any] | None) -> list[st
 def _comparison_label(src: Sources, key: str) -> str:
     _, new, old = next(c for c in COMPARISONS if c[0] == key)
     if key == "lora_minus_zeroshot":
-        return "LoRA − zero-shot"
+        return "LoRA − zero-shot (workspace)"
     return f"{LABELS[new]} ({src.runs[new].describe()}) − {LABELS[old]} ({src.runs[old].describe()})"
 
 
@@ -580,14 +580,14 @@ def _diff_rows(cat: str, modes: dict[str, Any], notes: dict[str, Any]) -> list[s
     return lines
 
 
-def _family_note(notes: dict[str, Any], categories: int) -> str:
+def _family_note(notes: dict[str, Any], categories: str) -> str:
     sizes = notes["family"]
     parts = [f"{lab} over its {sizes[key]} differences" for key, lab in
              (("lora_minus_zeroshot", "LoRA − zero-shot"), ("lora_amp_minus_lora", "LoRA+AMP − LoRA"))
              if sizes.get(key)]  # fmt: skip
     return (
-        f"▲/▼ = significant after Holm's correction within each comparison's family of tests (all "
-        f"{categories} categories × modes × metrics it tests: {'; '.join(parts) or 'none'}) at adjusted "
+        f"▲/▼ = significant after Holm's correction within each comparison's family of tests (its "
+        f"{categories} × modes × metrics: {'; '.join(parts) or 'none'}) at adjusted "
         f"p < {notes['alpha']}; p is the raw two-sided permutation p-value, Holm the adjusted one."
     )
 
@@ -647,7 +647,7 @@ def build_report(
         lines += _diff_rows(cat, modes, notes)
     lines += [
         "",
-        _family_note(notes, len(report)),
+        _family_note(notes, f"{len(report)} categor{'y' if len(report) == 1 else 'ies'}"),
         "T→I = summary text → main image, I→T = main image → summary, I→I = second image → main image, "
         "T+I→fused = text + second image → fused product vectors. sim@5 is the seed project's metric (mean "
         "cosine of the 5 nearest other products): it measures tightness, not relevance.",

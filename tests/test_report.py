@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ranks_doc
 
 from cliprec import paths, report
@@ -258,6 +261,23 @@ def test_report_json_has_values_cis_and_paired_differences(project, monkeypatch)
     assert set(data["Appliances"]) == set(report.MODES)
 
 
+def test_report_markdown(project, monkeypatch):
+    calls = stub_dvc(monkeypatch, stdout="[]")
+    text = report.build_report(project)
+    assert calls == [(["dvc", "exp", "show", "--json"], project)]
+    rows = table_rows(text)
+    assert rows[("Appliances", "LoRA")][:2] == ["0.350 [0.300, 0.400]", "0.550 [0.500, 0.600]"]
+    assert rows[("Appliances", "LoRA+AMP")][0] == "—, run `dvc exp run -S amp=true`"
+    diffs = diff_rows(text)
+    r5 = diffs[("Appliances", "LoRA − zero-shot (workspace)", "T→I")][1]
+    assert r5.startswith("+0.300 [") and r5.endswith("(Holm 0.004) ▲")  # p = 1/10,001, 40 tests
+    assert diffs[("Appliances", "LoRA − zero-shot (workspace)", "T→I")][0].startswith(
+        "+0.000"
+    )  # R@1: no rank 1
+    assert not any("LoRA+AMP" in label for _, label, _ in diffs)  # no AMP run, no AMP difference
+    assert "the workspace LoRA row is itself an AMP run" not in text
+
+
 def test_amp_is_compared_with_its_baseline_commit_not_the_workspace(project, monkeypatch):
     base, amp = commit_runs(project, amp_top5=60)
     stub_dvc(monkeypatch, stdout=exp_show_of(base, amp))
@@ -447,3 +467,99 @@ def test_a_noise_file_of_another_test_set_is_not_used(project, monkeypatch):
     text = report.build_report(project)
     assert table_rows(text)[("Appliances", "LoRA, training seeds")][1] == "—"
     assert "metrics/Appliances/noise.json was measured on another test set: rerun `cliprec noise" in text
+
+
+# --- a real `dvc exp run` on a tiny pipeline --------------------------------------------------------------
+
+# The pipeline's one stage stands in for train + evaluate: it ranks 100 test queries, LoRA's ranks
+# improving with `epochs` and `amp` moving some of them, and writes the files the evaluate stage writes.
+TINY_STAGE = """\
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from cliprec.metrics import metrics_from_ranks
+
+p = yaml.safe_load(Path("params.yaml").read_text())
+out = Path("metrics/Amazon_Fashion")
+out.mkdir(parents=True, exist_ok=True)
+zeroshot = np.random.default_rng(0).integers(1, 40, size=100)
+lora = np.maximum(1, zeroshot // (1 + p["epochs"]))
+if p["amp"]:
+    lora[::3] += 7
+for variant, ranks in (("zeroshot", zeroshot), ("lora", lora)):
+    doc = {"test_set": {"ids_sha256": "tiny", "gallery_size": 100}, "ks": [1, 5, 10],
+           "ids": [f"P{i:03d}" for i in range(100)], "ranks": {"text_to_image": ranks.tolist()}}
+    (out / f"{variant}.ranks.json").write_text(json.dumps(doc))
+    detail = {"text_to_image": {**metrics_from_ranks(ranks), "gallery_size": 100}}
+    for name in (f"{variant}.detail.json", f"{variant}.json"):
+        (out / name).write_text(json.dumps(detail))
+"""
+TINY_DVC_YAML = """\
+stages:
+  evaluate:
+    cmd: python evaluate_tiny.py
+    deps:
+      - evaluate_tiny.py
+    params:
+      - amp
+      - epochs
+    outs:
+      - metrics/Amazon_Fashion/zeroshot.ranks.json:
+          cache: false
+      - metrics/Amazon_Fashion/lora.ranks.json:
+          cache: false
+      - metrics/Amazon_Fashion/zeroshot.detail.json:
+          cache: false
+      - metrics/Amazon_Fashion/lora.detail.json:
+          cache: false
+    metrics:
+      - metrics/Amazon_Fashion/zeroshot.json:
+          cache: false
+      - metrics/Amazon_Fashion/lora.json:
+          cache: false
+"""
+
+
+def run_in(root: Path, *cmd: str) -> str:
+    """Run a command in root with this checkout importable; fail the test with its output when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.slow  # ~15 s: five dvc commands
+@pytest.mark.skipif(not (shutil.which("dvc") and shutil.which("git")), reason="needs dvc and git")
+def test_after_dvc_exp_run_amp_the_report_compares_it_with_its_baseline_commit(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(categories=["Amazon_Fashion"], epochs=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "evaluate_tiny.py").write_text(TINY_STAGE)
+    (root / "dvc.yaml").write_text(TINY_DVC_YAML)
+    run_in(root, "git", "init", "-q")
+    run_in(root, "dvc", "init", "-q")
+    run_in(root, "dvc", "repro", "-q")
+    run_in(root, "git", "add", "-A")
+    run_in(root, "git", "commit", "-qm", "fp32, 1 epoch")
+    base = run_in(root, "git", "rev-parse", "HEAD").strip()
+    run_in(root, "dvc", "exp", "run", "-q", "-S", "amp=true", "-S", "epochs=2")
+    (exp,) = report.parse_experiments(json.loads(run_in(root, "dvc", "exp", "show", "--json")))
+    text = run_in(root, sys.executable, "-m", "cliprec.cli", "report")
+    label = f"LoRA+AMP (exp `{exp.name}`, {exp.rev[:7]}) − LoRA (commit {base[:7]})"
+    cells = diff_rows(text)[("Amazon_Fashion", label, "T→I")]
+    assert all(not c.startswith("+0.000") for c in cells[1:]), cells  # R@5.. moved: not the workspace
+    assert (
+        table_rows(text)[("Amazon_Fashion", "LoRA")]
+        == table_rows(text)[("Amazon_Fashion", label.split(" − ")[0])]
+    )
+    data = json.loads(run_in(root, sys.executable, "-m", "cliprec.cli", "report", "--json"))
+    mrr = data["Amazon_Fashion"]["text_to_image"]["mrr"]["lora_amp_minus_lora"]
+    assert mrr["value"] != 0 and mrr["p_value"] < 1
+    assert mrr["between"] == {"new": {"run": f"exp `{exp.name}`, {exp.rev[:7]}", "rev": exp.rev},
+                              "old": {"run": f"commit {base[:7]}", "rev": base}}  # fmt: skip
