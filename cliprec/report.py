@@ -240,7 +240,7 @@ def _against_run(
 
 
 def _run_amp(root: Path, run: Run) -> bool | None:
-    """Whether a run's params.yaml has `amp: true` (None when unreadable)."""
+    """A run's `amp` param (None when its params.yaml is unreadable or, being older, has no `amp`)."""
     text = (root / PARAMS_FILE).read_text() if run.kind == "workspace" else show(root, run.rev, PARAMS_FILE)
     try:
         return (yaml.safe_load(text) or {}).get("amp") if text else None
@@ -262,6 +262,8 @@ def _amp_new(root: Path, experiments: list[Experiment], from_exp: str | None, ex
     if from_exp:
         exp, other = _find_anywhere(root, experiments, from_exp, exp_show)
         pair = AmpPair(_exp_run(exp), Run("commit", exp.baseline) if exp.baseline else None)
+        if exp.params.get("amp") is not True:
+            pair.notes.append(f"Experiment `{exp.name}` does not have `amp: true`: its rows are no AMP run.")
         if other is not None:
             pair.notes.append(
                 f"That experiment derives from commit {other}, not the checked-out one: its code and params "
@@ -281,6 +283,11 @@ def amp_pair(
     pair = _amp_new(root, experiments, from_exp, exp_show)
     if pair.new is None and workspace_amp and against:
         pair.new = WORKSPACE
+    if pair.new is None and against:
+        raise ReportError(
+            f"--against {against}: no AMP run to compare with it (no `amp: true` experiment, and the "
+            "workspace has `amp: false`)"
+        )
     if pair.new is None:
         if workspace_amp:
             pair.notes.append(
@@ -297,10 +304,10 @@ def amp_pair(
         )
     elif pair.old.rev == pair.new.rev:
         raise ReportError(f"--against names the AMP run itself ({pair.new.describe()})")
-    elif _run_amp(root, pair.old) is not False:
+    elif _run_amp(root, pair.old) is True:
         pair.notes.append(
-            f"The run LoRA+AMP is compared with ({pair.old.describe()}) does not have `amp: false` in its "
-            "params: that difference is not AMP against fp32."
+            f"The run LoRA+AMP is compared with ({pair.old.describe()}) has `amp: true` too: that difference "
+            "is not AMP against fp32."
         )
     return pair
 

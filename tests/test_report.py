@@ -310,7 +310,7 @@ def test_against_names_the_run_to_compare_with(project, monkeypatch):
     )
     text = report.build_report(project, from_exp="amp-lr", against="amp-on")
     assert f"LoRA+AMP (exp `amp-lr`, {amp[:7]}) − LoRA (exp `amp-on`, {other[:7]})" in text
-    assert "does not have `amp: false` in its params: that difference is not AMP against fp32" in text
+    assert "has `amp: true` too: that difference is not AMP against fp32" in text
 
 
 def test_workspace_with_amp_and_no_experiment(project, monkeypatch):
@@ -379,6 +379,9 @@ def test_from_exp_of_an_earlier_commit(project, monkeypatch):
     assert "per-query ranks missing" in text  # its ranks could not be read: no paired difference
     with pytest.raises(report.ReportError, match="nope"):
         report.build_report(project, from_exp="nope")
+    assert "Experiment `lr-up` does not have `amp: true`" in report.build_report(project, from_exp="lr-up")
+    with pytest.raises(report.ReportError, match="no AMP run to compare with it"):
+        report.build_report(project, against="HEAD")  # the workspace has amp: false, no AMP experiment
 
 
 def test_missing_workspace_metrics(project, monkeypatch):
