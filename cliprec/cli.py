@@ -68,7 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report", help="metrics with 95% CIs and paired differences: zero-shot / LoRA / LoRA+AMP"
     )
-    rep.add_argument("--from-exp", metavar="NAME", help="take the third row from this DVC experiment")
+    rep.add_argument("--from-exp", metavar="NAME", help="take the LoRA+AMP rows from this DVC experiment")
+    rep.add_argument(
+        "--against",
+        metavar="EXP_OR_REV",
+        help="compare LoRA+AMP with this experiment or git revision (default: the commit it derives from)",
+    )
     rep.add_argument("--category", action="append", help="only these categories (repeatable)")
     rep.add_argument("--json", action="store_true", help="the numbers as JSON: value, CI, paired differences")
 
@@ -188,7 +193,7 @@ def _report(args: argparse.Namespace) -> int:
     from cliprec.report import build_report, build_report_json
 
     build = build_report_json if args.json else build_report
-    print(build(args.root, categories=args.category, from_exp=args.from_exp), end="")
+    print(build(args.root, categories=args.category, from_exp=args.from_exp, against=args.against), end="")
     return 0
 
 

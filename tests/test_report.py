@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import ranks_doc
 
 from cliprec import paths, report
@@ -108,6 +112,7 @@ EXP_SHOW_JSON = (
 
 REPO = Path(__file__).resolve().parents[1]
 AMP_REV = "f4d9d7bc7e3d5565a9f5afc246897d672964587d"  # experiment `amp-lr` in EXP_SHOW_JSON
+BASE_REV = "27abee77bc446f229a96d5be11ea35611b58c0e0"  # the commit the experiments derive from
 N = 100
 
 
@@ -154,20 +159,38 @@ def write_metrics(root: Path, cat: str, variant: str, detail: dict) -> None:
     (root / paths.metrics_path(cat, variant)).write_text(json.dumps(headline(detail, cat, variant)))
 
 
-def commit_amp_ranks(project: Path, top5: int = 52) -> str:
-    """Commit ranks and metrics as an AMP experiment would have them; returns the commit (for AMP_REV)."""
+def git_commit(project: Path, message: str) -> str:
+    """Commit everything in `project` (a git repo is made on first use); returns the commit."""
     git = ["git", "-C", str(project), "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q"], check=True)
+    if not (project / ".git").exists():
+        subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", message], check=True)
+    return subprocess.run(
+        [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def set_lora(project: Path, top5: int, amp: bool, extra: float = 0.2) -> None:
+    """The workspace's LoRA ranks and metrics as a run with `top5` hits, and params.yaml's `amp`."""
+    params = project / "params.yaml"
+    params.write_text(params.read_text().replace(f"amp: {str(not amp).lower()}", f"amp: {str(amp).lower()}"))
     for cat, base in (("Amazon_Fashion", 0.1), ("Appliances", 0.15)):
         (project / "metrics" / cat / "lora.ranks.json").write_text(json.dumps(ranks(top5)))
-        write_metrics(project, cat, "lora", metrics_file(base + 0.22, 0.8))
-    subprocess.run([*git, "add", "-A"], check=True)
-    subprocess.run([*git, "commit", "-qm", "amp"], check=True)
-    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-    for cat, base in (("Amazon_Fashion", 0.1), ("Appliances", 0.15)):  # the workspace's own LoRA again
-        (project / "metrics" / cat / "lora.ranks.json").write_text(json.dumps(ranks(50)))
-        write_metrics(project, cat, "lora", metrics_file(base + 0.2, 0.81))
-    return head.stdout.strip()
+        write_metrics(project, cat, "lora", metrics_file(base + extra, 0.8))
+
+
+def commit_runs(project: Path, amp_top5: int = 52) -> tuple[str, str]:
+    """(fp32 baseline commit, AMP experiment commit): the workspace left as the AMP run, as `dvc exp run`
+    leaves it; the baseline's LoRA has the fixture's 50 top-5 hits."""
+    base = git_commit(project, "fp32")
+    set_lora(project, amp_top5, amp=True, extra=0.22)
+    return base, git_commit(project, "amp")
+
+
+def exp_show_of(base: str, amp: str) -> str:
+    """The captured `dvc exp show --json`, its baseline and `amp-lr` experiment made these two commits."""
+    return EXP_SHOW_JSON.replace(BASE_REV, base).replace(AMP_REV, amp)
 
 
 def stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON, returncode=0, stderr=""):
@@ -216,18 +239,24 @@ def test_parse_captured_exp_show():
 
 
 def test_report_json_has_values_cis_and_paired_differences(project, monkeypatch):
-    amp_rev = commit_amp_ranks(project)
-    stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON.replace(AMP_REV, amp_rev))
+    base, amp = commit_runs(project)
+    stub_dvc(monkeypatch, stdout=exp_show_of(base, amp))
     data = json.loads(report.build_report_json(project))
     r5 = data["Appliances"]["text_to_image"]["recall_at_5"]
     assert r5["zeroshot"] == {"value": 0.35, "ci_low": 0.3, "ci_high": 0.4}
-    assert r5["lora"]["value"] == 0.55
-    # the experiment's detail file, read from its commit: DVC shows only the headline, without CIs
+    assert r5["lora"]["value"] == pytest.approx(0.57)  # the workspace: `dvc exp run` applied the AMP run
+    # the experiment's and its baseline's detail files, read from their commits: DVC shows only headlines
     assert r5["lora_amp"] == pytest.approx({"value": 0.57, "ci_low": 0.52, "ci_high": 0.62})
+    assert r5["lora_base"] == pytest.approx({"value": 0.55, "ci_low": 0.5, "ci_high": 0.6})
     d = r5["lora_minus_zeroshot"]
-    assert d["value"] == pytest.approx(0.3) and d["ci_low"] > 0 and d["p_value"] < 0.001 and d["significant"]
-    amp = r5["lora_amp_minus_lora"]  # 2 more queries in the top 5: not significant
-    assert amp["value"] == pytest.approx(0.02) and amp["p_value"] > 0.05 and not amp["significant"]
+    assert d["value"] == pytest.approx(0.32) and d["ci_low"] > 0 and d["p_value"] < 0.001 and d["significant"]
+    assert d["between"] == {"new": {"run": "workspace", "rev": "workspace"}, "old": d["between"]["new"]}
+    amp_d = r5["lora_amp_minus_lora"]  # 2 more queries in the top 5 than its fp32 baseline: not significant
+    assert amp_d["value"] == pytest.approx(0.02) and amp_d["p_value"] > 0.05 and not amp_d["significant"]
+    assert amp_d["between"] == {
+        "new": {"run": f"exp `amp-lr`, {amp[:7]}", "rev": amp},
+        "old": {"run": f"commit {base[:7]}", "rev": base},
+    }
     assert set(data) == {"Amazon_Fashion", "Appliances"}
     assert set(data["Appliances"]) == set(report.MODES)
 
@@ -240,15 +269,85 @@ def test_report_markdown(project, monkeypatch):
     assert rows[("Appliances", "LoRA")][:2] == ["0.350 [0.300, 0.400]", "0.550 [0.500, 0.600]"]
     assert rows[("Appliances", "LoRA+AMP")][0] == "—, run `dvc exp run -S amp=true`"
     diffs = diff_rows(text)
-    r5 = diffs[("Appliances", "LoRA − zero-shot", "T→I")][1]
-    assert r5.startswith("+0.300 [") and r5.endswith("▲")
-    assert diffs[("Appliances", "LoRA − zero-shot", "T→I")][0].startswith("+0.000")  # R@1: nobody ranks 1
+    r5 = diffs[("Appliances", "LoRA − zero-shot (workspace)", "T→I")][1]
+    assert r5.startswith("+0.300 [") and r5.endswith("(Holm 0.004) ▲")  # p = 1/10,001, 40 tests
+    assert diffs[("Appliances", "LoRA − zero-shot (workspace)", "T→I")][0].startswith(
+        "+0.000"
+    )  # R@1: no rank 1
+    assert not any("LoRA+AMP" in label for _, label, _ in diffs)  # no AMP run, no AMP difference
+    assert "the workspace LoRA row is itself an AMP run" not in text
+
+
+def test_amp_is_compared_with_its_baseline_commit_not_the_workspace(project, monkeypatch):
+    base, amp = commit_runs(project, amp_top5=60)
+    stub_dvc(monkeypatch, stdout=exp_show_of(base, amp))
+    text = report.build_report(project)
+    label = f"LoRA+AMP (exp `amp-lr`, {amp[:7]}) − LoRA (commit {base[:7]})"
+    r5 = diff_rows(text)[("Appliances", label, "T→I")][1]
+    assert r5.startswith("+0.100 [")  # the workspace is the AMP run: against it, this would be +0.000, p=1
+    assert table_rows(text)[("Appliances", f"LoRA (commit {base[:7]})")][1] == "0.550 [0.500, 0.600]"
+    assert f"LoRA+AMP − LoRA is between exp `amp-lr`, {amp[:7]} (AMP) and commit {base[:7]}." in text
+    assert "the workspace LoRA row is itself an AMP run" in text
+
+
+def test_against_names_the_run_to_compare_with(project, monkeypatch):
+    base, amp = commit_runs(project, amp_top5=60)
+    stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON.replace(AMP_REV, amp))  # its baseline is not in this repo
+    text = report.build_report(project)
+    assert f"per-query ranks missing in commit {BASE_REV[:7]}" in text
+    data = json.loads(report.build_report_json(project, against="HEAD~1"))
+    amp_d = data["Amazon_Fashion"]["image_to_text"]["mrr"]["lora_amp_minus_lora"]
+    assert amp_d["value"] > 0 and amp_d["between"]["old"] == {"run": f"commit {base[:7]}", "rev": base}
+    with pytest.raises(report.ReportError, match="names the AMP run itself"):
+        report.build_report(project, against="HEAD")
+    with pytest.raises(report.ReportError, match="'nope' names no finished experiment and no git revision"):
+        report.build_report(project, against="nope")
+    # an experiment as the other run: its params have amp: true, so the report says it is no fp32 run
+    set_lora(project, 55, amp=True)
+    other = git_commit(project, "another amp run")
+    stub_dvc(
+        monkeypatch, stdout=exp_show_of(base, amp).replace("19f57df9ad4d54660363e9a7a2273933a82490b5", other)
+    )
+    text = report.build_report(project, from_exp="amp-lr", against="amp-on")
+    assert f"LoRA+AMP (exp `amp-lr`, {amp[:7]}) − LoRA (exp `amp-on`, {other[:7]})" in text
+    assert "has `amp: true` too: that difference is not AMP against fp32" in text
+
+
+def test_workspace_with_amp_and_no_experiment(project, monkeypatch):
+    base, _ = commit_runs(project, amp_top5=60)
+    stub_dvc(monkeypatch, stdout="[]")
+    text = report.build_report(project)
+    assert "no AMP experiment was found: there is no fp32 run to compare with" in text
+    assert not any("LoRA+AMP (" in label for _, label, _ in diff_rows(text))
+    assert "LoRA+AMP − LoRA is between" not in text
+    text = report.build_report(project, against="HEAD~1")  # the workspace is the AMP run: compare it
+    label = f"LoRA+AMP (workspace) − LoRA (commit {base[:7]})"
+    assert diff_rows(text)[("Appliances", label, "T→I")][1].startswith("+0.100 [")
+
+
+def test_significance_survives_holms_correction_only(project, monkeypatch):
+    # 6 of 100 queries move into the top 5: raw p = 2/64 on each of 32 tests of the family, Holm 1
+    base, amp = commit_runs(project, amp_top5=56)
+    stub_dvc(monkeypatch, stdout=exp_show_of(base, amp))
+    report_json, notes = report.report_data(project)
+    amp_d = report_json["Appliances"]["text_to_image"]["recall_at_5"]["lora_amp_minus_lora"]
+    assert amp_d["p_value"] < 0.05 < amp_d["p_holm"] and not amp_d["significant"]
+    gain = report_json["Appliances"]["text_to_image"]["recall_at_5"]["lora_minus_zeroshot"]
+    assert gain["p_holm"] < 0.05 and gain["significant"]  # 36 more queries: survives a family of 40
+    assert notes["family"] == {"lora_minus_zeroshot": 40, "lora_amp_minus_lora": 40}
+    text = report.build_report(project)
+    label = f"LoRA+AMP (exp `amp-lr`, {amp[:7]}) − LoRA (commit {base[:7]})"
+    cell = diff_rows(text)[("Appliances", label, "T→I")][1]
+    assert re.fullmatch(r"\+0\.060 \[.*\] p=0\.0[23]\d* \(Holm 1\)", cell)  # no ▲: raw p alone would mark it
+    assert "LoRA − zero-shot over its 40 differences" in text and "Holm's correction" in text
 
 
 def test_unpaired_experiment_is_said_not_compared(project, monkeypatch):
-    amp_rev = commit_amp_ranks(project)
     (project / "metrics" / "Appliances" / "lora.ranks.json").write_text(json.dumps(ranks_doc([2] * 50)))
-    stub_dvc(monkeypatch, stdout=EXP_SHOW_JSON.replace(AMP_REV, amp_rev))
+    base = git_commit(project, "fp32 on another test set")
+    set_lora(project, 52, amp=True)
+    amp = git_commit(project, "amp")
+    stub_dvc(monkeypatch, stdout=exp_show_of(base, amp))
     text = report.build_report(project)
     assert "not the same test set: gallery of 100 products, was 50" in text
 
@@ -274,11 +373,15 @@ def test_from_exp_of_an_earlier_commit(project, monkeypatch):
     monkeypatch.setattr(report.subprocess, "run", fake_run)
     assert table_rows(report.build_report(project))[("Appliances", "LoRA+AMP")][0].startswith("—, run")
     text = report.build_report(project, from_exp="amp-on")
-    assert table_rows(text)[("Amazon_Fashion", "LoRA+AMP (exp `amp-on`)")][0] == "0.310"  # a file without CIs
+    row = table_rows(text)[("Amazon_Fashion", "LoRA+AMP (exp `amp-on`, 19f57df)")]
+    assert row[0] == "0.310"  # a file without CIs: DVC's headline
     assert "derives from commit 0f1e2d3, not the checked-out one" in text
     assert "per-query ranks missing" in text  # its ranks could not be read: no paired difference
     with pytest.raises(report.ReportError, match="nope"):
         report.build_report(project, from_exp="nope")
+    assert "Experiment `lr-up` does not have `amp: true`" in report.build_report(project, from_exp="lr-up")
+    with pytest.raises(report.ReportError, match="no AMP run to compare with it"):
+        report.build_report(project, against="HEAD")  # the workspace has amp: false, no AMP experiment
 
 
 def test_missing_workspace_metrics(project, monkeypatch):
@@ -309,3 +412,157 @@ def test_cli_report(project, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["Amazon_Fashion"]["multimodal"]["mrr"]["lora"]["value"] == 0.4
     assert main(["--root", str(project), "report", "--from-exp", "nope"]) == 2
     assert "no finished experiment named 'nope'" in capsys.readouterr().err
+
+
+def noise_doc(digest: str, gallery: int = N) -> dict:
+    """A noise.detail.json as `cliprec noise` writes it: LoRA R@5 over 5 seeds, zero-shot fixed."""
+    diff = {"pairs": 20, "sd": 0.04, "q025": -0.07, "q975": 0.07, "min": -0.07, "max": 0.07}
+    lora = {"values": [0.55, 0.5, 0.52, 0.48, 0.55], "mean": 0.52, "sd": 0.03, "min": 0.48, "max": 0.55}
+    lora["diff"] = diff
+    zeroshot = {"values": [0.35] * 5, "mean": 0.35, "sd": 0.0, "min": 0.35, "max": 0.35}
+    zeroshot["diff"] = {k: 0 if k != "pairs" else 20 for k in diff}
+    gain = {"values": [0.2, 0.15, 0.17, 0.13, 0.2], "mean": 0.17, "sd": 0.03, "min": 0.13, "max": 0.2}
+    return {
+        "category": "Appliances", "seeds": [0, 1, 2, 3, 4], "runs": {"0": "workspace"}, "base": "abcdef0123",
+        "test_set": {"ids_sha256": digest, "gallery_size": gallery},
+        "variants": {"lora": {"text_to_image": {"recall_at_5": lora}},
+                     "zeroshot": {"text_to_image": {"recall_at_5": zeroshot}}},
+        "lora_minus_zeroshot": {"text_to_image": {"recall_at_5": gain}},
+        "resamples": 10000, "seconds": 512.3,
+    }  # fmt: skip
+
+
+def test_seed_spread_from_the_noise_file(project, monkeypatch):
+    base, amp = commit_runs(project, amp_top5=60)
+    stub_dvc(monkeypatch, stdout=exp_show_of(base, amp))
+    digest = ranks(50)["test_set"]["ids_sha256"]
+    (project / paths.noise_detail_path("Appliances")).write_text(json.dumps(noise_doc(digest)))
+    data = json.loads(report.build_report_json(project))
+    r5 = data["Appliances"]["text_to_image"]["recall_at_5"]
+    assert r5["lora"]["seeds"] == {"n": 5, "mean": 0.52, "sd": 0.03, "min": 0.48, "max": 0.55}
+    assert r5["zeroshot"]["seeds"]["sd"] == 0.0
+    assert r5["lora_minus_zeroshot"]["seeds"]["mean"] == 0.17
+    amp_d = r5["lora_amp_minus_lora"]  # +0.10: outside what retraining alone moves R@5 by
+    assert amp_d["retrain"] == {"pairs": 20, "sd": 0.04, "q025": -0.07, "q975": 0.07}
+    assert amp_d["inside_retrain_range"] is False
+    assert "seeds" not in data["Amazon_Fashion"]["text_to_image"]["recall_at_5"]["lora"]
+    text = report.build_report(project)
+    rows = table_rows(text)
+    assert rows[("Appliances", "LoRA, 5 training seeds")][1] == "0.520 ± 0.030"
+    assert rows[("Appliances", "LoRA, 5 training seeds")][0] == "—"  # R@1 not in this noise file
+    assert rows[("Amazon_Fashion", "LoRA, training seeds")][1] == "—"
+    diffs = diff_rows(text)
+    assert diffs[("Appliances", "↳ 5 training seeds, mean ± sd", "T→I")][1] == "+0.170 ± 0.030"
+    assert diffs[("Appliances", "↳ retraining alone, 95 % range", "T→I")][1] == "-0.070..+0.070"
+    hint = "make it with `cliprec noise --seeds 1 2 3 4`"
+    assert f"no metrics/<cat>/noise.detail.json for Amazon_Fashion (—): {hint}" in text
+    assert (
+        "Seed spread (Appliances): mean ± sd over training seeds [0, 1, 2, 3, 4], retrained from "
+        "commit abcdef0" in text
+    )
+
+
+def test_a_noise_file_of_another_test_set_is_not_used(project, monkeypatch):
+    stub_dvc(monkeypatch, stdout="[]")
+    (project / paths.noise_detail_path("Appliances")).write_text(json.dumps(noise_doc("0" * 64)))
+    text = report.build_report(project)
+    assert table_rows(text)[("Appliances", "LoRA, training seeds")][1] == "—"
+    assert (
+        "metrics/Appliances/noise.detail.json was measured on another test set: rerun `cliprec noise" in text
+    )
+
+
+# --- a real `dvc exp run` on a tiny pipeline --------------------------------------------------------------
+
+# The pipeline's one stage stands in for train + evaluate: it ranks 100 test queries, LoRA's ranks
+# improving with `epochs` and `amp` moving some of them, and writes the files the evaluate stage writes.
+TINY_STAGE = """\
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from cliprec.metrics import metrics_from_ranks
+
+p = yaml.safe_load(Path("params.yaml").read_text())
+out = Path("metrics/Amazon_Fashion")
+out.mkdir(parents=True, exist_ok=True)
+zeroshot = np.random.default_rng(0).integers(1, 40, size=100)
+lora = np.maximum(1, zeroshot // (1 + p["epochs"]))
+if p["amp"]:
+    lora[::3] += 7
+for variant, ranks in (("zeroshot", zeroshot), ("lora", lora)):
+    doc = {"test_set": {"ids_sha256": "tiny", "gallery_size": 100}, "ks": [1, 5, 10],
+           "ids": [f"P{i:03d}" for i in range(100)], "ranks": {"text_to_image": ranks.tolist()}}
+    (out / f"{variant}.ranks.json").write_text(json.dumps(doc))
+    detail = {"text_to_image": {**metrics_from_ranks(ranks), "gallery_size": 100}}
+    for name in (f"{variant}.detail.json", f"{variant}.json"):
+        (out / name).write_text(json.dumps(detail))
+"""
+TINY_DVC_YAML = """\
+stages:
+  evaluate:
+    cmd: python evaluate_tiny.py
+    deps:
+      - evaluate_tiny.py
+    params:
+      - amp
+      - epochs
+    outs:
+      - metrics/Amazon_Fashion/zeroshot.ranks.json:
+          cache: false
+      - metrics/Amazon_Fashion/lora.ranks.json:
+          cache: false
+      - metrics/Amazon_Fashion/zeroshot.detail.json:
+          cache: false
+      - metrics/Amazon_Fashion/lora.detail.json:
+          cache: false
+    metrics:
+      - metrics/Amazon_Fashion/zeroshot.json:
+          cache: false
+      - metrics/Amazon_Fashion/lora.json:
+          cache: false
+"""
+
+
+def run_in(root: Path, *cmd: str) -> str:
+    """Run a command in root with this checkout importable; fail the test with its output when it fails."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.slow  # ~15 s: five dvc commands
+@pytest.mark.skipif(not (shutil.which("dvc") and shutil.which("git")), reason="needs dvc and git")
+def test_after_dvc_exp_run_amp_the_report_compares_it_with_its_baseline_commit(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params.update(categories=["Amazon_Fashion"], epochs=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "evaluate_tiny.py").write_text(TINY_STAGE)
+    (root / "dvc.yaml").write_text(TINY_DVC_YAML)
+    run_in(root, "git", "init", "-q")
+    run_in(root, "dvc", "init", "-q")
+    run_in(root, "dvc", "repro", "-q")
+    run_in(root, "git", "add", "-A")
+    run_in(root, "git", "commit", "-qm", "fp32, 1 epoch")
+    base = run_in(root, "git", "rev-parse", "HEAD").strip()
+    run_in(root, "dvc", "exp", "run", "-q", "-S", "amp=true", "-S", "epochs=2")
+    (exp,) = report.parse_experiments(json.loads(run_in(root, "dvc", "exp", "show", "--json")))
+    text = run_in(root, sys.executable, "-m", "cliprec.cli", "report")
+    label = f"LoRA+AMP (exp `{exp.name}`, {exp.rev[:7]}) − LoRA (commit {base[:7]})"
+    cells = diff_rows(text)[("Amazon_Fashion", label, "T→I")]
+    assert all(not c.startswith("+0.000") for c in cells[1:]), cells  # R@5.. moved: not the workspace
+    assert (
+        table_rows(text)[("Amazon_Fashion", "LoRA")]
+        == table_rows(text)[("Amazon_Fashion", label.split(" − ")[0])]
+    )
+    data = json.loads(run_in(root, sys.executable, "-m", "cliprec.cli", "report", "--json"))
+    mrr = data["Amazon_Fashion"]["text_to_image"]["mrr"]["lora_amp_minus_lora"]
+    assert mrr["value"] != 0 and mrr["p_value"] < 1
+    assert mrr["between"] == {"new": {"run": f"exp `{exp.name}`, {exp.rev[:7]}", "rev": exp.rev},
+                              "old": {"run": f"commit {base[:7]}", "rev": base}}  # fmt: skip
