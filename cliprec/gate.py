@@ -30,6 +30,7 @@ from typing import Any
 from cliprec.compare import compare_ranks, unpaired_reason
 from cliprec.errors import CliprecError
 from cliprec.git import git
+from cliprec.graded import mode_metric_names
 from cliprec.paths import METRICS
 from cliprec.stats import Comparison
 
@@ -125,7 +126,7 @@ def _compare_file(
         if mode not in new["ranks"]:
             yield Verdict(path, mode, "—", "missing", "query mode gone")
             continue
-        for metric in (*(f"recall_at_{k}" for k in old["ks"]), "mrr", "ndcg_at_10"):
+        for metric in mode_metric_names(old["ranks"][mode], tuple(old["ks"])):  # the mode's own metrics
             c = comparisons[mode].get(metric)
             if c is None:
                 yield Verdict(path, mode, metric, "missing", f"{metric} no longer computed (evaluate.ks)")
