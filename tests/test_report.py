@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import ranks_doc
+from helpers import ranks_doc, with_queries
 
 from cliprec import paths, report
 from cliprec.cli import main
@@ -229,7 +229,7 @@ def test_report_json_has_values_cis_and_paired_differences(project, monkeypatch)
     amp = r5["lora_amp_minus_lora"]  # 2 more queries in the top 5: not significant
     assert amp["value"] == pytest.approx(0.02) and amp["p_value"] > 0.05 and not amp["significant"]
     assert set(data) == {"Amazon_Fashion", "Appliances"}
-    assert set(data["Appliances"]) == set(report.MODES)
+    assert set(data["Appliances"]) == set(report.MODES) - {"queries"}  # this project has no shopper queries
 
 
 def test_report_markdown(project, monkeypatch):
@@ -309,3 +309,21 @@ def test_cli_report(project, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["Amazon_Fashion"]["multimodal"]["mrr"]["lora"]["value"] == 0.4
     assert main(["--root", str(project), "report", "--from-exp", "nope"]) == 2
     assert "no finished experiment named 'nope'" in capsys.readouterr().err
+
+
+def test_the_shopper_queries_mode_is_reported_like_the_others(project, monkeypatch):
+    stub_dvc(monkeypatch, stdout="[]")
+    cat = "Appliances"
+    for variant, found in (("zeroshot", 20), ("lora", 60)):
+        judged = [[[1 if i < found else 0, 3]] for i in range(N)]
+        doc = with_queries(json.loads((project / paths.ranks_path(cat, variant)).read_text()), judged)
+        (project / paths.ranks_path(cat, variant)).write_text(json.dumps(doc))
+        detail = json.loads((project / paths.metrics_detail_path(cat, variant)).read_text())
+        detail["queries"] = {"ndcg_at_10": found / N, "ci95": {"ndcg_at_10": {"low": 0.1, "high": 0.9}}}
+        (project / paths.metrics_detail_path(cat, variant)).write_text(json.dumps(detail))
+    data = json.loads(report.build_report_json(project))[cat]["queries"]
+    assert data["ndcg_at_10"]["lora"] == {"value": 0.6, "ci_low": 0.1, "ci_high": 0.9}
+    gain = data["ndcg_at_10"]["lora_minus_zeroshot"]
+    assert gain["value"] == pytest.approx(0.4) and gain["significant"]
+    assert data["recall_at_100"]["lora_minus_zeroshot"]["value"] == pytest.approx(0.4)
+    assert "| Appliances | LoRA − zero-shot | shopper queries |" in report.build_report(project)
