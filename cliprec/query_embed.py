@@ -122,7 +122,8 @@ class QueryEmbedOptions:
 
 def token_counts(processor: Any, texts: Sequence[str]) -> list[int]:
     """Tokens of each text with its BOS and EOS, untruncated: what is compared with `text_max_length`."""
-    return [len(ids) for ids in processor.tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
+    encoded = processor.tokenizer(list(texts), truncation=False, verbose=False)  # verbose: no >77 warning
+    return [len(ids) for ids in encoded["input_ids"]]
 
 
 def text_windows(ids: Sequence[int], max_length: int, bos: int, eos: int) -> list[list[int]]:
