@@ -1,12 +1,14 @@
 """Paired comparisons of two evaluations from their per-query ranks (`metrics/<cat>/<variant>.ranks.json`).
 
 Two evaluations are paired only on the same test set (the same gallery ids, in order: the digest in
-`test_set.ids_sha256`); a query counts when both evaluations ranked it. The `compare` stage writes LoRA
-vs zero-shot per category: every difference with its CI, p-values and counts to
-`metrics/<cat>/compare.detail.json`, and the headline (`HEADLINE`: T->I Recall@5's difference and
-p-value) to the DVC metrics file `metrics/<cat>/compare.json`, so that `dvc exp show` stays narrow.
-`cliprec report` and `cliprec gate` make the same comparisons from the ranks, against other experiments
-and revisions.
+`test_set.ids_sha256`) and, for a mode with a query set of its own (`query_sets`, e.g. the shopper
+`queries`), the same queries; a query counts when both evaluations ranked it. Every mode's per-query
+values come from cliprec.graded.mode_values, whatever its kind (target ranks or graded queries).
+The `compare` stage writes LoRA vs zero-shot per category: every difference with its CI, p-values and
+counts to `metrics/<cat>/compare.detail.json`, and the headline (`HEADLINE`: T->I Recall@5's difference
+and p-value, the shopper queries' nDCG@10 difference) to the DVC metrics file `metrics/<cat>/compare.json`,
+so that `dvc exp show` stays narrow. `cliprec report` and `cliprec gate` make the same comparisons from
+the ranks, against other experiments and revisions.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ import numpy as np
 from cliprec import paths
 from cliprec.artifacts import write_json
 from cliprec.errors import CliprecError
-from cliprec.metrics import per_query
+from cliprec.graded import mode_values
 from cliprec.stats import Comparison, paired_comparisons
 
 KEY = "lora_minus_zeroshot"
-# compare.json, the DVC metrics file: (mode, metric, key) -> {key: difference, key_p: its p-value}, per
-# category (keys unique across metrics files keep `dvc exp show`'s column heads short: cliprec.evaluate)
-HEADLINE = (("text_to_image", "recall_at_5", "lora_gain_t2i_r5"),)
+# compare.json, the DVC metrics file: (mode, metric, key, with p) -> {key: difference[, key_p: its p-value]},
+# per category (keys unique across metrics files keep `dvc exp show`'s column heads short: cliprec.evaluate;
+# one column fewer without the p-value, which compare.detail.json has)
+HEADLINE = (
+    ("text_to_image", "recall_at_5", "lora_gain_t2i_r5", True),
+    ("queries", "ndcg_at_10", "lora_gain_queries_ndcg10", False),
+)
 
 
 class UnpairedTestSets(CliprecError):
@@ -55,13 +61,17 @@ def unpaired_reason(new: dict[str, Any], old: dict[str, Any]) -> str | None:
             return f"{mode}: {qa} queries, was {qb}"
     if a["ids_sha256"] != b["ids_sha256"]:
         return f"other test products (ids digest {a['ids_sha256'][:12]}, was {b['ids_sha256'][:12]})"
+    return _unpaired_query_sets(new, old)
+
+
+def _unpaired_query_sets(new: dict[str, Any], old: dict[str, Any]) -> str | None:
+    """Why a mode both files have was asked other queries (its `query_sets` digest), or None."""
+    sets_a, sets_b = new.get("query_sets", {}), old.get("query_sets", {})
+    for mode in sorted(set(new["ranks"]) & set(old["ranks"])):
+        digest_a, digest_b = ((s.get(mode) or {}).get("ids_sha256") for s in (sets_a, sets_b))
+        if digest_a != digest_b:
+            return f"{mode}: other queries (ids digest {str(digest_a)[:12]}, was {str(digest_b)[:12]})"
     return None
-
-
-def mode_values(doc: dict[str, Any], mode: str) -> dict[str, np.ndarray]:
-    """{metric: per-query values} of one mode of a ranks file, over the queries it ranked."""
-    ranks = np.array([r for r in doc["ranks"][mode] if r is not None], dtype=np.int64)
-    return per_query(ranks, tuple(doc["ks"]))
 
 
 def compare_ranks(
@@ -78,8 +88,7 @@ def compare_ranks(
         both = [(a, b) for a, b in pairs if a is not None and b is not None]
         if not both:  # e.g. no test product has a second photo: nothing to compare in this mode
             continue
-        a, b = (np.array([pair[i] for pair in both], dtype=np.int64) for i in (0, 1))
-        values_new, values_old = per_query(a, ks), per_query(b, ks)
+        values_new, values_old = (mode_values([pair[i] for pair in both], ks) for i in (0, 1))
         names = list(values_new)
         comparisons = paired_comparisons(
             np.stack([values_new[n] for n in names]),
@@ -98,12 +107,12 @@ def comparison_doc(comparisons: dict[str, dict[str, Comparison]]) -> dict[str, A
 
 
 def headline(doc: dict[str, Any], category: str) -> dict[str, Any]:
-    """compare.json: {category: {"lora_gain_t2i_r5": difference, "lora_gain_t2i_r5_p": p-value}}."""
+    """compare.json: {category: {"lora_gain_t2i_r5": difference, "lora_gain_t2i_r5_p": p-value, ...}}."""
     values: dict[str, Any] = {}
-    for mode, metric, key in HEADLINE:
+    for mode, metric, key, with_p in HEADLINE:
         c = doc[KEY].get(mode, {}).get(metric)
-        if c is not None:  # e.g. evaluate.ks without 5
-            values.update({key: c["value"], f"{key}_p": c["p_value"]})
+        if c is not None:  # e.g. evaluate.ks without 5, or no shopper queries
+            values.update({key: c["value"], **({f"{key}_p": c["p_value"]} if with_p else {})})
     return {category: values} if values else {}
 
 

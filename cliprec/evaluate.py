@@ -22,6 +22,10 @@ Files: the DVC metrics file `<variant>.json` holds the headline only (`HEADLINE`
 CI), so that `dvc exp show` stays a table of a few columns; everything this module computes, with its
 CIs, is in `<variant>.detail.json`, which `cliprec report` and the server's `/api/info` read.
 
+Shopper queries (mode `queries`, given the embed_queries directory): the test split's queries against the
+whole catalog through the built index, with exact search as the reference (cliprec.query_eval); graded
+nDCG@10/@100, Recall@10/@100 and MRR per query (cliprec.graded), in the same files as the other modes.
+
 Also reported, for comparison with the seed project:
 - avg_mean_similarity_at_5: for each test product's fused vector, the mean inner product of its 5
   nearest OTHER products among all catalog fused vectors, averaged. It measures how tight the
@@ -55,10 +59,13 @@ from cliprec.artifacts import (
     write_json,
 )
 from cliprec.errors import CliprecError
+from cliprec.graded import GRADED_DEPTH
 from cliprec.index import LoadedIndex, load_index, read_ids
 from cliprec.metrics import per_query, target_ranks
 from cliprec.params import Params
 from cliprec.paths import rebuild_hint
+from cliprec.query_eval import MODE as QUERIES
+from cliprec.query_eval import QueryRun, load_query_vectors, queries_mode, select_test_queries
 from cliprec.stats import bootstrap_ci
 from cliprec.vectors import fuse
 
@@ -73,6 +80,9 @@ TIE_EPS = 1e-5  # float32 inner products of equal vectors can differ in the last
 # one per variant and category; the key names the category and variant, because DVC heads a column with
 # its key alone only where no other metrics file has the same key (else with the file's long path).
 HEADLINE = (("text_to_image", "recall_at_5", "t2i_r5"),)  # (mode, metric, key suffix)
+# and the shopper queries' block, under "<variant>_queries": these metrics, the counts, and their CIs as
+# [low, high] LISTS, which DVC does not turn into columns (`dvc exp show` gains a column per value only)
+QUERIES_HEADLINE = ("ndcg_at_10", "ndcg_at_100", "recall_at_10", "recall_at_100", "mrr")
 
 
 class Embeddings:
@@ -323,6 +333,19 @@ def _verified_index(
     return index
 
 
+def _shopper_queries(
+    queries_dir: str | Path, emb: Embeddings, index: LoadedIndex, expect: Mapping[str, Any], s: EvalSettings
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The `queries` mode: the test queries through the index and by exact search (cliprec.query_eval)."""
+    qv = load_query_vectors(queries_dir, {**expect, "embeddings_sha256": manifest_sha256(emb.dir)})
+    meta, vectors = select_test_queries(qv)
+    depth = min(GRADED_DEPTH, len(emb.ids))
+    ann_positions, _ = index.search_positions(vectors, depth)
+    exact_positions, _ = exact_topk(vectors, emb.fused, depth)
+    run = QueryRun(meta, ann_positions, exact_positions, emb.row, len(emb.ids))
+    return queries_mode(run, s.resamples, s.confidence, s.seed)
+
+
 def evaluate(
     products_path: str | Path,
     embed_dir: str | Path,
@@ -330,11 +353,14 @@ def evaluate(
     settings: EvalSettings = EvalSettings(),
     category: str | None = None,
     variant: str | None = None,
+    queries_dir: str | Path | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """(metrics, recall@k curve, per-query ranks) of one category/variant (see the module doc).
+    """(metrics, recall@k curve, per-query ranks) of one category/variant (see the module doc); with
+    `queries_dir` (an embed_queries directory) also the `queries` mode.
 
-    products.parquet, the embeddings and the index must be of one category (`category`, or the catalog's
-    own), of `variant` when given, and built from one another (their manifests' lineage); else ArtifactError.
+    products.parquet, the embeddings, the index and the query vectors must be of one category (`category`,
+    or the catalog's own), of `variant` when given, and built from one another (their manifests' lineage);
+    else ArtifactError.
     """
     catalog = catalog_identity(products_path, category)
     emb = Embeddings(embed_dir, {**catalog, **({"variant": variant} if variant else {})})
@@ -347,6 +373,10 @@ def evaluate(
     index = _verified_index(emb, index_dir, catalog, settings)
     k_ann = min(ANN_K, len(emb.ids))
     metrics["ann_recall_at_10"] = ann_recall(index, g.fused, emb.fused, top_s[:, :k_ann], k_ann)
+    shopper = None
+    if queries_dir is not None:
+        expect = {**catalog, **({"variant": variant} if variant else {})}
+        metrics[QUERIES], shopper = _shopper_queries(queries_dir, emb, index, expect, settings)
     _, copies = np.unique(g.image, axis=0, return_counts=True)
     metrics["catalog"] = {
         "products": len(emb.ids),
@@ -363,6 +393,10 @@ def evaluate(
         "ids": g.ids,
         "ranks": per_mode_ranks,
     }
+    if shopper is not None:  # a mode with its own queries: their set, and the exact reference's ranks
+        ranks_doc["ranks"][QUERIES] = shopper["ranks"]
+        ranks_doc["query_sets"] = {QUERIES: shopper["query_set"]}
+        ranks_doc["exact"] = {QUERIES: shopper["exact"]}
     return _round(metrics), curve, ranks_doc
 
 
@@ -384,15 +418,25 @@ def _check_keys(value: Any, where: str = "") -> None:
 
 
 def headline(metrics: dict[str, Any], category: str, variant: str) -> dict[str, Any]:
-    """The DVC metrics file: `HEADLINE`'s metrics, as {category: {"<variant>_t2i_r5": value}}, no CIs.
+    """The DVC metrics file: `HEADLINE`'s metrics, as {category: {"<variant>_t2i_r5": value}}, no CIs, and
+    the shopper queries' block {category: {"<variant>_queries": {...}}} (`QUERIES_HEADLINE`).
 
     A metric that `evaluate.ks` leaves out is left out.
     """
-    values = {
+    values: dict[str, Any] = {
         f"{variant}_{suffix}": metrics[mode][metric]
         for mode, metric, suffix in HEADLINE
         if metric in metrics.get(mode, {})
     }
+    q = metrics.get(QUERIES)
+    if q is not None:
+        ci = q.get("ci95", {})
+        values[f"{variant}_{QUERIES}"] = {
+            **{m: q[m] for m in QUERIES_HEADLINE},
+            "queries": q["queries"],
+            "gallery_size": q["gallery_size"],
+            "ci95": {m: [ci[m]["low"], ci[m]["high"]] for m in QUERIES_HEADLINE if m in ci},
+        }
     return {category: values} if values else {}
 
 

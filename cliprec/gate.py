@@ -36,6 +36,7 @@ from typing import Any
 from cliprec.compare import compare_ranks, unpaired_reason
 from cliprec.errors import CliprecError
 from cliprec.git import git
+from cliprec.graded import mode_metric_names
 from cliprec.paths import METRICS, noise_detail_path
 from cliprec.stats import Comparison, holm
 
@@ -180,7 +181,7 @@ def _compare_file(
             yield Verdict(path, mode, "—", "missing", "query mode gone")
             continue
         for metric in gated_metrics(old, mode):
-            c = comparisons[mode].get(metric)
+            c = comparisons.get(mode, {}).get(metric)  # a mode nobody was asked in: no comparison
             if c is None:
                 yield Verdict(path, mode, metric, "missing", f"{metric} no longer computed (evaluate.ks)")
                 continue
@@ -189,8 +190,8 @@ def _compare_file(
 
 
 def gated_metrics(doc: dict[str, Any], mode: str) -> tuple[str, ...]:
-    """The relevance metrics the gate tests in one mode of a ranks file."""
-    return (*(f"recall_at_{k}" for k in doc["ks"]), "mrr", "ndcg_at_10")
+    """The relevance metrics the gate tests in one mode of a ranks file: the mode's own (cliprec.graded)."""
+    return tuple(mode_metric_names(doc["ranks"][mode], tuple(doc["ks"])))
 
 
 def _judge(gated: list[_Gated], rule: GateRule) -> list[Verdict]:

@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 
 from cliprec import paths
 from cliprec.artifacts import write_json
-from cliprec.compare import mode_values, unpaired_reason
+from cliprec.compare import unpaired_reason
 from cliprec.errors import CliprecError
 from cliprec.git import git, head_commit, show
+from cliprec.graded import mode_values
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,12 @@ def _pair_spread(values: list[float]) -> dict[str, Any]:
 
 def run_means(doc: dict[str, Any]) -> dict[str, dict[str, float]]:
     """{mode: {metric: mean over the mode's queries}} of one ranks file."""
-    return {mode: {m: float(v.mean()) for m, v in mode_values(doc, mode).items()} for mode in doc["ranks"]}
+    ks = tuple(doc["ks"])
+    out = {}
+    for mode, entries in doc["ranks"].items():
+        values = mode_values([e for e in entries if e is not None], ks)
+        out[mode] = {m: float(v.mean()) if len(v) else 0.0 for m, v in values.items()}
+    return out
 
 
 def summarise(category: str, docs: dict[int, dict[str, dict[str, Any]]], runs: Runs) -> dict[str, Any]:

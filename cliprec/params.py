@@ -107,10 +107,12 @@ class Images(_Block):
 
 
 class Embed(_Block):
-    """`embed:` batch size and the text share of the fused product vector."""
+    """`embed:` batch size, the text share of the fused product vector, and how a query longer than the
+    text tower reads is embedded (cliprec.query_embed: `truncate` or `windows`)."""
 
     batch_size: int = Field(ge=1)
     text_weight: float = Field(ge=0, le=1)
+    long_text: Literal["truncate", "windows"]
 
 
 class Index(_Block):

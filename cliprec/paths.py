@@ -66,6 +66,16 @@ def embed_dir(category: str, variant: str) -> Path:
     return DATA / "embed" / category / variant
 
 
+def queries_dir(category: str) -> Path:
+    """queries.jsonl (the shopper queries, their relevant products and split) + photos/ + manifest.json."""
+    return DATA / "queries" / category
+
+
+def embed_queries_dir(category: str, variant: str) -> Path:
+    """The shopper queries' vectors.npy + queries.jsonl (ids, split, relevance) + report.json + manifest."""
+    return DATA / "embed_queries" / category / variant
+
+
 def index_dir(category: str, variant: str) -> Path:
     """index.faiss + manifest.json."""
     return DATA / "index" / category / variant
@@ -114,7 +124,13 @@ def recall_plot_path(category: str, variant: str) -> Path:
     return METRICS / category / "plots" / f"recall_at_k_{variant}.json"
 
 
-_STAGE_OF = {"ingest": "ingest", "summaries": "summarize", "images": "images", "train": "train"}
+_STAGE_OF = {
+    "ingest": "ingest",
+    "summaries": "summarize",
+    "images": "images",
+    "train": "train",
+    "queries": "queries",
+}
 
 
 def rebuild_hint(path: str | Path) -> str:
@@ -128,8 +144,8 @@ def rebuild_hint(path: str | Path) -> str:
             return f"dvc repro {_STAGE_OF[kind]}@{rest[0]}"
         if kind == "embed" and len(rest) >= 2:
             return f"dvc repro embed_{rest[1]}@{rest[0]}"
-        if kind == "index" and len(rest) >= 2:
-            return f"dvc repro index@{rest[0]}-{rest[1]}"
+        if kind in ("index", "embed_queries") and len(rest) >= 2:
+            return f"dvc repro {kind}@{rest[0]}-{rest[1]}"
     return "dvc repro"
 
 

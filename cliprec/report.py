@@ -53,8 +53,10 @@ AMP_HINT = "—, run `dvc exp run -S amp=true`"
 NOISE_HINT = "`cliprec noise --seeds 1 2 3 4`"
 PARAMS_FILE = "params.yaml"
 
-METRICS = ("recall_at_1", "recall_at_5", "recall_at_10", "mrr", "ndcg_at_10")
-MODES = {"text_to_image": "T→I", "image_to_text": "I→T", "image_to_image": "I→I", "multimodal": "T+I→fused"}
+T2I_METRICS = ("recall_at_1", "recall_at_5", "recall_at_10", "mrr", "ndcg_at_10")
+METRICS = (*T2I_METRICS, "recall_at_100", "ndcg_at_100")  # @100: the shopper queries' (cliprec.graded)
+MODES = {"text_to_image": "T→I", "image_to_text": "I→T", "image_to_image": "I→I", "multimodal": "T+I→fused",
+         "queries": "shopper queries"}  # fmt: skip
 LABELS = {"zeroshot": "zero-shot", "lora": "LoRA", "lora_amp": "LoRA+AMP", "lora_base": "LoRA"}
 SHORT = {
     "recall_at_1": "R@1",
@@ -62,15 +64,18 @@ SHORT = {
     "recall_at_10": "R@10",
     "mrr": "MRR",
     "ndcg_at_10": "nDCG@10",
+    "recall_at_100": "R@100",
+    "ndcg_at_100": "nDCG@100",
 }
 # (key in the report, new variant, old variant)
 COMPARISONS = (("lora_minus_zeroshot", "lora", "zeroshot"), ("lora_amp_minus_lora", "lora_amp", "lora_base"))
 # the value table: (column header, mode or None for a top-level metric, metric)
 COLUMNS = (
-    *((f"T→I {SHORT[m]}", "text_to_image", m) for m in METRICS),
+    *((f"T→I {SHORT[m]}", "text_to_image", m) for m in T2I_METRICS),
     ("I→T R@5", "image_to_text", "recall_at_5"),
     ("I→I R@5", "image_to_image", "recall_at_5"),
     ("T+I→fused R@5", "multimodal", "recall_at_5"),
+    ("queries nDCG@10", "queries", "ndcg_at_10"),
     ("sim@5 (seed, w/o self)", None, "avg_mean_similarity_at_5"),
 )
 

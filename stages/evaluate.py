@@ -1,5 +1,7 @@
 """Stage `evaluate`: retrieval metrics of one category and variant on the test split -> metrics/<cat>/.
 
+Self-retrieval modes on the test products, and the shopper queries' test split on the whole catalog.
+
 Usage: python stages/evaluate.py <category> <zeroshot|lora>
 """
 
@@ -23,6 +25,7 @@ def main(argv: list[str]) -> None:
         EvalSettings.from_params(p),
         category=category,
         variant=variant,
+        queries_dir=paths.embed_queries_dir(category, variant),
     )
     write_outputs(metrics, curve, ranks, category, variant)
 

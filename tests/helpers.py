@@ -249,6 +249,17 @@ def ranks_doc(t2i: list[int], alt: list[int | None] | None = None, ids: list[str
     }
 
 
+def with_queries(doc: dict, judged: list[list[list[int]]], ids: list[str] | None = None) -> dict:
+    """A ranks file with a shopper `queries` mode as the evaluate stage writes it ([rank, grade] lists)."""
+    from cliprec.query_eval import query_digest
+
+    ids = ids or [f"q{i:03d}" for i in range(len(judged))]
+    out = {**doc, "ranks": {**doc["ranks"], "queries": judged}, "exact": {"queries": judged}}
+    out["query_sets"] = {"queries": {"ids_sha256": query_digest(ids), "queries": len(ids), "depth": 100,
+                                     "ids": ids, "target_split": ["test"] * len(ids)}}  # fmt: skip
+    return out
+
+
 # --- `cliprec serve` as a process -------------------------------------------------------------------------
 
 LISTENING = re.compile(r"serve: listening on (http://\S+) \(")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from cliprec import paths
-from cliprec.artifacts import ArtifactError, catalog_identity, write_manifest
+from cliprec.artifacts import ArtifactError, catalog_identity, manifest_sha256, write_manifest
 from cliprec.errors import CliprecError
 from cliprec.evaluate import (
     MODES,
@@ -23,6 +23,7 @@ from cliprec.evaluate import (
     headline,
     write_outputs,
 )
+from cliprec.graded import GRADED_METRICS, mode_values
 from cliprec.index import IndexIntegrityError, build_from_embeddings
 from cliprec.metrics import metrics_from_ranks
 from cliprec.vectors import fuse
@@ -272,6 +273,97 @@ def test_outputs_are_dvc_friendly(tmp_path):
         write_outputs({"a.b": 1}, [], {}, cat, "lora", root=tmp_path / "dotted")
 
 
+def make_query_vectors(fx: dict, out: Path, n: int = 40, noise: float = 0.0, seed: int = 1) -> list[dict]:
+    """An embed_queries directory for the fixture's embeddings: query i is product 3i's fused vector (plus
+    noise), relevant: that product (grade 3) and the next one (grade 1); even queries test, odd val."""
+    rng = np.random.default_rng(seed)
+    fused = np.load(fx["embed"] / "fused.npy")
+    split_of = dict(pd.read_parquet(fx["products"], columns=["id", "split"]).itertuples(index=False))
+    ids = fx["ids"]
+    meta = []
+    for i in range(n):
+        pid, other = ids[3 * i], ids[3 * i + 1]
+        meta.append({"query_id": f"q{i:03d}", "split": "test" if i % 2 == 0 else "val",
+                     "target_split": split_of[pid], "kind": "text", "relevant": {pid: 3, other: 1},
+                     "tokens": 5, "windows": 1})  # fmt: skip
+    vectors = unit(fused[[3 * i for i in range(n)]] + noise * rng.standard_normal((n, D)))
+    out.mkdir(parents=True)
+    np.save(out / "vectors.npy", vectors)
+    (out / "queries.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    (out / "report.json").write_text("{}\n")
+    lineage = {**catalog_identity(fx["products"]), "variant": "lora", "model": "tiny"}
+    info = {**lineage, "embeddings_sha256": manifest_sha256(fx["embed"])}
+    write_manifest(out, ["vectors.npy", "queries.jsonl", "report.json"], info)
+    return meta
+
+
+def test_shopper_queries_search_the_whole_catalog_through_the_index(tmp_path):
+    fx = make_fixture(tmp_path, factory="Flat")
+    meta = make_query_vectors(fx, tmp_path / "q")
+    metrics, _, ranks = evaluate(fx["products"], fx["embed"], fx["index"], queries_dir=tmp_path / "q")
+    q = metrics["queries"]
+    test = [m for m in meta if m["split"] == "test"]
+    assert q["queries"] == len(test) == 20 and q["gallery_size"] == len(fx["ids"]) == 119
+    # each query is its target's own vector: the target first; the grade-1 neighbour somewhere, maybe
+    assert q["mrr"] == 1.0 and q["recall_at_10"] == 1.0 and 0 < q["ndcg_at_10"] <= 1
+    assert set(q["ci95"]) == set(GRADED_METRICS) and q["exact"]["ndcg_at_10"] == q["ndcg_at_10"]
+    assert q["ann_loss"] == {name: 0.0 for name in GRADED_METRICS}  # a Flat index is exact
+    by_split = {s: b["queries"] for s, b in q["by_target_split"].items()}
+    assert sum(by_split.values()) == 20 and by_split == {
+        s: sum(m["target_split"] == s for m in test) for s in by_split
+    }
+    entries = ranks["ranks"]["queries"]
+    assert [e[0] for e in entries] == [[1, 3]] * 20  # [rank, grade], the grade-3 product first
+    assert ranks["query_sets"]["queries"]["ids"] == [m["query_id"] for m in test]
+    for name, values in mode_values(entries).items():  # the ranks file recomputes every metric exactly
+        assert round(float(np.mean(values)), 6) == q[name]
+    for name, values in mode_values(ranks["exact"]["queries"]).items():
+        assert round(float(np.mean(values)), 6) == q["exact"][name]
+
+
+def test_the_queries_mode_leaves_the_self_retrieval_modes_as_they_were(tmp_path):
+    fx = make_fixture(tmp_path)
+    make_query_vectors(fx, tmp_path / "q")
+    before = evaluate(fx["products"], fx["embed"], fx["index"])
+    metrics, curve, ranks = evaluate(fx["products"], fx["embed"], fx["index"], queries_dir=tmp_path / "q")
+    assert {k: v for k, v in metrics.items() if k != "queries"} == before[0] and curve == before[1]
+    kept = {k: v for k, v in ranks.items() if k not in ("query_sets", "exact")}
+    kept["ranks"] = {m: r for m, r in ranks["ranks"].items() if m != "queries"}
+    assert json.dumps(kept) == json.dumps(before[2])
+
+
+def test_an_approximate_index_loses_against_exact_search(tmp_path):
+    fx = make_fixture(tmp_path, n=600, factory="IVF16,PQ4")
+    make_query_vectors(fx, tmp_path / "q", n=150, noise=0.4)
+    s = EvalSettings(nprobe=1)
+    q = evaluate(fx["products"], fx["embed"], fx["index"], s, queries_dir=tmp_path / "q")[0]["queries"]
+    assert q["exact"]["recall_at_100"] > q["recall_at_100"]
+    assert q["ann_loss"]["recall_at_100"] == pytest.approx(
+        q["exact"]["recall_at_100"] - q["recall_at_100"], abs=2e-6
+    )
+
+
+def test_query_vectors_of_other_embeddings_are_refused(tmp_path):
+    fx = make_fixture(tmp_path)
+    make_query_vectors(fx, tmp_path / "q")
+    (tmp_path / "other").mkdir()
+    other = make_fixture(tmp_path / "other", seed=5)
+    with pytest.raises(ArtifactError, match="not built from the current embeddings"):
+        evaluate(other["products"], other["embed"], other["index"], queries_dir=tmp_path / "q")
+    with pytest.raises(ArtifactError, match="missing"):
+        evaluate(fx["products"], fx["embed"], fx["index"], queries_dir=tmp_path / "nowhere")
+
+
+def test_the_headline_carries_the_queries_block_with_list_cis(tmp_path):
+    fx = make_fixture(tmp_path)
+    make_query_vectors(fx, tmp_path / "q")
+    metrics = evaluate(fx["products"], fx["embed"], fx["index"], queries_dir=tmp_path / "q")[0]
+    block = headline(metrics, "Cat", "lora")["Cat"]["lora_queries"]
+    assert set(block) == {*GRADED_METRICS, "queries", "gallery_size", "ci95"}
+    assert block["gallery_size"] == 119 and block["queries"] == 20
+    assert all(isinstance(v, list) and len(v) == 2 for v in block["ci95"].values())
+
+
 def test_stages_write_the_paths_dvc_expects(tmp_path, monkeypatch):
     """stages/index.py + stages/evaluate.py in a fake project (cwd = project root, as under dvc repro)."""
     cat = "Amazon_Fashion"
@@ -284,8 +376,13 @@ def test_stages_write_the_paths_dvc_expects(tmp_path, monkeypatch):
     paths.embed_dir(cat, "lora").parent.mkdir(parents=True)
     shutil.copytree(fx["embed"], paths.embed_dir(cat, "lora"))
     runpy.run_path(str(REPO / "stages" / "index.py"))["main"]([cat, "lora"])
+    make_query_vectors(
+        {**fx, "embed": paths.embed_dir(cat, "lora"), "products": paths.products_path(cat)},
+        paths.embed_queries_dir(cat, "lora"),
+    )
     runpy.run_path(str(REPO / "stages" / "evaluate.py"))["main"]([cat, "lora"])
     metrics = json.loads(paths.metrics_detail_path(cat, "lora").read_text())
+    assert metrics["queries"]["queries"] == 20 and metrics["queries"]["mrr"] == 1.0
     assert metrics["text_to_image"]["recall_at_1"] == 1.0 and "ci95" in metrics["text_to_image"]
     assert json.loads(paths.metrics_path(cat, "lora").read_text()) == headline(metrics, cat, "lora")
     assert len(json.loads(paths.recall_plot_path(cat, "lora").read_text())) == 10

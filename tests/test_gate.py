@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import ranks_doc
+from helpers import ranks_doc, with_queries
 
 from cliprec.cli import main
 from cliprec.gate import GateRule, decide, markdown, seed_bound
@@ -207,3 +207,17 @@ def test_reproduce_requires_equal_ranks_and_metrics(repo, capsys):
     (repo / LORA).write_text(json.dumps(with_t2i(baseline(), {199: 19})))  # one rank moved
     assert main(["--root", str(repo), "gate", "--reproduce"]) == 1
     assert "ranks.text_to_image.199: 20 -> 19" in capsys.readouterr().out
+
+
+def test_the_gate_gates_the_queries_modes_own_metrics():
+    judged = [[[1 if i < 100 else 0, 3], [0, 1]] for i in range(N)]
+    old = with_queries(baseline(), judged)
+    got = verdicts(copy.deepcopy(old), old)
+    queries = {metric: status for (mode, metric), status in got.items() if mode == "queries"}
+    assert queries == dict.fromkeys(
+        ["ndcg_at_10", "ndcg_at_100", "recall_at_10", "recall_at_100", "mrr"], "unchanged"
+    )
+    worse = with_queries(baseline(), [[[0, 3], [0, 1]] if i < 40 else j for i, j in enumerate(judged)])
+    got = verdicts(worse, old)
+    assert got[("queries", "ndcg_at_10")] == "regression" and failed(worse, old)
+    assert got[("text_to_image", "recall_at_5")] == "unchanged"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ranks_doc
+from helpers import ranks_doc, with_queries
 
 from cliprec import paths, report
 from cliprec.cli import main
@@ -258,7 +258,7 @@ def test_report_json_has_values_cis_and_paired_differences(project, monkeypatch)
         "old": {"run": f"commit {base[:7]}", "rev": base},
     }
     assert set(data) == {"Amazon_Fashion", "Appliances"}
-    assert set(data["Appliances"]) == set(report.MODES)
+    assert set(data["Appliances"]) == set(report.MODES) - {"queries"}  # this project has no shopper queries
 
 
 def test_report_markdown(project, monkeypatch):
@@ -566,3 +566,21 @@ def test_after_dvc_exp_run_amp_the_report_compares_it_with_its_baseline_commit(t
     assert mrr["value"] != 0 and mrr["p_value"] < 1
     assert mrr["between"] == {"new": {"run": f"exp `{exp.name}`, {exp.rev[:7]}", "rev": exp.rev},
                               "old": {"run": f"commit {base[:7]}", "rev": base}}  # fmt: skip
+
+
+def test_the_shopper_queries_mode_is_reported_like_the_others(project, monkeypatch):
+    stub_dvc(monkeypatch, stdout="[]")
+    cat = "Appliances"
+    for variant, found in (("zeroshot", 20), ("lora", 60)):
+        judged = [[[1 if i < found else 0, 3]] for i in range(N)]
+        doc = with_queries(json.loads((project / paths.ranks_path(cat, variant)).read_text()), judged)
+        (project / paths.ranks_path(cat, variant)).write_text(json.dumps(doc))
+        detail = json.loads((project / paths.metrics_detail_path(cat, variant)).read_text())
+        detail["queries"] = {"ndcg_at_10": found / N, "ci95": {"ndcg_at_10": {"low": 0.1, "high": 0.9}}}
+        (project / paths.metrics_detail_path(cat, variant)).write_text(json.dumps(detail))
+    data = json.loads(report.build_report_json(project))[cat]["queries"]
+    assert data["ndcg_at_10"]["lora"] == {"value": 0.6, "ci_low": 0.1, "ci_high": 0.9}
+    gain = data["ndcg_at_10"]["lora_minus_zeroshot"]
+    assert gain["value"] == pytest.approx(0.4) and gain["significant"]
+    assert data["recall_at_100"]["lora_minus_zeroshot"]["value"] == pytest.approx(0.4)
+    assert "| Appliances | LoRA − zero-shot (workspace) | shopper queries |" in report.build_report(project)
