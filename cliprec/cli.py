@@ -212,7 +212,9 @@ def _gate(args: argparse.Namespace) -> int:
             seed=p.evaluate.seed,
             allow_new_test_set=args.allow_new_test_set,
         )
-        passed, table = run_gate(args.rev, rule, root=args.root)
+        from cliprec.evaluate import EvalSettings
+
+        passed, table = run_gate(args.rev, rule, root=args.root, audit_with=EvalSettings.from_params(p))
     print(table, end="")
     return 0 if passed else 1
 

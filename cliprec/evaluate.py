@@ -172,14 +172,14 @@ def ann_recall(
     return hits / (len(queries) * k)
 
 
-def _mode_metrics(
-    ranks: np.ndarray, ks: tuple[int, ...], resamples: int, confidence: float, seed: int
+def mode_metrics(
+    ranks: np.ndarray, ks: tuple[int, ...], s: EvalSettings
 ) -> tuple[dict[str, Any], list[float]]:
     """Metrics dict (with `ci95`) + recall@1..10 curve of one query mode, from its target ranks."""
     values = per_query(ranks, ks)
     out: dict[str, Any] = {name: float(np.mean(v)) if len(v) else 0.0 for name, v in values.items()}
     if len(ranks):
-        low, high = bootstrap_ci(np.stack(list(values.values())), resamples, confidence, seed)
+        low, high = bootstrap_ci(np.stack(list(values.values())), s.resamples, s.confidence, s.seed)
         out["ci95"] = {name: {"low": float(lo), "high": float(hi)} for name, lo, hi in zip(values, low, high)}
     hit = ranks > 0
     curve = [float(np.mean(hit & (ranks <= k))) if len(ranks) else 0.0 for k in CURVE_KS]
@@ -277,7 +277,7 @@ def _rank_modes(
     skipped = n_g - len(runs["multimodal"][2])
     for mode, (queries, gallery, targets) in runs.items():
         ranks = target_ranks(queries, gallery, targets.astype(np.int64)) if len(queries) else np.zeros(0, int)
-        m, curves[mode] = _mode_metrics(ranks, s.ks, s.resamples, s.confidence, s.seed)
+        m, curves[mode] = mode_metrics(ranks, s.ks, s)
         m["gallery_size"] = n_g
         m["queries"] = int(len(queries))
         if mode in ("multimodal", "image_to_image"):

@@ -33,8 +33,10 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
+from cliprec.audit import audit
 from cliprec.compare import compare_ranks, unpaired_reason
 from cliprec.errors import CliprecError
+from cliprec.evaluate import EvalSettings
 from cliprec.git import git
 from cliprec.graded import mode_metric_names
 from cliprec.paths import METRICS, noise_detail_path
@@ -60,6 +62,7 @@ class Verdict:
     mode: str
     metric: str
     # missing | new_test_set | new_test_set_allowed | regression | improved | within_noise | unchanged | new
+    # | stale (a metrics file disagrees with the per-query file it was computed from: cliprec.audit)
     status: str
     detail: str = ""
     comparison: Comparison | None = None
@@ -69,7 +72,7 @@ class Verdict:
     @property
     def failed(self) -> bool:
         """True when this line fails the gate."""
-        return self.status in ("missing", "new_test_set", "regression")
+        return self.status in ("missing", "new_test_set", "regression", "stale")
 
 
 # --- reading a revision ---------------------------------------------------------------------------------
@@ -232,6 +235,7 @@ def _seed_range(entry: dict[str, Any] | None, bound: float) -> str:
 
 _MARK = {
     "missing": "❌ missing",
+    "stale": "❌ metrics file ≠ its per-query file",
     "new_test_set": "❌ NEW TEST SET",
     "new_test_set_allowed": "⚠️ NEW TEST SET (allowed)",
     "regression": "❌ regression",
@@ -293,15 +297,26 @@ def noise_at(rev: str, root: Path) -> dict[str, dict[str, Any]]:
     return {Path(path).parent.name: json.loads(text) for path, text in files.items()}
 
 
-def run_gate(rev: str = "HEAD", rule: GateRule = GateRule(), root: str | Path = ".") -> tuple[bool, str]:
-    """(passed, Markdown report) for the workspace's evaluations against revision `rev`."""
+def run_gate(
+    rev: str = "HEAD",
+    rule: GateRule = GateRule(),
+    root: str | Path = ".",
+    audit_with: EvalSettings | None = None,
+) -> tuple[bool, str]:
+    """(passed, Markdown report) for the workspace's evaluations against revision `rev`.
+
+    With `audit_with` (the evaluate params), every metrics file must also agree with its per-query file
+    (cliprec.audit): a disagreement fails, one line each.
+    """
     root = Path(root)
+    stale = audit(root, audit_with) if audit_with is not None else []
     old = {p: json.loads(t) for p, t in revision_files(rev, root).items()}
     new = {p: json.loads(t) for p, t in workspace_files(root).items()}
     if not old and not new:
         raise GateError(f"no {METRICS}/{RANKS_GLOB} at {rev} nor in the workspace: run `dvc repro` first")
     noise = noise_at(rev, root)
     verdicts = decide(new, old, rule, noise)
+    verdicts += [Verdict(line.split(":", 1)[0], "—", "—", "stale", line.split(": ", 1)[1]) for line in stale]
     passed = not any(v.failed for v in verdicts)
     log.info("gate: %s (%d verdicts vs %s)", "pass" if passed else "FAIL", len(verdicts), rev)
     return passed, markdown(verdicts, rev, rule, _noise_note(old, noise, rev))

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 from helpers import ranks_doc, with_queries
 
+from cliprec.audit import expected_detail
 from cliprec.cli import main
+from cliprec.evaluate import EvalSettings, headline
 from cliprec.gate import GateRule, decide, markdown, seed_bound
+from cliprec.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 LORA = "metrics/Amazon_Fashion/lora.ranks.json"
@@ -160,11 +163,18 @@ def repo(tmp_path):
     (repo / LORA).parent.mkdir(parents=True)
     _git(repo, "init", "-q")
     shutil.copy(REPO / "params.yaml", repo / "params.yaml")
-    (repo / LORA).write_text(json.dumps(baseline()))
-    (repo / LORA.replace(".ranks", "")).write_text(json.dumps({"text_to_image": {"recall_at_5": 0.3}}))
+    write_evaluation(repo, baseline())
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", "metrics")
     return repo
+
+
+def write_evaluation(repo: Path, ranks: dict) -> None:
+    """LORA and the metrics files the evaluate stage writes from it (cliprec.audit recomputes them)."""
+    detail = expected_detail(ranks, EvalSettings.from_params(load_params(REPO / "params.yaml")))
+    (repo / LORA).write_text(json.dumps(ranks))
+    (repo / LORA.replace(".ranks", ".detail")).write_text(json.dumps(detail))
+    (repo / LORA.replace(".ranks", "")).write_text(json.dumps(headline(detail, "Amazon_Fashion", "lora")))
 
 
 needs_git = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -179,11 +189,21 @@ def test_gate_end_to_end(repo, capsys):
         and "has no metrics/Amazon_Fashion/noise.detail.json" in out
     )
 
-    (repo / LORA).write_text(json.dumps(with_t2i(baseline(), {i: 20 for i in range(30, 60)})))
+    write_evaluation(repo, with_t2i(baseline(), {i: 20 for i in range(30, 60)}))
     assert main(["--root", str(repo), "gate"]) == 1
     assert "❌ regression" in capsys.readouterr().out
 
-    (repo / LORA).write_text(json.dumps(ranks_doc([1] * 10)))  # a hand-shrunk, "perfect" test set
+    write_evaluation(repo, baseline())  # the ranks as committed, but a headline edited by hand
+    (repo / LORA.replace(".ranks", "")).write_text(json.dumps({"Amazon_Fashion": {"lora_t2i_r5": 0.45}}))
+    assert main(["--root", str(repo), "gate"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "Every per-query rank is unchanged" not in out
+    assert (
+        "| metrics/Amazon_Fashion/lora.json | — | — | | | Amazon_Fashion.lora_t2i_r5: stated 0.45, its "
+        in out
+    )
+
+    write_evaluation(repo, ranks_doc([1] * 10))  # a hand-shrunk, "perfect" test set
     assert main(["--root", str(repo), "gate"]) == 1
     assert "NEW TEST SET" in capsys.readouterr().out
     assert main(["--root", str(repo), "gate", "--allow-new-test-set"]) == 0
@@ -197,13 +217,16 @@ def test_gate_end_to_end(repo, capsys):
 def test_reproduce_requires_equal_ranks_and_metrics(repo, capsys):
     assert main(["--root", str(repo), "gate", "--reproduce"]) == 0
     assert "PASS" in capsys.readouterr().out
-    metrics = repo / LORA.replace(".ranks", "")
-    metrics.write_text(json.dumps({"text_to_image": {"recall_at_5": 0.3}, "avg_mean_similarity_at_5": 1e-6}))
+    metrics = repo / LORA.replace(".ranks", ".detail")
+    committed = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps(committed | {"avg_mean_similarity_at_5": 1e-6}))
     assert main(["--root", str(repo), "gate", "--reproduce"]) == 1  # a new key
-    metrics.write_text(json.dumps({"text_to_image": {"recall_at_5": 0.305}}))
+    edited = json.loads(json.dumps(committed))
+    edited["text_to_image"]["recall_at_5"] = 0.305
+    metrics.write_text(json.dumps(edited))
     assert main(["--root", str(repo), "gate", "--reproduce"]) == 1
     assert "text_to_image.recall_at_5: 0.3 -> 0.305" in capsys.readouterr().out
-    metrics.write_text(json.dumps({"text_to_image": {"recall_at_5": 0.3}}))
+    metrics.write_text(json.dumps(committed))
     (repo / LORA).write_text(json.dumps(with_t2i(baseline(), {199: 19})))  # one rank moved
     assert main(["--root", str(repo), "gate", "--reproduce"]) == 1
     assert "ranks.text_to_image.199: 20 -> 19" in capsys.readouterr().out
