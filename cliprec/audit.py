@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from cliprec import compare, evaluate, paths
-from cliprec.compare import mode_values
+from cliprec import compare, evaluate, paths, query_eval
+from cliprec.graded import is_graded
 
 TOLERANCE = 1.5e-6  # the files round to 6 decimals
 
@@ -49,6 +49,12 @@ def expected_detail(ranks: dict[str, Any], settings: evaluate.EvalSettings) -> d
     """What the evaluate stage writes per mode from these ranks: metrics, ci95, queries, gallery_size."""
     out: dict[str, Any] = {}
     for mode, by_position in ranks["ranks"].items():
+        if is_graded(
+            by_position
+        ):  # shopper queries: their block from their graded ranks (cliprec.query_eval)
+            exact, query_set = ranks["exact"][mode], ranks["query_sets"][mode]
+            out[mode] = query_eval.queries_block(by_position, exact, query_set, settings)
+            continue
         values = np.array([r for r in by_position if r is not None], dtype=np.int64)
         metrics, _ = evaluate.mode_metrics(values, tuple(ranks["ks"]), settings)
         metrics.update(queries=int(len(values)), gallery_size=int(ranks["test_set"]["gallery_size"]))
@@ -121,6 +127,3 @@ def audit(root: str | Path, settings: evaluate.EvalSettings) -> list[str]:
         if all((root / paths.ranks_path(category, v)).exists() for v in ("lora", "zeroshot")):
             problems += audit_comparison(root, category, settings)
     return problems
-
-
-__all__ = ["audit", "audit_comparison", "audit_evaluation", "expected_detail", "mode_values"]

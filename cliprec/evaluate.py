@@ -80,8 +80,9 @@ TIE_EPS = 1e-5  # float32 inner products of equal vectors can differ in the last
 # one per variant and category; the key names the category and variant, because DVC heads a column with
 # its key alone only where no other metrics file has the same key (else with the file's long path).
 HEADLINE = (("text_to_image", "recall_at_5", "t2i_r5"),)  # (mode, metric, key suffix)
-# and the shopper queries' block, under "<variant>_queries": these metrics, the counts, and their CIs as
-# [low, high] LISTS, which DVC does not turn into columns (`dvc exp show` gains a column per value only)
+# and the shopper queries' block under "queries", the mode's name as in every other file: these metrics,
+# the counts, and their CIs as [low, high] LISTS, which DVC does not turn into `dvc exp show` columns (the
+# zero-shot and LoRA files share these keys, so DVC heads their columns with the file's path)
 QUERIES_HEADLINE = ("ndcg_at_10", "ndcg_at_100", "recall_at_10", "recall_at_100", "mrr")
 
 
@@ -343,7 +344,7 @@ def _shopper_queries(
     ann_positions, _ = index.search_positions(vectors, depth)
     exact_positions, _ = exact_topk(vectors, emb.fused, depth)
     run = QueryRun(meta, ann_positions, exact_positions, emb.row, len(emb.ids))
-    return queries_mode(run, s.resamples, s.confidence, s.seed)
+    return queries_mode(run, s)
 
 
 def evaluate(
@@ -419,7 +420,7 @@ def _check_keys(value: Any, where: str = "") -> None:
 
 def headline(metrics: dict[str, Any], category: str, variant: str) -> dict[str, Any]:
     """The DVC metrics file: `HEADLINE`'s metrics, as {category: {"<variant>_t2i_r5": value}}, no CIs, and
-    the shopper queries' block {category: {"<variant>_queries": {...}}} (`QUERIES_HEADLINE`).
+    the shopper queries' block {category: {"queries": {...}}} (`QUERIES_HEADLINE`).
 
     A metric that `evaluate.ks` leaves out is left out.
     """
@@ -431,7 +432,7 @@ def headline(metrics: dict[str, Any], category: str, variant: str) -> dict[str, 
     q = metrics.get(QUERIES)
     if q is not None:
         ci = q.get("ci95", {})
-        values[f"{variant}_{QUERIES}"] = {
+        values[QUERIES] = {
             **{m: q[m] for m in QUERIES_HEADLINE},
             "queries": q["queries"],
             "gallery_size": q["gallery_size"],

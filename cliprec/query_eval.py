@@ -110,41 +110,54 @@ class QueryRun:
     gallery_size: int
 
 
-def queries_mode(
-    run: QueryRun, resamples: int, confidence: float, seed: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the detail file's `queries` block, the ranks file's part: ranks, exact ranks, query set)."""
-    ann, exact = (judge(p, run.meta, run.row_of) for p in (run.ann_positions, run.exact_positions))
-    block = summarise(ann, resamples, confidence, seed)
-    reference = summarise(exact, resamples, confidence, seed)
+def queries_block(
+    ann: Sequence[Sequence[Sequence[int]]],
+    exact: Sequence[Sequence[Sequence[int]]],
+    query_set: Mapping[str, Any],
+    settings: Any,
+) -> dict[str, Any]:
+    """The detail file's `queries` block from the ranks file's part of it (what cliprec.audit recomputes):
+    the index's metrics with CIs, the exact reference, what the index loses, and by target split.
+
+    `settings` has `resamples`, `confidence` and `seed` (cliprec.evaluate.EvalSettings).
+    """
+    s = settings
+    block = summarise(ann, s.resamples, s.confidence, s.seed)
+    reference = summarise(exact, s.resamples, s.confidence, s.seed)
     names = [k for k in block if k not in ("ci95", "queries")]
-    splits = [m["target_split"] for m in run.meta]
-    block |= {
-        "gallery_size": run.gallery_size,
-        "depth": GRADED_DEPTH,
-        "relevant_not_indexed": sum(pid not in run.row_of for m in run.meta for pid in m["relevant"]),
+    splits = list(query_set["target_split"])
+    return block | {
+        "gallery_size": query_set["gallery_size"],
+        "depth": query_set["depth"],
         "exact": reference,
         "ann_loss": {name: reference[name] - block[name] for name in names},
         "by_target_split": {
-            split: summarise([j for j, s in zip(ann, splits) if s == split], resamples, confidence, seed)
+            split: summarise(
+                [j for j, t in zip(ann, splits) if t == split], s.resamples, s.confidence, s.seed
+            )
             for split in TARGET_SPLITS
             if split in splits
         },
     }
+
+
+def queries_mode(run: QueryRun, settings: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the detail file's `queries` block, the ranks file's part: ranks, exact ranks, query set)."""
+    ann, exact = (judge(p, run.meta, run.row_of) for p in (run.ann_positions, run.exact_positions))
     ids = [m["query_id"] for m in run.meta]
-    ranks_part = {
-        "ranks": ann,
-        "exact": exact,
-        "query_set": {
-            "ids_sha256": query_digest(ids),
-            "queries": len(ids),
-            "depth": GRADED_DEPTH,
-            "ids": ids,
-            "target_split": splits,
-        },  # fmt: skip
+    query_set = {
+        "ids_sha256": query_digest(ids),
+        "queries": len(ids),
+        "depth": GRADED_DEPTH,
+        "gallery_size": run.gallery_size,
+        "ids": ids,
+        "target_split": [m["target_split"] for m in run.meta],
     }
+    block = queries_block(ann, exact, query_set, settings)
+    # not in the ranks file (a rank of 0 is "not found" either way): reported, not recomputed
+    block["relevant_not_indexed"] = sum(pid not in run.row_of for m in run.meta for pid in m["relevant"])
     log.info(
         "evaluate: queries nDCG@10 %.4f (exact %.4f) MRR %.4f (%d test queries, %d products)",
-        block["ndcg_at_10"], reference["ndcg_at_10"], block["mrr"], len(ids), run.gallery_size,
+        block["ndcg_at_10"], block["exact"]["ndcg_at_10"], block["mrr"], len(ids), run.gallery_size,
     )  # fmt: skip
-    return block, ranks_part
+    return block, {"ranks": ann, "exact": exact, "query_set": query_set}

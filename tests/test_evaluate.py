@@ -358,7 +358,7 @@ def test_the_headline_carries_the_queries_block_with_list_cis(tmp_path):
     fx = make_fixture(tmp_path)
     make_query_vectors(fx, tmp_path / "q")
     metrics = evaluate(fx["products"], fx["embed"], fx["index"], queries_dir=tmp_path / "q")[0]
-    block = headline(metrics, "Cat", "lora")["Cat"]["lora_queries"]
+    block = headline(metrics, "Cat", "lora")["Cat"]["queries"]
     assert set(block) == {*GRADED_METRICS, "queries", "gallery_size", "ci95"}
     assert block["gallery_size"] == 119 and block["queries"] == 20
     assert all(isinstance(v, list) and len(v) == 2 for v in block["ci95"].values())

@@ -194,7 +194,7 @@ def test_the_stages_embed_the_queries_and_evaluate_them_on_the_whole_catalog(
         assert manifest["n"] == 8 and manifest["long_text"] == "truncate"
         q = json.loads(paths.metrics_detail_path(CAT, variant).read_text())["queries"]
         assert q["queries"] == 7 and q["gallery_size"] == len(ids) and set(q["by_target_split"]) == {"train"}
-        shown = json.loads(paths.metrics_path(CAT, variant).read_text())[CAT][f"{variant}_queries"]
+        shown = json.loads(paths.metrics_path(CAT, variant).read_text())[CAT]["queries"]
         assert shown["queries"] == 7 and shown["ndcg_at_10"] == q["ndcg_at_10"]
     lora, zeroshot = (np.load(paths.embed_queries_dir(CAT, v) / "vectors.npy") for v in ("lora", "zeroshot"))
     assert not np.allclose(lora, zeroshot)  # each variant's own model
