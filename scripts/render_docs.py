@@ -337,7 +337,7 @@ def results_index() -> list[str]:
 
 
 def results() -> list[str]:
-    """The demo's results table, from the committed metrics files through `cliprec report`'s numbers."""
+    """The demo's results table, from the committed metrics and noise files through `cliprec report`."""
     sys.path.insert(0, str(REPO))
     from cliprec.report import MODES, SHORT, report_data
 
@@ -350,12 +350,26 @@ def results() -> list[str]:
             for m in metrics:
                 e = modes.get(mode, {}).get(m)
                 if e:
+                    d = e.get("lora_minus_zeroshot")
                     rows.append([cat, MODES[mode], SHORT[m], _ci(e.get("zeroshot")), _ci(e.get("lora")),
-                                 _diff(e.get("lora_minus_zeroshot"))])  # fmt: skip
+                                 _spread((e.get("lora") or {}).get("seeds")), _diff(d),
+                                 _spread((d or {}).get("seeds"), signed=True)])  # fmt: skip
     for cat, src in notes["sources"].items():
         sims = [_seed(src.metrics.get(v)) for v in ("zeroshot", "lora")]
-        rows.append([cat, "seed", "sim@5 (w/o self)", *sims, "(not paired: not a relevance metric)"])
-    return _table(["Category", "Mode", "Metric", "zero-shot", "LoRA", "LoRA − zero-shot (paired)"], rows)
+        rows.append(
+            [cat, "seed", "sim@5 (w/o self)", *sims, "—", "(not paired: not a relevance metric)", "—"]
+        )
+    head = ["Category", "Mode", "Metric", "zero-shot", "LoRA (committed run)", "LoRA over seeds",
+            "LoRA − zero-shot (paired)", "gain over seeds"]  # fmt: skip
+    return _table(head, rows)
+
+
+def _spread(s: dict[str, Any] | None, signed: bool = False) -> str:
+    """mean ± sd over training seeds (from the noise file), or '—'."""
+    if not s or s.get("mean") is None:
+        return "—"
+    mean = f"{s['mean']:+.3f}" if signed else f"{s['mean']:.3f}"
+    return f"{mean} ± {s['sd']:.3f}".replace("-", "−")
 
 
 def _seed(metrics: dict[str, Any] | None) -> str:
@@ -380,6 +394,8 @@ def _diff(d: dict[str, Any] | None) -> str:
     if not d:
         return "—"
     p = "p < 0.001" if d["p_value"] < 0.001 else f"p {d['p_value']:.3f}"
+    holm = d.get("p_holm")
+    p += "" if holm is None else f" (Holm {holm:.3f})"
     cell = f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]".replace("-", "−")
     return (f"**{cell}**" if d["significant"] else cell) + f", {p}"
 
