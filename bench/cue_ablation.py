@@ -8,7 +8,7 @@ script re-scores the committed T->I evaluation with those cues removed from the 
 
 1. `as_is`: the queries as the evaluate stage builds them (each test product's summary, embedded with
    the variant's model in the embed stage's batches). Must reproduce the committed ranks, metrics and
-   LoRA - zero-shot comparison exactly: asserted, so the rebuilt evaluation is the pipeline's.
+   LoRA - zero-shot comparison exactly: checked (NotReproduced), so the rebuilt evaluation is the pipeline's.
 2. `no_brands`: every brand name of the category's vocabulary removed (whole names, any case).
 3. `no_brands_no_catalog_words`: also every catalog-only word removed: a word of the category's
    summaries that a pre-training caption never uses on its common path (`generic_caption` with
@@ -60,6 +60,15 @@ WORD = re.compile(r"[^\W_]+")  # a run of letters or digits: "Off-White" is two 
 CONTROLS = {"no_brands": "random_words_as_brands", "no_brands_no_catalog_words": "no_brands_random_words"}
 DRAWS = 5  # random draws per control: its per-query values are their mean, so one draw's luck averages out
 TEXT_ATOL = 1e-5  # re-encoded summaries vs the committed text.npy (float32, other BLAS blocking)
+
+
+class NotReproduced(RuntimeError):
+    """The rebuilt as-is evaluation is not the committed one: the other conditions would mean nothing."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise NotReproduced(message)
 
 
 def words(text: str) -> list[str]:
@@ -129,7 +138,7 @@ class Settings:
     confidence: float
     seed: int
     batch_size: int
-    draws: int = 1
+    draws: int = DRAWS
 
 
 @dataclass
@@ -187,15 +196,17 @@ def query_ranks(v: Variant, text_of: dict[str, str], batch_size: int) -> tuple[n
 
 
 def check_as_is(v: Variant, ranks: np.ndarray, queries: np.ndarray, ks: tuple[int, ...], where: str) -> None:
-    """Assert that the rebuilt as-is evaluation is the committed one: vectors, every rank, every metric."""
+    """NotReproduced unless the rebuilt as-is evaluation is the committed one: vectors, ranks, metrics."""
     from cliprec.metrics import per_query
 
     committed = np.asarray(v.gallery.text)
-    assert np.allclose(queries, committed, atol=TEXT_ATOL), f"{where}: text vectors differ from text.npy"
-    assert ranks.tolist() == v.ranks, f"{where}: ranks differ from the committed ranks file"
+    _require(np.allclose(queries, committed, atol=TEXT_ATOL), f"{where}: text vectors differ from text.npy")
+    _require(ranks.tolist() == v.ranks, f"{where}: ranks differ from the committed ranks file")
     for name, values in per_query(ranks, ks).items():
         want = v.metrics[name]
-        assert round(float(values.mean()), 6) == want, f"{where}: {name} {values.mean()} != committed {want}"
+        _require(
+            round(float(values.mean()), 6) == want, f"{where}: {name} {values.mean()} != committed {want}"
+        )
 
 
 def ratio_ci(gain: np.ndarray, base: np.ndarray, s: Settings) -> dict[str, float | None]:
@@ -220,10 +231,12 @@ def summaries(root: Path, category: str) -> dict[str, str]:
     import pandas as pd
 
     from cliprec import paths
+    from cliprec.errors import CliprecError
 
-    frame = pd.read_parquet(
-        root / paths.summaries_dir(category) / "summaries.parquet", columns=["id", "summary"]
-    )
+    path = root / paths.summaries_dir(category) / "summaries.parquet"
+    if not path.is_file():
+        raise CliprecError(f"{path} is missing: run `dvc repro` (or `dvc checkout`) in {root} first")
+    frame = pd.read_parquet(path, columns=["id", "summary"])
     return {i: s for i, s in zip(frame["id"], frame["summary"], strict=True) if s}
 
 
@@ -272,7 +285,7 @@ def condition_values(
     variants: dict[str, Variant], texts: list[dict[str, str]], s: Settings, check: str | None = None
 ) -> dict[str, dict[str, np.ndarray]]:
     """{variant: {metric: per-query values}}, averaged over the condition's text sets (draws); with `check`
-    (a label), the as-is ranks are first asserted to be the committed ones (`check_as_is`)."""
+    (a label), the as-is ranks are first checked to be the committed ones (`check_as_is`)."""
     from cliprec.metrics import per_query
 
     out = {}
@@ -336,9 +349,10 @@ def ablate_category(
     catalog_only = catalog_only_words(text_of.values(), captions[0], brands)
     variants = {v: load_variant(root, category, v) for v in VARIANTS}
     g = variants["lora"].gallery
-    assert g.ids == variants["zeroshot"].gallery.ids, f"{category}: the variants' galleries differ"
+    _require(g.ids == variants["zeroshot"].gallery.ids, f"{category}: the variants' galleries differ")
     committed = json.loads((root / paths.compare_detail_path(category)).read_text())
-    assert (committed["resamples"], committed["confidence"]) == (s.resamples, s.confidence), category
+    stats = (committed["resamples"], committed["confidence"])
+    _require(stats == (s.resamples, s.confidence), f"{category}: compare.detail.json used other statistics")
     conditions: dict[str, Any] = {}
     texts = condition_texts(text_of, (brands, catalog_only), s.seed, s.draws)
     as_is = condition_values(variants, texts["as_is"], s, check=category)
@@ -353,7 +367,7 @@ def ablate_category(
         conditions[name]["gain_vs_control"] = gain_vs_control(gains[name], gains[control], s)
     want = committed["lora_minus_zeroshot"][MODE]
     same = all(conditions["as_is"]["metrics"][m]["difference"] == want[m] for m in METRICS)
-    assert same, f"{category}: the as-is comparison is not the committed compare.detail.json"
+    _require(same, f"{category}: the as-is comparison is not the committed compare.detail.json")
     cues = {"brands": sorted(brands), "catalog_only_words": catalog_only}
     shares = word_shares(cues, [text_of[i] for i in g.ids], captions[1])
     return {**cues, "word_shares": shares, "conditions": conditions}
@@ -455,4 +469,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cliprec.errors import CliprecError
+
+    try:
+        main()
+    except (CliprecError, NotReproduced, OSError) as e:  # missing or stale artefacts: say which, no traceback
+        raise SystemExit(f"error: {e}") from None
