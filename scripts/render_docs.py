@@ -314,6 +314,56 @@ def fanout() -> list[str]:
     return [*out, "", "Per module: [docs/layout.md](layout.md).", "", *lines]
 
 
+def cue_ablation() -> list[str]:
+    """The LoRA - zero-shot T->I gain with brands, then catalog-only words, removed from the test queries."""
+    d = _load("cue_ablation")
+    names = {"as_is": "as built", "no_brands": "brands removed",
+             "random_words_as_brands": "as many random words removed (control)",
+             "no_brands_no_catalog_words": "brands + catalog-only words removed",
+             "no_brands_random_words": "brands + as many random words removed (control)"}  # fmt: skip
+    cats = list(d["categories"])
+    header = ["test queries", *(f"{c}: words removed" for c in cats), *(f"{c}: R@5 gain, kept" for c in cats)]
+    rows = []
+    for cond, label in names.items():
+        cells = [d["categories"][c]["conditions"][cond] for c in cats]
+        removed = [f"{x['words_removed_share']:.0%}" for x in cells]
+        rows.append([label, *removed, *(_kept(x["metrics"]["recall_at_5"]) for x in cells)])
+    shares = [d["categories"][c]["word_shares"] for c in cats]
+    words = ", ".join(
+        f"{c} {s['brand_share_of_query_words']:.1%} / {s['catalog_only_share_of_query_words']:.0%}"
+        for c, s in zip(cats, shares)
+    )
+    caption = max(s["catalog_only_share_of_pretraining_words"] for s in shares)
+    vs = "; ".join(
+        f"{c}, {names[cond]}: {_plain(r['conditions'][cond]['gain_vs_control']['recall_at_5'])}"
+        for c, r in d["categories"].items()
+        for cond in ("no_brands", "no_brands_no_catalog_words")
+    )
+    return _table(header, rows) + [
+        "",
+        f"R@5 gain with the cue words removed minus the gain of its control (paired): {vs}.",
+        "",
+        f"Brand / catalog-only words in the test queries: {words}; in the demo CLIP's pre-training captions: "
+        f"0 / ≤ {caption:.1%} of the words.",
+        "",
+        measured_on(d["machine"], "bench/results/cue_ablation.json"),
+    ]
+
+
+def _kept(e: dict[str, Any]) -> str:
+    """A gain cell: the paired difference with its CI and p, and the share of the as-built gain it keeps."""
+    cell = _plain(e["difference"])
+    g = e["gain_remaining"]
+    if g is None:
+        return cell
+    return f"{cell}; {g['value']:.0%}" + ("" if g["low"] is None else f" [{g['low']:.0%}, {g['high']:.0%}]")
+
+
+def _plain(d: dict[str, Any]) -> str:
+    """A paired difference with its CI and p, never bold (these differences are not a tested family)."""
+    return _diff({**d, "significant": False})
+
+
 def _runs(d: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(section, machine) of every run a results file records: the file's own and each section's."""
     runs = [("", d["machine"])] if "machine" in d else []
@@ -337,7 +387,7 @@ def results_index() -> list[str]:
 
 
 def results() -> list[str]:
-    """The demo's results table, from the committed metrics files through `cliprec report`'s numbers."""
+    """The demo's results table, from the committed metrics and noise files through `cliprec report`."""
     sys.path.insert(0, str(REPO))
     from cliprec.report import MODES, SHORT, report_data
 
@@ -350,12 +400,26 @@ def results() -> list[str]:
             for m in metrics:
                 e = modes.get(mode, {}).get(m)
                 if e:
+                    d = e.get("lora_minus_zeroshot")
                     rows.append([cat, MODES[mode], SHORT[m], _ci(e.get("zeroshot")), _ci(e.get("lora")),
-                                 _diff(e.get("lora_minus_zeroshot"))])  # fmt: skip
+                                 _spread((e.get("lora") or {}).get("seeds")), _diff(d),
+                                 _spread((d or {}).get("seeds"), signed=True)])  # fmt: skip
     for cat, src in notes["sources"].items():
         sims = [_seed(src.metrics.get(v)) for v in ("zeroshot", "lora")]
-        rows.append([cat, "seed", "sim@5 (w/o self)", *sims, "(not paired: not a relevance metric)"])
-    return _table(["Category", "Mode", "Metric", "zero-shot", "LoRA", "LoRA − zero-shot (paired)"], rows)
+        rows.append(
+            [cat, "seed", "sim@5 (w/o self)", *sims, "—", "(not paired: not a relevance metric)", "—"]
+        )
+    head = ["Category", "Mode", "Metric", "zero-shot", "LoRA (committed run)", "LoRA over seeds",
+            "LoRA − zero-shot (paired)", "gain over seeds"]  # fmt: skip
+    return _table(head, rows)
+
+
+def _spread(s: dict[str, Any] | None, signed: bool = False) -> str:
+    """mean ± sd over training seeds (from the noise file), or '—'."""
+    if not s or s.get("mean") is None:
+        return "—"
+    mean = f"{s['mean']:+.3f}" if signed else f"{s['mean']:.3f}"
+    return f"{mean} ± {s['sd']:.3f}".replace("-", "−")
 
 
 def _seed(metrics: dict[str, Any] | None) -> str:
@@ -380,6 +444,8 @@ def _diff(d: dict[str, Any] | None) -> str:
     if not d:
         return "—"
     p = "p < 0.001" if d["p_value"] < 0.001 else f"p {d['p_value']:.3f}"
+    holm = d.get("p_holm")
+    p += "" if holm is None else f" (Holm {holm:.3f})"
     cell = f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]".replace("-", "−")
     return (f"**{cell}**" if d["significant"] else cell) + f", {p}"
 
@@ -387,7 +453,7 @@ def _diff(d: dict[str, Any] | None) -> str:
 RENDERERS: dict[str, Callable[[], list[str]]] = {
     f.__name__: f
     for f in (serve_load, serve_hostile, scale, repro, embed_throughput, fetch_images, faiss_scale,
-              train_step, study_rehearsal, study_projection, fanout, results, results_index)
+              train_step, study_rehearsal, study_projection, fanout, results, results_index, cue_ablation)
 }  # fmt: skip
 
 
