@@ -23,6 +23,16 @@ def products_path(category: str) -> Path:
     return ingest_dir(category) / "products.parquet"
 
 
+def queries_dir(category: str) -> Path:
+    """queries.jsonl (the kept shopper queries, val and test) + photos/ + report.json + manifest.json."""
+    return DATA / "queries" / category
+
+
+def catalog_queries_path(category: str) -> Path:
+    """What the category's query set reads (source, local file, sha256): the catalog stage's output."""
+    return DATA / "catalog" / category / "queries.json"
+
+
 def summaries_dir(category: str) -> Path:
     """summaries.parquet (id, summary) + report.json."""
     return DATA / "summaries" / category
@@ -104,7 +114,13 @@ def recall_plot_path(category: str, variant: str) -> Path:
     return METRICS / category / "plots" / f"recall_at_k_{variant}.json"
 
 
-_STAGE_OF = {"ingest": "ingest", "summaries": "summarize", "images": "images", "train": "train"}
+_STAGE_OF = {
+    "ingest": "ingest",
+    "queries": "queries",
+    "summaries": "summarize",
+    "images": "images",
+    "train": "train",
+}
 
 
 def rebuild_hint(path: str | Path) -> str:
