@@ -275,7 +275,7 @@ def query_targets(category: str, src: QuerySource) -> set[str]:
         return set()
     found = read_queries(category, src)
     targets = {pid for row in found.rows for pid in row["relevant"]}
-    log.info(
+    log.debug(
         "queries %s (%s): %d queries name %d products", category, src.source, len(found.rows), len(targets)
     )
     return targets

@@ -116,8 +116,8 @@ def _in_catalog(found: QueryRows, splits: Mapping[str, str]) -> tuple[list[dict[
     kept, pruned = [], 0
     for row in found.rows:
         relevant = {pid: g for pid, g in row["relevant"].items() if pid in splits}
-        pruned += len(row["relevant"]) - len(relevant)
         if relevant:
+            pruned += len(row["relevant"]) - len(relevant)
             kept.append({**row, "relevant": relevant})
         else:
             found.drop(

@@ -150,7 +150,7 @@ def _describe(category: str, truth: dict[str, Any], rng: np.random.Generator) ->
     wants = Wants(type=truth["type"])
     colour_word = _pick(rng, words["colour_words"][truth["colour"]])
     head = _pick(rng, tw["needs"]) if use_need else _pick(rng, tw["words"])
-    if colour or (not pattern and not use_need):
+    if colour or not pattern:  # a query states a colour or a pattern: else it would want a whole type
         wants = replace(wants, colour=truth["colour"])
         head = f"{head}, {colour_word}" if use_need else f"{colour_word} {head}"
     opener = _pick(rng, words["openers"])
