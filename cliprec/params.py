@@ -200,13 +200,14 @@ class Queries(_Block):
     # c4 only: null reads the hub dataset McAuley-Lab/Amazon-C4; or a directory under catalog/ laid out like
     # the hub repo (<hub_root>/test.csv)
     hub_root: str | None
-    n_queries: int | None = Field(ge=1)  # synthetic only: how many queries to write per category
+    # per category: synthetic writes this many; c4 and jsonl keep at most this many (null: all of them)
+    n_queries: int | None = Field(ge=1)
     val_fraction: float = Field(gt=0, lt=1)  # sha1(query_id) below it: val, else test
 
     @model_validator(mode="after")
     def _source_needs(self) -> Queries:
-        if (self.source == "synthetic") != (self.n_queries is not None):
-            raise ValueError("n_queries is set for source 'synthetic' (how many to write) and null otherwise")
+        if self.source == "synthetic" and self.n_queries is None:
+            raise ValueError("source 'synthetic' needs n_queries (how many queries to write per category)")
         if self.source == "jsonl":
             if not self.path or not _under_catalog(self.path):
                 raise ValueError(

@@ -5,7 +5,9 @@ the ingested catalog), then per query, in this order: relevant products outside 
 are left out (`relevant_pruned` counts them) and a query left with none is `unknown_product`; its photo
 is read with the images stage's own code (cliprec.fetch / cliprec.codec: the same limits, decoded and
 re-encoded at `images.side`), and a photo that cannot be read drops the query (`unreadable_photo`).
-A jsonl query's photo path is relative to catalog/ and must stay inside it.
+A jsonl query's photo path is relative to catalog/ and must stay inside it. For c4 and jsonl,
+`queries.n_queries` keeps at most that many of the usable queries (by a hash of the id; the rest are
+`beyond_n_queries`, no bad rows): `rows_read == kept + sum(dropped) + beyond_n_queries`.
 
 Outputs (the interface of the stages that embed and evaluate the queries):
 - queries.jsonl, sorted by query_id, one kept query a line: {"query_id", "text" (or null), "image"
@@ -56,7 +58,7 @@ class QuerySetSpec:
     source: QuerySource
     val_fraction: float
     images: Images
-    n_queries: int | None = None  # synthetic only
+    n_queries: int | None = None  # synthetic: how many to write; else at most this many (None: all)
     seed: int = 0  # synthetic only: the data seed the world draws its shoppers with
 
 
@@ -109,6 +111,14 @@ def _read(
         )
     path, traits = generate_queries(category, ids, ingest_dir / "raw", spec.n_queries, spec.seed, tmp)
     return read_jsonl(path), tmp, traits
+
+
+def _sample(rows: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
+    """At most n rows: those with the smallest sha1("sample:<query_id>") (not the split's hash: val and test
+    keep their shares), so a bigger n keeps every query a smaller one kept."""
+    if n is None or len(rows) <= n:
+        return rows
+    return sorted(rows, key=lambda r: hashlib.sha1(f"sample:{r['query_id']}".encode()).digest())[:n]
 
 
 def _in_catalog(found: QueryRows, splits: Mapping[str, str]) -> tuple[list[dict[str, Any]], int]:
@@ -184,6 +194,7 @@ def _report(category: str, source: str, found: QueryRows, rows: list[dict], extr
         "kept": len(rows),
         "dropped": found.dropped,
         "relevant_pruned": extra["pruned"],  # judgements of kept queries naming products outside the catalog
+        "beyond_n_queries": extra["beyond_n"],  # usable, but past queries.n_queries (not a bad row)
         "splits": {s: sum(r["split"] == s for r in rows) for s in SPLITS},
         "kinds": {k: sum(r["kind"] == k for r in rows) for k in KINDS},
         "target_splits": {t: sum(r["target_split"] == t for r in rows) for t in TARGET_SPLITS},
@@ -217,10 +228,12 @@ def build_query_set(category: str, spec: QuerySetSpec, ingest_dir: str | Path, o
     with tempfile.TemporaryDirectory(prefix="cliprec-queries-") as tmp:
         found, root, traits = _read(category, spec, ingest_dir, sorted(splits), Path(tmp))
         kept, pruned = _in_catalog(found, splits)
-        kept = _photos(kept, found, root, spec.images, out_dir / PHOTOS_DIR)
+        sampled = _sample(kept, spec.n_queries)
+        beyond = len(kept) - len(sampled)
+        kept = _photos(sampled, found, root, spec.images, out_dir / PHOTOS_DIR)
     rows = [_final(r, splits, spec.val_fraction) for r in sorted(kept, key=lambda r: r["query_id"])]
     kept_traits = Counter(t for r in rows for t in traits.get(r["query_id"], ()))
-    extra = {"pruned": pruned, "traits": dict(sorted(kept_traits.items()))}
+    extra = {"pruned": pruned, "traits": dict(sorted(kept_traits.items())), "beyond_n": beyond}
     report = _report(category, spec.source.source, found, rows, extra)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     (out_dir / QUERIES_FILE).write_text(text, encoding="utf-8")

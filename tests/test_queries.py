@@ -291,11 +291,7 @@ def _params(tmp_path: Path, change) -> Path:
             "source 'jsonl' needs path, a file under catalog/",
         ),
         (lambda q: q.update(source="jsonl", path="/tmp/q.jsonl", n_queries=None), "needs path, a file under"),
-        (lambda q: q.update(n_queries=None), "n_queries is set for source 'synthetic'"),
-        (
-            lambda q: q.update(source="c4"),
-            "n_queries is set for source 'synthetic' (how many to write) and null",
-        ),
+        (lambda q: q.update(n_queries=None), "source 'synthetic' needs n_queries"),
         (
             lambda q: q.update(source="c4", n_queries=None, hub_root="elsewhere/c4"),
             "must be a directory under",
@@ -308,6 +304,29 @@ def test_bad_query_params_are_one_line(tmp_path, change, message):
     with pytest.raises(ParamsError) as e:
         load_params(_params(tmp_path, change))
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_c4_in_the_demo_takes_two_overrides(tmp_path):
+    """`-S setups.demo.queries.source=c4 -S setups.demo.queries.hub_root=catalog/<dir>`, nothing else."""
+    q = load_params(_params(tmp_path, lambda q: q.update(source="c4", hub_root="catalog/c4"))).active.queries
+    assert (q.source, q.hub_root, q.n_queries) == ("c4", "catalog/c4", 500)  # at most 500 of them
+
+
+def test_n_queries_caps_a_query_log_by_a_hash_that_nests(project):
+    lines = [{"query_id": f"q{i:03d}", "text": "t", "relevant": {f"P{i % 64:04d}": 1}} for i in range(120)]
+    _jsonl(project / "catalog" / "log.jsonl", lines)
+    src = QuerySource("jsonl", path="catalog/log.jsonl")
+    kept = {}
+    for n in (30, 60):
+        report = build_query_set(CAT, _spec(src, n_queries=n), "data/ingest/Tiny", f"out{n}")
+        kept[n] = {r["query_id"] for r in read_query_set(project / f"out{n}", CAT)}
+        assert report["kept"] == n and report["beyond_n_queries"] == 120 - n
+        assert (
+            report["rows_read"]
+            == report["kept"] + sum(report["dropped"].values()) + report["beyond_n_queries"]
+        )
+    assert kept[30] < kept[60]
+    assert 5 < report["splits"]["val"] < 55  # the cap does not pick by the split's hash
 
 
 def test_the_setups_read_synthetic_and_c4():
