@@ -691,7 +691,6 @@ def _report(category: str, source: str, got: _Picked, counts: dict[str, int]) ->
         "kept": got.kept,
         "dropped": counts,
         "n_products": len(got.chosen),
-        "query_targets": got.targets,  # products the query set judges relevant that this catalog holds
         "photo_groups": {  # MAIN photos shared by several products (relistings)
             "groups_with_copies": sum(n > 1 for n in sizes.values()),
             "products_in_them": sum(n for n in sizes.values() if n > 1),
@@ -729,6 +728,7 @@ def build_catalog(
     # written last: what every loader of products.parquet verifies (bytes, and the category it is of)
     write_manifest(out_dir, ["products.parquet"], {"category": category})
     _log_summary(report, out_dir / "report.json", src.n_products)
+    _log_targets(category, got.targets, len(got.chosen))
     if not got.chosen:
         raise CliprecError(f"ingest {category}: no usable product (report: {out_dir / 'report.json'})")
     return report
@@ -784,6 +784,21 @@ def _price_problems(ds: datasets.Dataset) -> Counter[str]:
     return problems
 
 
+def _log_targets(category: str, targets: int, sampled: int) -> None:
+    """How many of the query set's products the sample holds (a log line, not in report.json: a new query
+    that names a product already sampled must not change ingest's output, and so rerun every later stage)."""
+    if targets > sampled:
+        logger.warning(
+            "ingest %s: the query set names %d of its products, more than n_products=%d: queries whose "
+            "products were not sampled are dropped as unknown_product",
+            category,
+            targets,
+            sampled,
+        )
+    elif targets:
+        logger.info("ingest %s: the sample holds the %d products the query set names", category, targets)
+
+
 def _log_summary(report: dict[str, Any], report_path: Path, n_products: int | None) -> None:
     """One INFO line, and one WARNING per kind of trouble (the details are in report.json)."""
     category, counts = report["category"], report["dropped"]
@@ -815,20 +830,6 @@ def _log_summary(report: dict[str, Any], report_path: Path, n_products: int | No
         )
     if unread := sum(report["prices_unread"].values()):
         logger.warning("ingest %s: %d prices not read (null): see %s", category, unread, report_path)
-    if report["query_targets"] > report["n_products"]:
-        logger.warning(
-            "ingest %s: the query set names %d of its products, more than n_products=%d: queries whose "
-            "products were not sampled are dropped as unknown_product",
-            category,
-            report["query_targets"],
-            report["n_products"],
-        )
-    elif report["query_targets"]:
-        logger.info(
-            "ingest %s: the sample holds the %d products the query set names",
-            category,
-            report["query_targets"],
-        )
     if n_products is not None and report["kept"] < n_products:
         logger.warning(
             "ingest %s: only %d usable products for n_products=%d", category, report["kept"], n_products

@@ -199,11 +199,12 @@ def test_c4_through_hub_root_loads_through_the_same_loader_and_unknown_items_are
     assert {r["target_split"] for r in rows} <= {"train", "val", "test"}
 
 
-def test_a_query_set_with_nothing_usable_is_one_line_after_its_report(project):
+def test_a_query_set_with_nothing_usable_is_empty_and_said_so(project, caplog):
     _jsonl(project / "catalog" / "q.jsonl", [{"query_id": "x", "text": "t", "relevant": {"B0GONE": 1}}])
-    with pytest.raises(CliprecError, match=r"queries Tiny: no usable query \(report: "):
-        build_query_set(CAT, _spec(QuerySource("jsonl", path="catalog/q.jsonl")), "data/ingest/Tiny", "out")
+    build_query_set(CAT, _spec(QuerySource("jsonl", path="catalog/q.jsonl")), "data/ingest/Tiny", "out")
     assert json.loads((project / "out" / "report.json").read_text())["dropped"]["unknown_product"] == 1
+    assert read_query_set(project / "out", CAT) == []
+    assert "queries Tiny: no usable query: queries.jsonl is empty" in caplog.text
 
 
 def test_the_synthetic_source_needs_the_synthetic_world(project):

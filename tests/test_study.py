@@ -127,7 +127,7 @@ def test_the_c4_path_offline_through_the_same_loader(small, tmp_path):
     targets = query_targets(CATEGORY, src)
     ingest = catalog.CatalogSource("amazon", n_products=8, hub_root=small["hub"], include=frozenset(targets))
     report = catalog.build_catalog(CATEGORY, ingest, tmp_path / "ingest")
-    assert report["query_targets"] == 6 and report["n_products"] == 8
+    assert report["n_products"] == 8
     sampled = set(pd.read_parquet(tmp_path / "ingest" / "products.parquet")["id"])
     assert targets - {"B0OTHER0000"} <= sampled and "B0OTHER0000" in targets  # 6 of the 8: every target
     spec = QuerySetSpec(src, 0.5, Images(**RAW["images"]))
