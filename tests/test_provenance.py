@@ -113,7 +113,8 @@ def test_each_ingest_depends_on_its_own_catalog_fingerprint_and_not_on_the_folde
     bodies = _stage_bodies()
     assert "catalog" in bodies["catalog"]["deps"]  # the folder: a dependency that always exists
     assert (REPO / "catalog" / "README.md").is_file()
-    assert bodies["catalog"]["outs"] == ["data/catalog/${item}/source.json", "data/catalog/${item}/queries.json"]
+    fingerprints = ["data/catalog/${item}/source.json", "data/catalog/${item}/queries.json"]
+    assert bodies["catalog"]["outs"] == fingerprints
     assert "data/catalog/${item}/source.json" in bodies["ingest"]["deps"]
     assert "catalog" not in bodies["ingest"]["deps"]
     # the query set likewise: its stage (and ingest, which samples its targets) reads the fingerprint
