@@ -8,9 +8,11 @@ size, lr and every other value are the study's. Allowed, and recorded: fewer pro
 (`setups.study.ingest.n_products`), fewer epochs and fewer categories.
 
 How: this checkout's project files go into a temporary git + DVC repository, the stand-in catalog into
-its catalog/amazon-2023 (a DVC dependency of ingest, like any local copy of the hub repo), and there
+its catalog/amazon-2023 (a DVC dependency of ingest, like any local copy of the hub repo), the stand-in
+Amazon-C4 queries into catalog/amazon-c4 (the study's query set), and there
 
     dvc exp run -S setup=study -S setups.study.ingest.hub_root=catalog/amazon-2023 \
+        -S setups.study.queries.hub_root=catalog/amazon-c4 \
         -S setups.study.model.name=<standins>/clip-vit-base-patch32 \
         -S setups.study.summarize.model=<standins>/bart-large-cnn \
         -S setups.study.ingest.n_products=N -S epochs=E [-S 'categories=[...]']
@@ -80,6 +82,7 @@ TABLE_COLUMNS = (
     "per_s",
 )
 HUB_ROOT = "catalog/amazon-2023"  # where the stand-in catalog goes in the temporary project
+C4_ROOT = "catalog/amazon-c4"  # and the stand-in C4 queries (test.csv)
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 # a tqdm bar: "<desc>:  42%|####      | 5/12 [00:03<00:04, 1.6it/s]"
 BAR = re.compile(
@@ -123,6 +126,8 @@ def make_project(root: Path, standins: Path, categories: list[str], env: dict[st
         rel = f"raw/meta_categories/meta_{category}.jsonl"
         (root / HUB_ROOT / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(standins / "amazon-2023" / rel, root / HUB_ROOT / rel)
+    (root / C4_ROOT).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(standins / "amazon-c4" / "test.csv", root / C4_ROOT / "test.csv")
     for cmd in (
         ["git", "init", "-q"],
         ["dvc", "init", "-q"],
@@ -739,11 +744,10 @@ def main(argv: list[str] | None = None) -> None:
     clip, bart = standins / "clip-vit-base-patch32", standins / "bart-large-cnn"
     base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     categories = args.categories or base["categories"]
-    missing = [p for p in (clip, bart) if not (p / "config.json").is_file()] + [
-        p
-        for c in categories
-        if not (p := standins / "amazon-2023" / "raw" / "meta_categories" / f"meta_{c}.jsonl").is_file()
+    needed = [clip / "config.json", bart / "config.json", standins / "amazon-c4" / "test.csv"] + [
+        standins / "amazon-2023" / "raw" / "meta_categories" / f"meta_{c}.jsonl" for c in categories
     ]
+    missing = [p for p in needed if not p.is_file()]
     if missing:
         sys.exit(f"missing stand-ins ({missing[0]}): run python scripts/build_study_standins.py first")
     if args.step_check_only:
@@ -762,6 +766,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {
         "setup": "study",
         "setups.study.ingest.hub_root": HUB_ROOT,
+        "setups.study.queries.hub_root": C4_ROOT,
         "setups.study.model.name": str(clip),
         "setups.study.summarize.model": str(bart),
         "setups.study.ingest.n_products": str(args.n_products),

@@ -520,12 +520,23 @@ def assign_split(product_id: str, ratios: Mapping[str, float]) -> str:
     return next(s for s, w in zip(reversed(SPLITS), reversed(weights)) if w > 0)
 
 
-def sample_ids(ids: Iterable[str], n: int | None, seed: int) -> list[str]:
-    """The n ids with the smallest sha1("<seed>:<id>") (all if n is None), sorted by id."""
+def sample_ids(ids: Iterable[str], n: int | None, seed: int, include: Iterable[str] = ()) -> list[str]:
+    """The n ids with the smallest sha1("<seed>:<id>") (all if n is None), sorted by id.
+
+    Those of `include` that are among ids come first (a query set's targets: the truth must be in the
+    gallery), the rest fill up to n; more of them than n: the n with the smallest hashes.
+    """
     ids = list(ids)
-    if n is not None and n < len(ids):
-        ids = sorted(ids, key=lambda i: (hashlib.sha1(f"{seed}:{i}".encode()).digest(), i))[:n]
-    return sorted(ids)
+    if n is None or n >= len(ids):
+        return sorted(ids)
+
+    def by_hash(some: Iterable[str]) -> list[str]:
+        return sorted(some, key=lambda i: (hashlib.sha1(f"{seed}:{i}".encode()).digest(), i))
+
+    must = set(include).intersection(ids)
+    chosen = by_hash(must)[:n]
+    chosen += by_hash(i for i in ids if i not in must)[: n - len(chosen)]
+    return sorted(chosen)
 
 
 def photo_groups(ids: Sequence[str], main_urls: Sequence[Sequence[str]]) -> list[str]:
@@ -616,12 +627,14 @@ class CatalogSource:
     """Where a category's products come from: `setups.<setup>.ingest` (cliprec.params.Ingest validates it).
 
     `hub_root` (source amazon): a local copy of the hub repo's layout to read instead of the hub.
+    `include`: products sampled first (cliprec.queries.query_targets), whatever their hashes.
     """
 
     source: str
     path: str | None = None
     n_products: int | None = None
     hub_root: str | None = None
+    include: frozenset[str] = frozenset()  # ids the sample must hold: the query set's targets
 
 
 @dataclass
@@ -630,6 +643,7 @@ class _Picked:
 
     rows_read: int
     kept: int
+    targets: int  # of the query set's targets, those the catalog holds
     chosen: list[str]
     groups: list[str]
     splits: list[str]
@@ -650,7 +664,7 @@ def _read_and_write(
             rows_read, counts["malformed_line"] = scan.read, scan.malformed
 
         kept = _screen(ds, counts) if ds is not None else {}
-        chosen = sample_ids(kept, src.n_products, seed)
+        chosen = sample_ids(kept, src.n_products, seed, src.include)
         picked = ds.select([kept[i] for i in chosen]) if chosen else None
         # the split follows the photo group, so a relisted product never lands in another split than its
         # copy; grouping needs only each product's MAIN photo URLs (a light pass), so the full rows
@@ -663,7 +677,8 @@ def _read_and_write(
         else:
             write_products([], out_dir / "products.parquet")
         del ds, picked  # release the Arrow files before the temporary cache goes away
-    return _Picked(rows_read, len(kept), chosen, groups, splits, prices, scan)
+    targets = len(src.include.intersection(kept))
+    return _Picked(rows_read, len(kept), targets, chosen, groups, splits, prices, scan)
 
 
 def _report(category: str, source: str, got: _Picked, counts: dict[str, int]) -> dict[str, Any]:
@@ -713,6 +728,7 @@ def build_catalog(
     # written last: what every loader of products.parquet verifies (bytes, and the category it is of)
     write_manifest(out_dir, ["products.parquet"], {"category": category})
     _log_summary(report, out_dir / "report.json", src.n_products)
+    _log_targets(category, got.targets, len(got.chosen))
     if not got.chosen:
         raise CliprecError(f"ingest {category}: no usable product (report: {out_dir / 'report.json'})")
     return report
@@ -766,6 +782,21 @@ def _price_problems(ds: datasets.Dataset) -> Counter[str]:
     for batch in ds.select_columns(["price"]).iter(batch_size=ROWS_PER_CHUNK):
         problems.update(p for p in (read_price(v)[1] for v in batch["price"]) if p)
     return problems
+
+
+def _log_targets(category: str, targets: int, sampled: int) -> None:
+    """How many of the query set's products the sample holds (a log line, not in report.json: a new query
+    that names a product already sampled must not change ingest's output, and so rerun every later stage)."""
+    if targets > sampled:
+        logger.warning(
+            "ingest %s: the query set names %d of its products, more than n_products=%d: queries whose "
+            "products were not sampled are dropped as unknown_product",
+            category,
+            targets,
+            sampled,
+        )
+    elif targets:
+        logger.info("ingest %s: the sample holds the %d products the query set names", category, targets)
 
 
 def _log_summary(report: dict[str, Any], report_path: Path, n_products: int | None) -> None:

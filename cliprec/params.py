@@ -196,6 +196,42 @@ def _under_catalog(path: str) -> bool:
     return not Path(path).is_absolute() and ".." not in parts and parts[:1] == (CATALOG_DIR.name,)
 
 
+class Queries(_Block):
+    """`setups.<s>.queries:` the shopper queries: where they come from (cliprec.queries reads them)."""
+
+    source: Literal["synthetic", "c4", "jsonl"]
+    path: str | None  # jsonl only: a file under catalog/, `{category}` replaced
+    # c4 only: null reads the hub dataset McAuley-Lab/Amazon-C4; or a directory under catalog/ laid out like
+    # the hub repo (<hub_root>/test.csv)
+    hub_root: str | None
+    # per category: synthetic writes this many; c4 and jsonl keep at most this many (null: all of them)
+    n_queries: int | None = Field(ge=1)
+    val_fraction: float = Field(gt=0, lt=1)  # sha1(query_id) below it: val, else test
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> Queries:
+        if self.source == "synthetic" and self.n_queries is None:
+            raise ValueError("source 'synthetic' needs n_queries (how many queries to write per category)")
+        if self.source == "jsonl":
+            if not self.path or not _under_catalog(self.path):
+                raise ValueError(
+                    f"source 'jsonl' needs path, a file under {CATALOG_DIR}/ ({{category}} is replaced), "
+                    f"not {self.path!r}; see docs/pipeline.md 'Your own queries'"
+                )
+        elif self.path is not None:
+            raise ValueError(f"path is only read by source 'jsonl', not {self.source!r}: set it to null")
+        if self.hub_root is not None:
+            if self.source != "c4":
+                raise ValueError(f"hub_root is only read by source 'c4', not {self.source!r}: set it to null")
+            if not _under_catalog(self.hub_root) or len(Path(self.hub_root).parts) < 2:
+                raise ValueError(
+                    f"hub_root {self.hub_root!r} must be a directory under {CATALOG_DIR}/ (e.g. "
+                    f"{CATALOG_DIR}/amazon-c4, holding test.csv), so DVC sees the local copy change; or "
+                    "null for the hub"
+                )
+        return self
+
+
 class Extractive(_Block):
     """`summarize:` title + the catalog-wise most informative sentences."""
 
@@ -243,6 +279,7 @@ class Setup(_Block):
     """One world: demo or study."""
 
     ingest: Ingest
+    queries: Queries
     split: Split
     summarize: Summarize
     model: Model

@@ -23,6 +23,16 @@ def products_path(category: str) -> Path:
     return ingest_dir(category) / "products.parquet"
 
 
+def queries_dir(category: str) -> Path:
+    """queries.jsonl (the kept shopper queries, val and test) + photos/ + report.json + manifest.json."""
+    return DATA / "queries" / category
+
+
+def catalog_queries_path(category: str) -> Path:
+    """What the category's query set reads (source, local file, sha256): the catalog stage's output."""
+    return DATA / "catalog" / category / "queries.json"
+
+
 def summaries_dir(category: str) -> Path:
     """summaries.parquet (id, summary) + report.json."""
     return DATA / "summaries" / category
@@ -64,11 +74,6 @@ def live_dir(category: str) -> Path:
 def embed_dir(category: str, variant: str) -> Path:
     """ids + image/text/fused (+ alt image) embeddings as .npy, manifest.json."""
     return DATA / "embed" / category / variant
-
-
-def queries_dir(category: str) -> Path:
-    """queries.jsonl (the shopper queries, their relevant products and split) + photos/ + manifest.json."""
-    return DATA / "queries" / category
 
 
 def embed_queries_dir(category: str, variant: str) -> Path:
@@ -126,10 +131,10 @@ def recall_plot_path(category: str, variant: str) -> Path:
 
 _STAGE_OF = {
     "ingest": "ingest",
+    "queries": "queries",
     "summaries": "summarize",
     "images": "images",
     "train": "train",
-    "queries": "queries",
 }
 
 

@@ -12,6 +12,8 @@
   files are valid JSON) and Amazon-like images: each photo as thumb (40 px), large (500 px) and hi_res
   (1500 px) JPEGs under a separate "CDN" directory, named by file:// URLs, so they are fetched offline.
   A share of the descriptions is lengthened past BART's 1,024 input tokens, some to a few hundred words.
+- `build_c4_queries`: Amazon-C4's `test.csv` (its exact columns) over that catalog: first-person requests
+  naming one product each, and a few naming products of no stand-in category.
 
 Both tokenizers are trained with `cliprec_worlds.demo_clip`'s deterministic BPE (tokenizers' BpeTrainer breaks
 ties in hash order), so the same arguments give the same files on one machine type. The corpus is the
@@ -38,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from cliprec.catalog import AMAZON_META_PATH
+from cliprec.queries import C4_COLUMNS, C4_FILE
 from cliprec_worlds.demo import synthetic
 from cliprec_worlds.demo_clip import ENGLISH, _bpe_merges, make_processor, retail_words, train_tokenizer
 
@@ -48,6 +51,7 @@ BART_DIR = "bart-large-cnn"
 HUB_DIR = "amazon-2023"  # the hub repo's layout: raw/meta_categories/meta_<Category>.jsonl
 CDN_DIR = "amazon-cdn"  # the photos the catalog's image URLs name (file://)
 INFO_FILE = "standins.json"
+C4_DIR = "amazon-c4"  # Amazon-C4's hub repo layout: test.csv
 
 CLIP_VOCAB = 49408  # OpenAI CLIP's BPE: 2 x 256 byte symbols + 48,894 merges + 2 specials
 BART_VOCAB = 50264  # facebook/bart-large-cnn's config.vocab_size
@@ -358,23 +362,87 @@ def catalog_corpus(jsonl_files: Iterable[str | Path], repeats: int = 3) -> Itera
         yield from retail_words()
 
 
+# --- Amazon-C4's queries ------------------------------------------------------------------------------------
+
+_C4_OPENERS = (
+    "I'm looking for",
+    "I need",
+    "Can you recommend",
+    "I want to buy",
+    "I'd like",
+)
+_C4_REASONS = (
+    "my old one broke after years of daily use and I want something that lasts just as long",
+    "it is a gift for my mother, who cooks for the whole family every weekend",
+    "we just moved into a small apartment and space on the counter is tight",
+    "I use it every morning before work, so it has to be quick and easy to clean",
+    "the reviews I read said the cheaper ones fall apart, and I do not want to buy twice",
+)
+
+
+def _c4_query(rec: dict[str, Any], rng: np.random.Generator) -> str:
+    """A first-person request for the product of a catalog record, about as long as C4's (~230 characters)."""
+    title = " ".join(str(rec.get("title") or "a good one").split()[:8]).lower()
+    feature = next(iter(rec.get("features") or []), "")
+    wish = f" It should have {str(feature).lower()}." if feature else ""
+    opener, reason = (_C4_OPENERS[int(rng.integers(len(_C4_OPENERS)))], _C4_REASONS[int(rng.integers(5))])
+    return f"{opener} something like a {title}, because {reason}.{wish}"
+
+
+def build_c4_queries(
+    c4_dir: str | Path, catalog_files: Mapping[str, str | Path], per_category: int, seed: int = 0
+) -> dict[str, Any]:
+    """Write c4_dir/test.csv in Amazon-C4's exact columns: `per_category` requests per category's catalog.
+
+    As in C4, each names one product (item_id = its parent_asin), and the review it was rewritten from
+    (ori_review, never read by cliprec) comes with it. A few name products of no stand-in catalog, as
+    C4's other categories do for any one category.
+    """
+    import csv
+
+    c4_dir = Path(c4_dir)
+    c4_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[list[Any]] = []
+    for category, path in catalog_files.items():
+        records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        records = [r for r in records if r.get("title") and r.get("images")]
+        rng = synthetic.stable_rng(seed, category, "c4")
+        for i in rng.permutation(len(records))[:per_category]:
+            rec = records[int(i)]
+            review = f"Five stars. {rec['title']} works as described."
+            rows.append([_c4_query(rec, rng), rec["parent_asin"], f"AU{len(rows):06d}", 5, review])
+    for k in range(max(1, per_category // 10)):
+        rows.append(
+            [f"I need a book about {('birds', 'rivers', 'bread')[k % 3]}", f"B0OTHER{k:04d}", "AU", 5, "-"]
+        )
+    with open(c4_dir / C4_FILE, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(C4_COLUMNS)
+        writer.writerows([qid, *row] for qid, row in enumerate(rows))
+    log.info("stand-in C4 queries: %d -> %s", len(rows), c4_dir / C4_FILE)
+    return {"queries": len(rows), "file": (c4_dir / C4_FILE).as_posix()}
+
+
 # --- all of it ------------------------------------------------------------------------------------------
 
 
 def build_standins(
     out_dir: str | Path, categories: Sequence[str], n_products: int, seed: int = 0
 ) -> dict[str, Any]:
-    """Catalog, CLIP and BART stand-ins in out_dir (HUB_DIR, CDN_DIR, CLIP_DIR, BART_DIR) + INFO_FILE."""
+    """Catalog, C4, CLIP and BART stand-ins in out_dir (HUB_DIR, CDN_DIR, C4_DIR, CLIP_DIR, BART_DIR)."""
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     catalog = build_hub_catalog(out_dir / HUB_DIR, out_dir / CDN_DIR, categories, n_products, seed)
     files = [c["file"] for c in catalog.values()]
+    c4 = build_c4_queries(
+        out_dir / C4_DIR, {c: catalog[c]["file"] for c in categories}, n_products // 4, seed
+    )
     clip = build_clip(out_dir / CLIP_DIR, catalog_corpus(files), seed=seed)
     log.info("CLIP stand-in: %s", clip)
     bart = build_bart(out_dir / BART_DIR, catalog_corpus(files), seed=seed)
     log.info("BART stand-in: %s", bart)
     info = {
-        "categories": list(categories), "n_products": n_products, "seed": seed, "catalog": catalog,
+        "categories": list(categories), "n_products": n_products, "seed": seed, "catalog": catalog, "c4": c4,
         "clip": clip, "bart": bart, "seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip
     (out_dir / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")

@@ -7,6 +7,7 @@ Writes, deterministically and without network (cliprec_worlds.standins):
   <out>/bart-large-cnn/          a random BART of facebook/bart-large-cnn's architecture + byte-level BPE
   <out>/amazon-2023/raw/meta_categories/meta_<Category>.jsonl   the hub repo's layout
   <out>/amazon-cdn/              the photos those records name (file:// URLs: thumb, large, hi_res)
+  <out>/amazon-c4/test.csv       Amazon-C4's queries (its exact columns) for products of that catalog
   <out>/standins.json            shapes, parameter counts, tokenizer sizes, build time
 ~2 GB on disk; a few minutes on 2 cores. bench/study_rehearsal.py runs the study setup on them.
 """

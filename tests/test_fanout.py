@@ -66,7 +66,12 @@ def test_an_edit_to_the_demo_world_reruns_nothing_in_the_study(fanout):
     worlds = [m for m in table["study"] if m.startswith("cliprec_worlds/")]
     assert "cliprec_worlds/demo/synthetic.py" in worlds and "cliprec_worlds/demo/vocabulary.json" in worlds
     assert {m: table["study"][m] for m in worlds} == {m: [] for m in worlds}
-    assert {s.split("@")[0] for s in table["demo"]["cliprec_worlds/demo/synthetic.py"]} == {"ingest"}
+    # the shoppers draw on the world's truth and renderer; an edit to the shoppers reruns no ingest
+    assert {s.split("@")[0] for s in table["demo"]["cliprec_worlds/demo/synthetic.py"]} == {
+        "ingest",
+        "queries",
+    }
+    assert {s.split("@")[0] for s in table["demo"]["cliprec_worlds/demo_queries/shoppers.py"]} == {"queries"}
     assert not any(m.startswith("cliprec/") and ("synthetic" in m or "standins" in m) for m in table["demo"])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,11 @@ def test_hub_root_param(tmp_path):
 
 
 def test_offline_the_study_ingest_stage_exits_2_with_one_line(tmp_path):
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**RAW, "setup": "study"}))
+    # queries from a local copy of C4 (their offline line: tests/test_queries.py), the catalog from the hub
+    raw = copy.deepcopy(RAW)
+    raw["setup"], raw["setups"]["study"]["queries"]["hub_root"] = "study", "catalog/amazon-c4"
+    shutil.copytree(REPO / "tests" / "fixtures" / "amazon-c4", tmp_path / "catalog" / "amazon-c4")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}  # this checkout's cliprec
     done, probe = run_probed(
         REPO / "stages" / "ingest.py", "Amazon_Fashion", cwd=tmp_path, env=env, timeout=120

@@ -26,8 +26,9 @@ def _fill(template: str, category: str, variant: str | None = None) -> str:
 def test_stage_outputs_match_paths():
     cat = "Amazon_Fashion"
     expected = {
-        "catalog": {paths.catalog_source_path(cat)},
+        "catalog": {paths.catalog_source_path(cat), paths.catalog_queries_path(cat)},
         "ingest": {paths.ingest_dir(cat)},
+        "queries": {paths.queries_dir(cat)},
         "summarize": {paths.summaries_dir(cat), paths.summarize_progress_dir(cat)},
         "images": {paths.images_dir(cat)},
         "train": {

@@ -8,6 +8,7 @@ without recomputing anything.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -273,3 +274,84 @@ def test_a_dvc_remote_carries_everything_to_a_fresh_clone(project, tmp_path):
     out = sh("cliprec", "recommend", "--category", CAT, "--text", "black leather belt", "--k", "3", cwd=clone)
     assert len(out.strip().splitlines()) == 4  # header + 3 products, from the pulled adapter and index
     assert "up to date" in sh("dvc", "status", cwd=clone)  # nothing was recomputed or changed
+
+
+def _own_project(tmp_path: Path, change) -> Path:
+    """This checkout's pipeline in a new git + DVC repo, params changed by `change`, committed."""
+    root = tmp_path / "project"
+    listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]
+    for name in subprocess.run(listed, cwd=REPO, capture_output=True, text=True).stdout.splitlines():
+        if name.startswith(PROJECT_FILES) and (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    edit_params(root, change)
+    for cmd in (
+        ("git", "init", "-q"),
+        ("dvc", "init", "-q"),
+        ("git", "add", "-A"),
+        ("git", "commit", "-qm", "p"),
+    ):
+        sh(*cmd, cwd=root)
+    return root
+
+
+def test_c4_queries_from_a_local_copy_load_in_the_demo_with_two_overrides(tmp_path):
+    """C4's exact test.csv at catalog/<dir>/, chosen with two -S: the same loader; unknown items counted."""
+    root = _own_project(tmp_path, tiny)
+    sh("dvc", "repro", f"ingest@{CAT}", cwd=root)
+    ids = sorted(pd.read_parquet(root / paths.products_path(CAT))["id"])
+    rows = [
+        next(iter(csv.reader([(REPO / "tests/fixtures/amazon-c4/test.csv").read_text().splitlines()[0]])))
+    ]
+    rows += [
+        [str(i), f"I need something like product {i}", pid, "AU", "5", "a review"]
+        for i, pid in enumerate(ids[:3])
+    ]
+    rows += [["90", "A request for another category's product", "B0NOTHERE1", "AU", "5", "-"]]
+    (root / "catalog" / "c4test").mkdir()
+    with open(root / "catalog" / "c4test" / "test.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    before = outs_of(root)[f"data/ingest/{CAT}"]
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "c4 copy", cwd=root)
+    overrides = ("-S", "setups.demo.queries.source=c4", "-S", "setups.demo.queries.hub_root=catalog/c4test")
+    sh("dvc", "exp", "run", *overrides, f"queries@{CAT}", cwd=root)
+    report = json.loads((root / paths.queries_dir(CAT) / "report.json").read_text())
+    assert report["source"] == "c4" and report["kept"] == 3 and report["dropped"]["unknown_product"] == 1
+    # its targets were in the sample already: ingest's output is the same, so no later stage reruns
+    assert outs_of(root)[f"data/ingest/{CAT}"] == before
+
+
+def test_editing_one_categorys_query_file_reruns_only_that_categorys_queries(tmp_path):
+    cats = ["Amazon_Fashion", "Appliances"]
+
+    def two(raw: dict) -> None:
+        tiny(raw)
+        raw.update(categories=cats)
+        raw["setups"]["demo"]["ingest"]["n_products"] = 20
+
+    root = _own_project(tmp_path, two)
+    sh("dvc", "repro", "ingest", cwd=root)
+    for cat in cats:
+        ids = sorted(pd.read_parquet(root / paths.products_path(cat))["id"])
+        lines = [
+            {"query_id": f"{cat}-{i}", "text": f"query {i}", "relevant": {pid: 1}}
+            for i, pid in enumerate(ids[:5])
+        ]
+        (root / "catalog" / f"queries_{cat}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    edit_params(
+        root,
+        lambda r: r["setups"]["demo"]["queries"].update(
+            source="jsonl", path="catalog/queries_{category}.jsonl"
+        ),
+    )
+    sh("dvc", "repro", "queries", cwd=root)
+    with open(root / "catalog" / "queries_Appliances.jsonl", "a") as f:
+        f.write(json.dumps({"query_id": "new", "text": "one more", "relevant": {ids[0]: 2}}) + "\n")
+    out = sh("dvc", "repro", "queries", cwd=root)
+    assert "Running stage 'queries@Appliances'" in out
+    assert (
+        "Running stage 'queries@Amazon_Fashion'" not in out
+        and "Running stage 'ingest@Amazon_Fashion'" not in out
+    )
+    assert json.loads((root / paths.queries_dir("Appliances") / "report.json").read_text())["kept"] == 6

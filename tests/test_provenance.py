@@ -75,7 +75,7 @@ def _listed_modules(body: dict, setup: str) -> set[str]:
 
 def _closure_in(script: str, setup: str) -> set[str]:
     """A stage script's import closure, less the other setups' worlds (imported only for their source)."""
-    others = tuple(f"{WORLDS}/{s}/" for s in SETUPS if s != setup)
+    others = tuple(f"{WORLDS}/{s}{kind}/" for s in SETUPS if s != setup for kind in ("", "_queries"))
     return {p.as_posix() for p in import_closure(script) if not p.as_posix().startswith(others)}
 
 
@@ -105,13 +105,19 @@ def test_the_runtime_imports_the_demo_world_only_inside_the_synthetic_source():
             names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             if any(n.split(".")[0] == WORLDS for n in names):
                 importers.append((path.relative_to(REPO).as_posix(), id(node) in top))
-    assert importers == [("cliprec/catalog.py", False)]  # one import, inside build_catalog's synthetic branch
+    # one import each, inside the synthetic branch: build_catalog's, and the query set's (the demo's shoppers)
+    assert importers == [("cliprec/catalog.py", False), ("cliprec/query_set.py", False)]
 
 
 def test_each_ingest_depends_on_its_own_catalog_fingerprint_and_not_on_the_folder():
     bodies = _stage_bodies()
     assert "catalog" in bodies["catalog"]["deps"]  # the folder: a dependency that always exists
     assert (REPO / "catalog" / "README.md").is_file()
-    assert bodies["catalog"]["outs"] == ["data/catalog/${item}/source.json"]
+    fingerprints = ["data/catalog/${item}/source.json", "data/catalog/${item}/queries.json"]
+    assert bodies["catalog"]["outs"] == fingerprints
     assert "data/catalog/${item}/source.json" in bodies["ingest"]["deps"]
     assert "catalog" not in bodies["ingest"]["deps"]
+    # the query set likewise: its stage (and ingest, which samples its targets) reads the fingerprint
+    for stage in ("ingest", "queries"):
+        assert "data/catalog/${item}/queries.json" in bodies[stage]["deps"]
+        assert "catalog" not in bodies[stage]["deps"]

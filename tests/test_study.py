@@ -115,6 +115,27 @@ def test_amazon_source_reads_a_local_hub_copy_through_the_same_call(small, tmp_p
     assert all(u.startswith("file:///") for photos in products["image_urls"] for urls in photos for u in urls)
 
 
+def test_the_c4_path_offline_through_the_same_loader(small, tmp_path):
+    """Stand-in C4 queries (its exact columns) over the stand-in catalog: the sample holds every target,
+    the query set loads from a local hub_root, and queries naming another category's products are counted."""
+    from cliprec.queries import QuerySource, query_targets
+    from cliprec.query_set import QuerySetSpec, build_query_set
+
+    files = {CATEGORY: small["hub"] / catalog.AMAZON_META_PATH.format(category=CATEGORY)}
+    c4 = standins.build_c4_queries(tmp_path / "amazon-c4", files, per_category=6, seed=0)
+    src = QuerySource("c4", hub_root=str(tmp_path / "amazon-c4"), setup="study")
+    targets = query_targets(CATEGORY, src)
+    ingest = catalog.CatalogSource("amazon", n_products=8, hub_root=small["hub"], include=frozenset(targets))
+    report = catalog.build_catalog(CATEGORY, ingest, tmp_path / "ingest")
+    assert report["n_products"] == 8
+    sampled = set(pd.read_parquet(tmp_path / "ingest" / "products.parquet")["id"])
+    assert targets - {"B0OTHER0000"} <= sampled and "B0OTHER0000" in targets  # 6 of the 8: every target
+    spec = QuerySetSpec(src, 0.5, Images(**RAW["images"]))
+    got = build_query_set(CATEGORY, spec, tmp_path / "ingest", tmp_path / "queries")
+    assert got["rows_read"] == c4["queries"] == 7 and got["kept"] == 6
+    assert got["dropped"]["unknown_product"] == 1  # the request for a product of no stand-in category
+
+
 # --- the study path at small shapes ----------------------------------------------------------------------
 
 

@@ -713,6 +713,52 @@ def _record(
     }
 
 
+TRUTH_FILE = "truth_{category}.jsonl"  # beside meta_<category>.jsonl: the world's hidden attributes
+
+
+def truth_record(asin: str, product: Product) -> dict[str, Any]:
+    """What the world knows of a product and its listing does not say outright: its attributes and look."""
+    look = product.look
+    return {
+        "parent_asin": asin,
+        "type": product.ptype.key,
+        "shape": product.ptype.shape,
+        "colour": product.colour,
+        "secondary": product.secondary,
+        "pattern": product.pattern,
+        "material": product.material,
+        "brand": product.brand,
+        "look": {
+            "period": look.period,
+            "phase": list(look.phase),
+            "texture": look.texture,
+            "texture_seed": look.texture_seed,
+        },
+    }
+
+
+def look_of(truth: dict[str, Any]) -> Look:
+    """The Look a truth record's product is drawn with (as `_sample_product` made it)."""
+    look = truth["look"]
+    return Look(
+        primary=PALETTE[truth["colour"]],
+        secondary=PALETTE[truth["secondary"]],
+        pattern=truth["pattern"],
+        period=float(look["period"]),
+        phase=(float(look["phase"][0]), float(look["phase"][1])),
+        texture=look["texture"],
+        mark=brand_mark(truth["brand"]),
+        texture_seed=int(look["texture_seed"]),
+    )
+
+
+def read_truth(raw_dir: Path, category: str) -> dict[str, dict[str, Any]]:
+    """{asin: truth record} that `generate_catalog` wrote beside the raw catalog."""
+    path = Path(raw_dir) / TRUTH_FILE.format(category=category)
+    with open(path, encoding="utf-8") as f:
+        return {rec["parent_asin"]: rec for rec in map(json.loads, f)}
+
+
 def _asins(rng: np.random.Generator, n: int) -> list[str]:
     alphabet = np.array(list("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
     seen: set[str] = set()
@@ -767,6 +813,8 @@ def generate_catalog(
 ) -> Path:
     """Write raw_dir/meta_<category>.jsonl + raw_dir/images/<asin>_<variant>.jpg; return the JSONL path.
 
+    Also raw_dir/truth_<category>.jsonl: each valid product's hidden attributes (`truth_record`).
+
     `image_size` other than the default draws smaller, cheaper photos (bench/scale.py at 200k products).
     """
     if n_products < 1:
@@ -790,6 +838,7 @@ def generate_catalog(
     jobs: list[tuple[int, int, str, str, Look, list[str], int]] = []
     lines: list[str] = []
     written: list[dict[str, Any]] = []
+    truth: list[str] = []
     for i, kind in enumerate(kinds):
         rng = stable_rng(seed, category, "product", i)
         if kind == "duplicate_id":
@@ -817,6 +866,7 @@ def generate_catalog(
             line = line[: len(line) * 2 // 3]
         elif kind == "valid":
             written.append(rec)
+            truth.append(json.dumps(truth_record(asins[i], product), ensure_ascii=False))
         lines.append(line)
 
     workers = workers or default_workers()
@@ -828,6 +878,9 @@ def generate_catalog(
         _render_in_pool(jobs, workers, bar)
     path = raw_dir / f"meta_{category}.jsonl"
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8", newline="\n")
+    # the world's truth, for the demo's shoppers only (cliprec_worlds.demo_queries): no model reads it
+    truth_path = raw_dir / TRUTH_FILE.format(category=category)
+    truth_path.write_text("".join(line + "\n" for line in truth), encoding="utf-8", newline="\n")
     log.info(
         "synthetic %s: %d records (%d valid, defects %s), %d images in %s",
         category,
