@@ -34,6 +34,13 @@ def _mismatches(stated: Any, expected: Any, where: str) -> Iterator[str]:
         for key, value in expected.items():
             yield from _mismatches(stated.get(key), value, f"{where}{key}.")
         return
+    if isinstance(expected, list):  # e.g. a headline's [low, high]
+        if not isinstance(stated, list) or len(stated) != len(expected):
+            yield f"{where.rstrip('.')}: stated {stated!r}, its per-query file gives {len(expected)} values"
+            return
+        for i, (a, b) in enumerate(zip(stated, expected)):
+            yield from _mismatches(a, b, f"{where}{i}.")
+        return
     name = where.rstrip(".")
     if stated is None:
         yield f"{name}: missing (recomputed {expected!r})"

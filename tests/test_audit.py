@@ -67,6 +67,16 @@ def test_a_hand_edited_or_stale_metric_is_named(tmp_path):
     assert problems[2].startswith(f"metrics/{CAT}/compare.json: {CAT}.lora_gain_t2i_r5: stated 0.5")
 
 
+def test_lists_are_compared_value_by_value():
+    from cliprec.audit import _mismatches
+
+    assert list(_mismatches([0.1234561, 0.5], [0.12345612345, 0.5], "ci.")) == []
+    assert list(_mismatches([0.2, 0.5], [0.1, 0.5], "ci.")) == [
+        "ci.0: stated 0.2, its per-query file gives 0.1"
+    ]
+    assert "gives 2 values" in next(_mismatches([0.1], [0.1, 0.5], "ci."))
+
+
 def test_a_changed_ci_or_a_missing_file_is_named(tmp_path):
     root = project(tmp_path)
     edit(
