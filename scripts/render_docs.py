@@ -414,6 +414,35 @@ def results() -> list[str]:
     return _table(head, rows)
 
 
+def shopper_results() -> list[str]:
+    """The demo's shopper-query results: each metric per variant with its CI, and the paired difference."""
+    sys.path.insert(0, str(REPO))
+    from cliprec.report import SHORT, report_data
+    from cliprec.results import read_json
+
+    report, _ = report_data(REPO, exp_show=lambda *_a, **_k: [])
+    rows = []
+    for cat, modes in report.items():
+        detail = read_json(REPO / "metrics" / cat / "lora.detail.json") or {}
+        n = (detail.get("queries") or {}).get("queries", "—")
+        for m in ("ndcg_at_10", "ndcg_at_100", "recall_at_10", "recall_at_100", "mrr"):
+            e = modes.get("queries", {}).get(m)
+            if e:
+                d = e.get("lora_minus_zeroshot")
+                rows.append([cat, n, SHORT[m], _ci(e.get("zeroshot")), _ci(e.get("lora")), _diff(d),
+                             _spread((d or {}).get("seeds"), signed=True)])  # fmt: skip
+    head = [
+        "Category",
+        "test queries",
+        "Metric",
+        "zero-shot",
+        "LoRA",
+        "LoRA − zero-shot (paired)",
+        "gain over seeds",
+    ]
+    return _table(head, rows)
+
+
 def _spread(s: dict[str, Any] | None, signed: bool = False) -> str:
     """mean ± sd over training seeds (from the noise file), or '—'."""
     if not s or s.get("mean") is None:
@@ -453,7 +482,8 @@ def _diff(d: dict[str, Any] | None) -> str:
 RENDERERS: dict[str, Callable[[], list[str]]] = {
     f.__name__: f
     for f in (serve_load, serve_hostile, scale, repro, embed_throughput, fetch_images, faiss_scale,
-              train_step, study_rehearsal, study_projection, fanout, results, results_index, cue_ablation)
+              train_step, study_rehearsal, study_projection, fanout, results, shopper_results, results_index,
+              cue_ablation)
 }  # fmt: skip
 
 
