@@ -12,7 +12,7 @@ files), and also by the strict rule (no noise files) for contrast. Cases:
 - `shrunk-test` (-S setups.demo.split.test=0.05 and train 0.80): a smaller test set: FAIL (new test set).
 
 Prints a table; writes bench/results/gate_noise.json. Takes ~2 min a retraining case on 2 cores.
-Usage: python bench/gate_noise.py [--seeds 5 6 7 8] [--no-regressions]
+Usage: python bench/gate_noise.py [--seeds 5 6 7 8] [--no-regressions] [--base REV]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from _common import REPO_ROOT, print_table, write_results
 
 sys.path.insert(0, str(REPO_ROOT))
 from cliprec.gate import GateRule, decide, noise_at, revision_files  # noqa: E402
-from cliprec.git import head_commit  # noqa: E402
+from cliprec.git import git, head_commit  # noqa: E402
 from cliprec.noise import dvc_exp_run, experiment_ref  # noqa: E402
 from cliprec.params import load_params  # noqa: E402
 
@@ -38,22 +38,27 @@ REGRESSIONS = {
 }
 
 
-def run_case(root: Path, base: str, name: str, overrides: list[str]) -> tuple[str, float | None]:
-    """The experiment's commit (made now, or reused) and the seconds it took (None when reused)."""
-    rev = experiment_ref(root, base, name)
-    if rev is not None:
-        return rev, None
+def run_case(root: Path, bases: list[str], name: str, overrides: list[str]) -> tuple[str, str, float | None]:
+    """(the experiment's commit, the commit it derives from, seconds it took: None when reused).
+
+    A finished experiment of that name made from any of `bases` is reused; else it is made from HEAD.
+    """
+    for base in bases:
+        rev = experiment_ref(root, base, name)
+        if rev is not None:
+            return rev, base, None
+    head = head_commit(root)
     started = time.perf_counter()
     dvc_exp_run(root, overrides, name, root / "data" / "runs" / "gate_noise" / f"{name}.log")
-    rev = experiment_ref(root, base, name)
+    rev = experiment_ref(root, head, name)
     if rev is None:
         raise SystemExit(f"experiment {name} left no ref: see dvc exp list")
-    return rev, round(time.perf_counter() - started, 1)
+    return rev, head, round(time.perf_counter() - started, 1)
 
 
-def judge(root: Path, rev: str, rule: GateRule, noise: dict) -> dict:
-    """The gate's verdict on the experiment's ranks against HEAD's, with and without the noise files."""
-    old = {p: json.loads(t) for p, t in revision_files("HEAD", root).items()}
+def judge(root: Path, rev: str, base: str, rule: GateRule, noise: dict) -> dict:
+    """The gate's verdict on the experiment's ranks against the base's, with and without the noise files."""
+    old = {p: json.loads(t) for p, t in revision_files(base, root).items()}
     new = {p: json.loads(t) for p, t in revision_files(rev, root).items()}
     out = {}
     for label, files in (("with_noise", noise), ("strict", {})):
@@ -69,6 +74,13 @@ def judge(root: Path, rev: str, rule: GateRule, noise: dict) -> dict:
     return out
 
 
+def _commit(root: Path, rev: str) -> str:
+    done = git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    if done.returncode != 0:
+        raise SystemExit(f"--base {rev}: not a commit")
+    return done.stdout.strip()
+
+
 def _cell(verdict: dict) -> str:
     return "PASS" if verdict["passed"] else f"FAIL ({verdict['failures']})"
 
@@ -78,18 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[5, 6, 7, 8])
     ap.add_argument("--no-regressions", action="store_true", help="only the seed cases")
+    ap.add_argument("--base", help="also reuse the experiments made from this commit, judged against its "
+                    "ranks and noise files (e.g. to re-judge them after a change to the gate)")  # fmt: skip
     args = ap.parse_args(argv)
     root, p = REPO_ROOT, load_params(REPO_ROOT / "params.yaml")
-    base = head_commit(root)
+    head = head_commit(root)
+    bases = list(dict.fromkeys([_commit(root, args.base) if args.base else head, head]))
     rule = GateRule(p.gate.tolerance, p.gate.alpha, p.evaluate.resamples, p.evaluate.seed)
-    noise = noise_at("HEAD", root)
     cases = {f"seed-{s}": [f"seed={s}"] for s in args.seeds}
     cases |= {} if args.no_regressions else REGRESSIONS
     rows, results = [], {}
     for case, overrides in cases.items():
-        rev, seconds = run_case(root, base, f"gate-{case}", overrides)
-        verdict = judge(root, rev, rule, noise)
-        results[case] = {"overrides": overrides, "rev": rev, "seconds": seconds, **verdict}
+        rev, base, seconds = run_case(root, bases, f"gate-{case}", overrides)
+        verdict = judge(root, rev, base, rule, noise_at(base, root))
+        results[case] = {"overrides": overrides, "rev": rev, "base": base, "seconds": seconds, **verdict}
         row = {
             "case": case,
             "overrides": " ".join(overrides),
@@ -98,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row | {"strict rule": _cell(verdict["strict"]), "seconds": seconds})
     seeds = [results[f"seed-{s}"] for s in args.seeds]
     summary = {
-        "base": base,
-        "noise_seeds": {cat: doc.get("seeds") for cat, doc in noise.items()},
+        "bases": bases,
+        "judged_with": head,
+        "noise_seeds": {cat: doc.get("seeds") for cat, doc in noise_at(bases[0], root).items()},
         "false_failures": sum(not r["with_noise"]["passed"] for r in seeds),
         "false_failures_strict": sum(not r["strict"]["passed"] for r in seeds),
         "seed_runs": len(seeds),

@@ -30,7 +30,6 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
 from cliprec.audit import audit
@@ -40,7 +39,7 @@ from cliprec.evaluate import EvalSettings
 from cliprec.git import git
 from cliprec.graded import mode_metric_names
 from cliprec.paths import METRICS, noise_detail_path
-from cliprec.stats import Comparison, holm
+from cliprec.stats import Comparison, holm, student_t_quantile
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +116,18 @@ class GateRule:
 def seed_bound(entry: dict[str, Any] | None, alpha: float, family: int) -> float:
     """The largest drop retraining alone explains for one metric, from its noise entry (0 without one).
 
-    A normal bound on the seed-to-seed differences, Bonferroni-corrected over the `family` metrics that
-    retraining moves (otherwise some of 40 metrics would pass it by chance on every retrain), and never
-    inside the largest difference actually seen between two seeds.
+    A new run minus the base run, when only the training seed differs, has sd sqrt(2) * sigma, and sigma
+    is known only from the N seeds' sd: so the bound is the Student t quantile with N - 1 degrees of
+    freedom (a prediction interval: wide for few seeds, as it should be), Bonferroni-corrected over the
+    `family` metrics that retraining moves (else some of 40 would cross it by chance on every retrain),
+    times sqrt(2) * sd; and never inside the largest difference actually seen between two seeds.
     """
-    diff = (entry or {}).get("diff") or {}
-    if not diff.get("pairs"):
+    entry = entry or {}
+    diff, runs = entry.get("diff") or {}, len(entry.get("values") or [])
+    if not diff.get("pairs") or runs < 2:
         return 0.0
-    z = NormalDist().inv_cdf(1.0 - alpha / max(family, 1))
-    return max(z * diff["sd"], -diff["min"], diff["max"])
+    t = student_t_quantile(1.0 - alpha / max(family, 1), runs - 1)
+    return max(t * math.sqrt(2.0) * entry["sd"], -diff["min"], diff["max"])
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ ranks, the seed and the number of resamples.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -148,3 +149,34 @@ def holm(p_values: list[float] | np.ndarray) -> np.ndarray:
     out = np.empty(m)
     out[order] = np.minimum(stepped, 1.0)
     return out
+
+
+def student_t_quantile(q: float, df: int) -> float:
+    """The q-quantile (q >= 0.5) of Student's t with `df` degrees of freedom, by bisection on its CDF.
+
+    The CDF is integrated numerically (Simpson's rule on the density, exact to ~1e-9 here), so that the
+    gate needs no SciPy for the one quantile a handful of training seeds call for.
+    """
+    if not 0.5 <= q < 1 or df < 1:
+        raise ValueError(f"need 0.5 <= q < 1 and df >= 1, got q={q}, df={df}")
+    if df == 1:  # Cauchy: in closed form (its density's u^(-1/2) would defeat Simpson's rule below)
+        return math.tan(math.pi * (q - 0.5))
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def upper_tail(x: float) -> float:  # P(T > x) for x >= 0: integrate the density over [x, inf) as
+        # u = 1 / (1 + t^2/df), which maps it to (0, u(x)] where the integrand is smooth
+        u = np.linspace(0.0, df / (df + x * x), 20_001)
+        # with t = sqrt(df (1 - u) / u): density dt = 0.5 sqrt(df) u^(df/2 - 1) (1 - u)^(-1/2) du
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f = 0.5 * math.sqrt(df) * np.exp(log_norm) * u ** (df / 2 - 1) * (1 - u) ** -0.5
+        f[~np.isfinite(f)] = 0.0
+        h = u[1] - u[0]
+        return float(h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum()))
+
+    low, high = 0.0, 1.0
+    while upper_tail(high) > 1 - q:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if upper_tail(mid) > 1 - q else (low, mid)
+    return (low + high) / 2

@@ -106,22 +106,24 @@ def test_markdown_lists_changes_with_ci_and_p():
 # --- training-seed noise and the corrected family -----------------------------------------------------------
 
 
-def noise_doc(sd: float = 0.0, pair_min: float = 0.0, test_set: dict | None = None) -> dict:
-    """A noise file (cliprec.noise) for LORA's category whose every LoRA metric has this seed-pair spread."""
+def noise_doc(sd: float = 0.0, pair_min: float = 0.0, test_set: dict | None = None, runs: int = 5) -> dict:
+    """A noise file (cliprec.noise) for LORA's category: every LoRA metric has this seed sd and pair range."""
     doc = baseline()
-    entry = {"diff": {"pairs": 20, "sd": sd, "q025": pair_min, "q975": -pair_min, "min": pair_min,
-                      "max": -pair_min}}  # fmt: skip
+    entry = {"values": [0.3] * runs, "sd": sd, "diff": {"pairs": runs * (runs - 1), "sd": sd * 1.4,
+             "q025": pair_min, "q975": -pair_min, "min": pair_min, "max": -pair_min}}  # fmt: skip
     modes = {m: {k: entry for k in ("recall_at_1", "recall_at_5", "recall_at_10", "mrr", "ndcg_at_10")}
              for m in doc["ranks"]}  # fmt: skip
     return {"Amazon_Fashion": {"test_set": test_set or doc["test_set"], "variants": {"lora": modes}}}
 
 
-def test_seed_bound_is_bonferroni_normal_and_never_inside_the_seen_range():
-    entry = {"diff": {"pairs": 20, "sd": 0.04, "min": -0.2, "max": 0.05}}
-    assert seed_bound(entry, 0.05, 1) == pytest.approx(0.2)  # the seen range is wider than 1.645 sd
-    assert seed_bound({"diff": {"pairs": 20, "sd": 0.04, "min": -0.01, "max": 0.01}}, 0.05, 40) == (
-        pytest.approx(0.04 * 3.0233, rel=1e-3)  # z at 1 - 0.05 / 40
-    )
+def test_seed_bound_is_a_t_prediction_bound_and_never_inside_the_seen_range():
+    entry = {"values": [0.3] * 5, "sd": 0.01, "diff": {"pairs": 20, "min": -0.2, "max": 0.05}}
+    assert seed_bound(entry, 0.05, 1) == pytest.approx(0.2)  # the seen range is wider
+    entry = {"values": [0.3] * 5, "sd": 0.02, "diff": {"pairs": 20, "min": -0.03, "max": 0.03}}
+    # t with 4 df at 1 - 0.05 / 20 = 0.9975 is 5.598 (tables), times sqrt(2) * sd
+    assert seed_bound(entry, 0.05, 20) == pytest.approx(5.598 * 2**0.5 * 0.02, rel=1e-3)
+    nine = {**entry, "values": [0.3] * 9}  # more seeds: a narrower bound for the same sd
+    assert seed_bound(nine, 0.05, 20) < seed_bound(entry, 0.05, 20)
     assert seed_bound(None, 0.05, 40) == 0.0 and seed_bound({"diff": {"pairs": 0}}, 0.05, 40) == 0.0
 
 

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from cliprec import stats
-from cliprec.stats import bootstrap_ci, bootstrap_counts, holm, paired_comparisons, sign_flips
+from cliprec.stats import (
+    bootstrap_ci,
+    bootstrap_counts,
+    holm,
+    paired_comparisons,
+    sign_flips,
+    student_t_quantile,
+)
 
 
 def test_bootstrap_ci_is_the_percentile_interval_of_resampled_means():
@@ -117,3 +124,17 @@ def test_holm_is_monotone_and_never_below_raw():
     assert np.all(adjusted >= p - 1e-15)
     order = np.argsort(p)
     assert np.all(np.diff(adjusted[order]) >= -1e-15)
+
+
+@pytest.mark.parametrize(
+    ("q", "df", "table"),
+    [(0.975, 4, 2.776445), (0.995, 4, 4.604095), (0.999, 4, 7.173182), (0.975, 30, 2.042272),
+     (0.975, 1, 12.706205), (0.95, 2, 2.919986), (0.9975, 4, 5.597568)],
+)  # fmt: skip
+def test_student_t_quantile_matches_the_tables(q, df, table):
+    assert student_t_quantile(q, df) == pytest.approx(table, rel=1e-5)
+
+
+def test_student_t_quantile_refuses_what_it_cannot_give():
+    with pytest.raises(ValueError, match="0.5 <= q < 1"):
+        student_t_quantile(0.2, 4)
