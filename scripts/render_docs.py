@@ -426,8 +426,8 @@ def gate_noise() -> list[str]:
     table = _table(["case", "experiment", "gate (noise files)", "strict rule (no noise file)"], rows)
     seeds, n = next(iter(d["noise_seeds"].values())), d["seed_runs"]
     summary = (
-        f"False failures on retraining noise: {d['false_failures']} of {n} with the noise files (seeds {seeds}), "
-        f"{d['false_failures_strict']} of {n} by the strict rule. "
+        f"False failures on retraining noise: {d['false_failures']} of {n} with the noise files "
+        f"(seeds {seeds}), {d['false_failures_strict']} of {n} by the strict rule. "
     )
     return [*table, "", summary + measured_on(d["machine"], "bench/results/gate_noise.json")]
 
