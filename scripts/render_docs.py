@@ -443,6 +443,24 @@ def shopper_results() -> list[str]:
     return _table(head, rows)
 
 
+def gate_noise() -> list[str]:
+    """bench/results/gate_noise.json: the gate on pure retraining noise and on real regressions."""
+    d = _load("gate_noise")
+    rows = []
+    for case, c in d["cases"].items():
+        verdicts = [
+            ("PASS" if c[k]["passed"] else f"FAIL ({c[k]['failures']})") for k in ("with_noise", "strict")
+        ]
+        rows.append([case, " ".join(f"`-S {o}`" for o in c["overrides"]), *verdicts])
+    table = _table(["case", "experiment", "gate (noise files)", "strict rule (no noise file)"], rows)
+    seeds, n = next(iter(d["noise_seeds"].values())), d["seed_runs"]
+    summary = (
+        f"False failures on retraining noise: {d['false_failures']} of {n} with the noise files "
+        f"(seeds {seeds}), {d['false_failures_strict']} of {n} by the strict rule. "
+    )
+    return [*table, "", summary + measured_on(d["machine"], "bench/results/gate_noise.json")]
+
+
 def _spread(s: dict[str, Any] | None, signed: bool = False) -> str:
     """mean ± sd over training seeds (from the noise file), or '—'."""
     if not s or s.get("mean") is None:
@@ -483,7 +501,7 @@ RENDERERS: dict[str, Callable[[], list[str]]] = {
     f.__name__: f
     for f in (serve_load, serve_hostile, scale, repro, embed_throughput, fetch_images, faiss_scale,
               train_step, study_rehearsal, study_projection, fanout, results, shopper_results, results_index,
-              cue_ablation)
+              cue_ablation, gate_noise)
 }  # fmt: skip
 
 
