@@ -27,7 +27,7 @@ from _common import REPO_ROOT, print_table, write_results
 
 sys.path.insert(0, str(REPO_ROOT))
 from cliprec.gate import GateRule, decide, noise_at, revision_files  # noqa: E402
-from cliprec.git import git, head_commit  # noqa: E402
+from cliprec.git import commit_of, head_commit  # noqa: E402
 from cliprec.noise import dvc_exp_run, experiment_ref  # noqa: E402
 from cliprec.params import load_params  # noqa: E402
 
@@ -75,10 +75,10 @@ def judge(root: Path, rev: str, base: str, rule: GateRule, noise: dict) -> dict:
 
 
 def _commit(root: Path, rev: str) -> str:
-    done = git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
-    if done.returncode != 0:
+    commit = commit_of(root, rev)
+    if commit is None:
         raise SystemExit(f"--base {rev}: not a commit")
-    return done.stdout.strip()
+    return commit
 
 
 def _cell(verdict: dict) -> str:

@@ -28,6 +28,12 @@ def show(root: str | Path, rev: str, path: str | Path) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+def commit_of(root: str | Path, rev: str) -> str | None:
+    """The full commit id that `rev` (a branch, tag, ref or abbreviated id) names, or None."""
+    done = git(root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def head_commit(root: str | Path) -> str | None:
     """HEAD of the git repository at root; None outside one, without git, or when git hangs."""
     try:

@@ -34,7 +34,7 @@ from cliprec import paths
 from cliprec.artifacts import write_json
 from cliprec.compare import unpaired_reason
 from cliprec.errors import CliprecError
-from cliprec.git import git, head_commit, show
+from cliprec.git import commit_of, git, head_commit, show
 from cliprec.graded import mode_values
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,7 @@ class Runs:
 
 def experiment_ref(root: Path, base: str, name: str) -> str | None:
     """The commit of DVC experiment `name` derived from `base` (its git ref), or None."""
-    ref = f"refs/exps/{base[:2]}/{base[2:]}/{name}"
-    done = git(root, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
-    return done.stdout.strip() if done.returncode == 0 else None
+    return commit_of(root, f"refs/exps/{base[:2]}/{base[2:]}/{name}")
 
 
 def _require_clean(root: Path) -> None:
@@ -136,10 +134,10 @@ def collect(root: str | Path, exps: Iterable[str], base_seed: int) -> Runs:
 
 
 def _commit(root: Path, name: str) -> str:
-    done = git(root, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}")
-    if done.returncode != 0:
+    rev = commit_of(root, name)
+    if rev is None:
         raise NoiseError(f"{name!r} is neither an experiment of HEAD (dvc exp list) nor a git commit")
-    return done.stdout.strip()
+    return rev
 
 
 def _seed_of(params_text: str | None, name: str) -> int:

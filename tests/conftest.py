@@ -29,3 +29,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """The hub libraries in offline mode, with nothing in the HF cache."""
+    import huggingface_hub
+
+    from cliprec import hub
+
+    monkeypatch.setattr(hub, "offline_mode", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    hub.unreachable.cache_clear()
+    yield
+    hub.unreachable.cache_clear()

@@ -86,18 +86,6 @@ def test_offline_the_study_ingest_stage_exits_2_with_one_line(tmp_path):
     assert probe["network"] == []  # it failed without trying the network (so without retries, too)
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """The hub libraries in offline mode, with nothing in the HF cache."""
-    import huggingface_hub
-
-    monkeypatch.setattr(hub, "offline_mode", lambda: True)
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-    hub.unreachable.cache_clear()
-    yield
-    hub.unreachable.cache_clear()
-
-
 def test_offline_the_models_fail_at_once_in_one_line(offline, monkeypatch):
     import transformers
 

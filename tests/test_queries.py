@@ -17,7 +17,6 @@ import yaml
 from helpers import make_catalog, photo_file
 from PIL import Image
 
-from cliprec import hub
 from cliprec.artifacts import ArtifactError
 from cliprec.catalog import sample_ids
 from cliprec.errors import CliprecError
@@ -337,18 +336,6 @@ def test_the_setups_read_synthetic_and_c4():
 
 
 # --- offline: one line --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """The hub libraries in offline mode, with nothing in the HF cache."""
-    import huggingface_hub
-
-    monkeypatch.setattr(hub, "offline_mode", lambda: True)
-    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-    hub.unreachable.cache_clear()
-    yield
-    hub.unreachable.cache_clear()
 
 
 def test_offline_the_c4_hub_file_fails_at_once_in_one_line(offline):
