@@ -65,45 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     _recommend_options(
         sub.add_parser("recommend", help="recommend products by text, image, text+image or product")
     )
-    rep = sub.add_parser(
-        "report", help="metrics with 95% CIs and paired differences: zero-shot / LoRA / LoRA+AMP"
+    _report_options(
+        sub.add_parser(
+            "report", help="metrics with 95% CIs and paired differences: zero-shot / LoRA / LoRA+AMP"
+        )
     )
-    rep.add_argument("--from-exp", metavar="NAME", help="take the LoRA+AMP rows from this DVC experiment")
-    rep.add_argument(
-        "--against",
-        metavar="EXP_OR_REV",
-        help="compare LoRA+AMP with this experiment or git revision (default: the commit it derives from)",
+    _gate_options(
+        sub.add_parser(
+            "gate", help="fail when retrieval really dropped vs a git revision (or its test set changed)"
+        )
     )
-    rep.add_argument("--category", action="append", help="only these categories (repeatable)")
-    rep.add_argument("--json", action="store_true", help="the numbers as JSON: value, CI, paired differences")
-
-    gate = sub.add_parser(
-        "gate", help="fail when retrieval significantly dropped vs a git revision (or its test set changed)"
+    _noise_options(
+        sub.add_parser("noise", help="retrain with other training seeds; write each metric's seed spread")
     )
-    gate.add_argument("--rev", default="HEAD", help="git revision to compare with (default HEAD)")
-    gate.add_argument(
-        "--tolerance", type=float, help="a smaller drop never fails (default: params gate.tolerance)"
-    )
-    gate.add_argument("--alpha", type=float, help="significance level (default: params gate.alpha)")
-    gate.add_argument(
-        "--allow-new-test-set", action="store_true", help="do not fail on a changed test set (not compared)"
-    )
-    gate.add_argument(
-        "--reproduce",
-        action="store_true",
-        help="instead: require every per-query rank and metric to equal the revision's (CI's repro check)",
-    )
-
-    noise = sub.add_parser(
-        "noise", help="retrain with other training seeds; write each metric's seed spread (noise files)"
-    )
-    how = noise.add_mutually_exclusive_group(required=True)
-    how.add_argument(
-        "--seeds", type=int, nargs="+", metavar="S", help="retrain with these seeds (dvc exp run)"
-    )
-    how.add_argument("--exps", nargs="+", metavar="NAME", help="collect these finished experiments instead")
-    noise.add_argument("--category", action="append", help="only these categories (repeatable)")
-
     srv = sub.add_parser("serve", help="HTTP API and web page (FastAPI + uvicorn); Ctrl-C stops it")
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     srv.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0: any free one, logged)")
@@ -130,6 +104,42 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     _serve_connection_options(srv)
     return parser
+
+
+def _report_options(rep: argparse.ArgumentParser) -> None:
+    rep.add_argument("--from-exp", metavar="NAME", help="take the LoRA+AMP rows from this DVC experiment")
+    rep.add_argument(
+        "--against",
+        metavar="EXP_OR_REV",
+        help="compare LoRA+AMP with this experiment or git revision (default: the commit it derives from)",
+    )
+    rep.add_argument("--category", action="append", help="only these categories (repeatable)")
+    rep.add_argument("--json", action="store_true", help="the numbers as JSON: value, CI, paired differences")
+
+
+def _gate_options(gate: argparse.ArgumentParser) -> None:
+    gate.add_argument("--rev", default="HEAD", help="git revision to compare with (default HEAD)")
+    gate.add_argument(
+        "--tolerance", type=float, help="a smaller drop never fails (default: params gate.tolerance)"
+    )
+    gate.add_argument("--alpha", type=float, help="significance level (default: params gate.alpha)")
+    gate.add_argument(
+        "--allow-new-test-set", action="store_true", help="do not fail on a changed test set (not compared)"
+    )
+    gate.add_argument(
+        "--reproduce",
+        action="store_true",
+        help="instead: require every per-query rank and metric to equal the revision's (CI's repro check)",
+    )
+
+
+def _noise_options(noise: argparse.ArgumentParser) -> None:
+    how = noise.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--seeds", type=int, nargs="+", metavar="S", help="retrain with these seeds (dvc exp run)"
+    )
+    how.add_argument("--exps", nargs="+", metavar="NAME", help="collect these finished experiments instead")
+    noise.add_argument("--category", action="append", help="only these categories (repeatable)")
 
 
 def _recommend_options(rec: argparse.ArgumentParser) -> None:
