@@ -144,7 +144,7 @@ def stage_of(cmdline: list[str]) -> str | None:
             kind, args = Path(arg).stem, cmdline[i + 1 :]
             if kind == "embed" and len(args) >= 2:
                 return f"embed_{args[1]}@{args[0]}"
-            if kind in ("index", "evaluate") and len(args) >= 2:
+            if kind in ("index", "evaluate", "embed_queries") and len(args) >= 2:
                 return f"{kind}@{args[0]}-{args[1]}"
             return f"{kind}@{args[0]}" if args else kind
     return None
@@ -386,6 +386,14 @@ def _throughput(kind: str, category: str, spans: dict, stage: str, root: Path) -
             dtype=summary.get("dtype"),
             device=summary.get("device"),
         )
+    elif kind == "queries":
+        report = read_json(data / "queries" / category / "report.json")
+        out.update(items=report.get("kept"), unit="queries kept", rows_read=report.get("rows_read"))
+        out.update(splits=report.get("splits"), dropped=report.get("dropped"))
+    elif kind == "embed_queries":
+        variant = stage.split("-")[-1]
+        report = read_json(data / "embed_queries" / category / variant / "report.json")
+        out.update(items=report.get("queries"), unit="queries", over_77=report.get("texts_over_max_length"))
     elif kind.startswith("embed_"):
         manifest = read_json(data / "embed" / category / kind.removeprefix("embed_") / "manifest.json")
         work, _ = work_seconds(spans, stage, "embed")
