@@ -221,13 +221,19 @@ def train_step() -> list[str]:
     return _table(["model", "precision", "batch", "ms/step", "time / fp32"], rows) + ["", *lines]
 
 
+def _stage_rate(s: dict[str, Any]) -> str:
+    """A stage's rate where a progress bar timed it, else what it counted (the query stages time nothing)."""
+    if s.get("per_s") is not None:
+        return f"{_num(s['per_s'], 3)} {s['unit']}/s"
+    return "" if s.get("items") is None else f"{s['items']:,} {s['unit']}"
+
+
 def study_rehearsal() -> list[str]:
     """Per stage of the rehearsal, and the projection to the study's size."""
     d = _load("study_rehearsal")
     run = d["runs"][0]
     rows = [
-        [s["stage"], s["wall_s"], _num(s.get("work_s"), 2), _num(s["peak_rss_mb"], 0),
-         "" if s.get("per_s") is None else f"{_num(s['per_s'], 3)} {s['unit']}/s"]
+        [s["stage"], s["wall_s"], _num(s.get("work_s"), 2), _num(s["peak_rss_mb"], 0), _stage_rate(s)]
         for s in run["stages"]
     ]  # fmt: skip
     step = d["train_step_at_study_batch"][0]
